@@ -1,0 +1,179 @@
+"""The in-memory description of an adapter, shared by every file format, the registry and the merges.
+
+An adapter file is read into an :class:`AdapterInfo` (metadata only, no tensors kept) whose
+:class:`ModuleSpec` entries say, per adapted module of the base model, its rank, alpha, shapes and
+which tensor keys of the weights file hold its factors. :class:`LoraAdapter` pairs that description
+with the weights file and loads the factors of one module at a time, so merges stream.
+
+Conventions (DOMAIN.md section 1): for every module ΔW = scale · B · A with A: rank x in_features and
+B: out_features x rank. Convolution factors are flattened (A to rank x in·kh·kw, B to out x rank);
+``kernel`` keeps the original shape of A. PEFT embedding LoRA stores ``lora_embedding_A`` as
+rank x num_embeddings and ``lora_embedding_B`` as dim x rank, so for ``kind == "embedding"``
+B · A is the transpose of the embedding weight's delta; merges treat every kind alike because all
+sources share the layout.
+
+This module must not import torch at import time (``loramgr list`` stays fast).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+#: adapter types loramgr recognises; only "lora" can be summed and converted freely
+ADAPTER_TYPES = ("lora", "dora", "loha", "lokr", "full", "ia3", "glora", "oft", "boft", "lora_tucker")
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One adapted module: its name in the base model, rank, alpha, shapes and tensor keys."""
+
+    name: str
+    rank: int
+    alpha: float
+    in_features: int
+    out_features: int
+    key_a: str
+    key_b: str
+    dtype: str = "float32"
+    kind: str = "linear"  # "linear" | "conv" | "embedding"
+    use_rslora: bool = False
+    kernel: tuple[int, ...] | None = None  # conv: shape of the unflattened A (rank, in, kh, kw)
+    key_alpha: str | None = None  # kohya stores alpha as a tensor
+    extra_keys: tuple[str, ...] = ()  # other tensors of this module (e.g. DoRA magnitude)
+
+    @property
+    def scale(self) -> float:
+        """s in ΔW = s · B · A: alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
+        if self.use_rslora:
+            return self.alpha / math.sqrt(self.rank)
+        return self.alpha / self.rank
+
+    @property
+    def n_params(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["kernel"] = list(self.kernel) if self.kernel else None
+        data["extra_keys"] = list(self.extra_keys)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModuleSpec:
+        data = dict(data)
+        data["kernel"] = tuple(data["kernel"]) if data.get("kernel") else None
+        data["extra_keys"] = tuple(data.get("extra_keys") or ())
+        return cls(**data)
+
+
+@dataclass
+class AdapterInfo:
+    """Everything loramgr reads from an adapter's files, without keeping any tensor."""
+
+    format: str  # "peft" | "kohya" | "diffusers"
+    adapter_type: str  # one of ADAPTER_TYPES
+    modules: list[ModuleSpec]
+    weights_file: str  # file name of the weights inside the adapter, e.g. adapter_model.safetensors
+    config: dict[str, Any] = field(default_factory=dict)  # PEFT adapter_config.json as read
+    rank: int | None = None
+    alpha: float | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    target_modules: list[str] = field(default_factory=list)  # as configured (a regex string kept as one item)
+    target_modules_found: list[str] = field(default_factory=list)  # leaf module names seen in tensor keys
+    base_model: str | None = None
+    base_model_revision: str | None = None
+    task_type: str | None = None
+    dtypes: list[str] = field(default_factory=list)
+    n_params: int = 0
+    file_metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__
+    card: dict[str, Any] = field(default_factory=dict)  # license, description, tags from README.md
+    notes: list[str] = field(default_factory=list)  # disagreements found while reading, shown to the user
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {m.name: m.rank for m in self.modules}
+
+    def module(self, name: str) -> ModuleSpec:
+        for spec in self.modules:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-able metadata that the registry stores and ``show --json`` prints."""
+        ranks = sorted({m.rank for m in self.modules})
+        return {
+            "format": self.format,
+            "adapter_type": self.adapter_type,
+            "rank": self.rank,
+            "ranks_found": ranks,
+            "alpha": self.alpha,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "rank_pattern": self.config.get("rank_pattern") or {},
+            "alpha_pattern": self.config.get("alpha_pattern") or {},
+            "target_modules": self.target_modules,
+            "target_modules_found": self.target_modules_found,
+            "base_model": self.base_model,
+            "base_model_revision": self.base_model_revision,
+            "task_type": self.task_type,
+            "n_modules": len(self.modules),
+            "n_params": self.n_params,
+            "dtypes": self.dtypes,
+            "file_metadata": self.file_metadata,
+            "card": self.card,
+            "notes": self.notes,
+        }
+
+
+class LoraAdapter:
+    """An adapter's description plus lazy access to its factors, one module at a time.
+
+    ``folder`` holds ``info.weights_file``; tensors are read with safetensors' ``safe_open`` only when
+    asked for, so a merge of many adapters holds one module's factors at a time.
+    """
+
+    def __init__(self, info: AdapterInfo, folder: str | Path, *, label: str | None = None) -> None:
+        self.info = info
+        self.folder = Path(folder)
+        self.label = label or str(folder)
+        self._specs = {m.name: m for m in info.modules}
+
+    @property
+    def weights_path(self) -> Path:
+        return self.folder / self.info.weights_file
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self._specs)
+
+    def spec(self, name: str) -> ModuleSpec:
+        return self._specs[name]
+
+    def factors(self, name: str, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one module as 2-D tensors (A: rank x in, B: out x rank), optionally cast."""
+        from safetensors import safe_open
+
+        spec = self._specs[name]
+        with safe_open(str(self.weights_path), framework="pt") as handle:
+            a = handle.get_tensor(spec.key_a)
+            b = handle.get_tensor(spec.key_b)
+        a = a.reshape(a.shape[0], -1)
+        b = b.reshape(b.shape[0], -1)
+        if dtype is not None:
+            a, b = a.to(dtype), b.to(dtype)
+        return a, b
+
+    def delta(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """ΔW = scale · B · A of one module (out x in, convolutions flattened)."""
+        import torch
+
+        a, b = self.factors(name, dtype or torch.float32)
+        return self._specs[name].scale * (b @ a)

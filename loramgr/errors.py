@@ -1,0 +1,116 @@
+"""loramgr's exceptions: one tree under :class:`LoramgrError`.
+
+::
+
+    LoramgrError                    every error a user can act on; the CLI prints ``str(err)``, exit 1
+    ├── InvalidAdapterError         an adapter's files are wrong (file, module, what to do)
+    │   └── UnsupportedAdapterError an adapter type or feature an operation cannot handle
+    ├── InvalidReferenceError       a reference or version string that does not parse
+    ├── NotFoundError (KeyError)    a reference, tag or digest that matches nothing
+    ├── AmbiguousReferenceError     a digest prefix that matches more than one adapter version
+    ├── ConflictError               a version that exists with other bytes, a tag in the way
+    ├── IntegrityError              a stored blob whose bytes no longer match its digest
+    ├── IncompatibleError           adapters that cannot be combined or applied together
+    ├── MergeError                  bad merge parameters (weights, density, rank)
+    ├── RegistryError               the database cannot be opened or is from a newer loramgr
+    └── HubError                    a Hub repository, revision or download problem
+
+Each error carries the facts as fields and a ``hint`` saying what to do; ``str(err)`` is one line
+that ends with the hint, ready for a terminal.
+"""
+
+from __future__ import annotations
+
+
+class LoramgrError(Exception):
+    """Base class of every error loramgr raises for something the user can fix."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}: {self.hint}"
+        return self.message
+
+
+class InvalidAdapterError(LoramgrError):
+    """An adapter's files are malformed: names the file (and module) at fault."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        module: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.path = path
+        self.module = module
+        super().__init__(message, hint=hint)
+
+
+class UnsupportedAdapterError(InvalidAdapterError):
+    """An adapter type or feature that the requested operation cannot handle correctly."""
+
+    def __init__(self, message: str, *, adapter_type: str | None = None, **kwargs: object) -> None:
+        self.adapter_type = adapter_type
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+
+class InvalidReferenceError(LoramgrError, ValueError):
+    """A reference (``name==1.0``, ``name>=1,<2``, ``name@tag``, ``sha256:ab12``) that does not parse."""
+
+    def __init__(self, message: str, *, reference: str, hint: str | None = None) -> None:
+        self.reference = reference
+        super().__init__(message, hint=hint)
+
+
+class NotFoundError(LoramgrError, KeyError):
+    """A reference that matches nothing in the registry."""
+
+    def __init__(self, message: str, *, reference: str, hint: str | None = None) -> None:
+        self.reference = reference
+        super().__init__(message, hint=hint)
+
+    # KeyError.__str__ would quote the message
+    __str__ = LoramgrError.__str__
+
+
+class AmbiguousReferenceError(LoramgrError):
+    """A digest prefix that matches several adapter versions."""
+
+    def __init__(self, message: str, *, reference: str, candidates: list[str]) -> None:
+        self.reference = reference
+        self.candidates = candidates
+        super().__init__(message, hint="use a longer digest prefix or name==version")
+
+
+class ConflictError(LoramgrError):
+    """An operation that would change something immutable (a version's bytes) or overwrite a file."""
+
+
+class IntegrityError(LoramgrError):
+    """Stored bytes that no longer match their digest."""
+
+    def __init__(self, message: str, *, digest: str | None = None, hint: str | None = None) -> None:
+        self.digest = digest
+        super().__init__(message, hint=hint)
+
+
+class IncompatibleError(LoramgrError):
+    """Adapters that do not fit each other, a base model, or an engine."""
+
+
+class MergeError(LoramgrError, ValueError):
+    """Merge parameters out of range (weights, density, rank, energy)."""
+
+
+class RegistryError(LoramgrError):
+    """The registry database cannot be used (unreachable, or written by a newer loramgr)."""
+
+
+class HubError(LoramgrError):
+    """A Hugging Face Hub repository, revision, authentication or download problem."""
