@@ -1,0 +1,323 @@
+"""PEFT adapter folders: adapter_config.json + adapter_model.safetensors (+ README.md).
+
+Reading validates everything a later operation relies on, and names the file or module at fault:
+the config parses and is a LoRA, every lora_A has its lora_B, ranks and shapes agree with each other
+and with the config (r, rank_pattern), and, with ``check_values``, no tensor holds NaN or Inf.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ..adapter import AdapterInfo, ModuleSpec
+from ..errors import InvalidAdapterError, UnsupportedAdapterError
+from ..safetensors_io import SafetensorsHeader, read_header
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+CARD_NAME = "README.md"
+PEFT_PREFIX = "base_model.model."
+
+# <module>.lora_A.weight, <module>.lora_embedding_A, <module>.lora_magnitude_vector[.weight], ...
+_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?P<suffix>\.weight|\.bias)?$"
+)
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of the module name."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def load_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InvalidAdapterError(
+            f"{path}: broken JSON at line {exc.lineno} column {exc.colno} ({exc.msg})",
+            path=str(path),
+            hint="fix the file or re-save the adapter with PEFT",
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidAdapterError(f"{path}: not UTF-8 text", path=str(path)) from exc
+    if not isinstance(config, dict):
+        raise InvalidAdapterError(f"{path}: expected a JSON object", path=str(path))
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedAdapterError(
+            f"{path}: peft_type is {config.get('peft_type')!r}, not 'LORA'",
+            path=str(path),
+            adapter_type=peft_type.lower() or None,
+            hint="loramgr manages LoRA adapters (peft_type LORA)",
+        )
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise InvalidAdapterError(f"{path}: {key} must be a positive number, found {value!r}", path=str(path))
+    return config
+
+
+def read_peft_folder(folder: str | Path, *, weights_file: str = WEIGHTS_NAME) -> AdapterInfo:
+    """Read a PEFT adapter folder's metadata from its config and the safetensors header.
+
+    No tensor data is read; :func:`check_tensor_values` does that.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise InvalidAdapterError(f"{folder}: no such file or folder", path=str(folder), hint="check the path")
+    if not (folder / CONFIG_NAME).is_file():
+        raise InvalidAdapterError(
+            f"{folder}: no {CONFIG_NAME} in this folder",
+            path=str(folder),
+            hint="point at a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)",
+        )
+    config = load_config(folder)
+    weights = folder / weights_file
+    if not weights.is_file():
+        if (folder / PICKLE_NAME).is_file():
+            raise UnsupportedAdapterError(
+                f"{folder}: the weights are a pickle ({PICKLE_NAME}), which can run code when loaded",
+                path=str(folder / PICKLE_NAME),
+                hint="pass --allow-pickle to load it safely (weights only) and store it as safetensors",
+            )
+        raise InvalidAdapterError(f"{folder}: no {WEIGHTS_NAME} in this folder", path=str(folder))
+    header = read_header(weights)
+    info = describe(config, header, weights_file)
+    card = folder / CARD_NAME
+    if card.is_file():
+        info.card = read_card(card)
+    return info
+
+
+def describe(config: dict[str, Any], header: SafetensorsHeader, weights_file: str) -> AdapterInfo:
+    """Build the AdapterInfo of a PEFT adapter from its config and weights header."""
+    path = str(header.path)
+    parts: dict[str, dict[str, tuple[str, tuple[int, ...], str]]] = {}
+    other: list[str] = []
+    for key, entry in header.tensors.items():
+        match = _KEY.match(key)
+        if not match or match["suffix"] == ".bias":
+            other.append(key)
+            continue
+        module = match["module"].removeprefix(PEFT_PREFIX)
+        parts.setdefault(module, {})[match["part"]] = (key, entry.shape, entry.torch_dtype)
+
+    use_rslora = bool(config.get("use_rslora"))
+    use_dora = bool(config.get("use_dora"))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    modules: list[ModuleSpec] = []
+    for name in sorted(parts):
+        found = parts[name]
+        embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
+        a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        if a_part not in found or b_part not in found:
+            have, missing = (a_part, b_part) if a_part in found else (b_part, a_part)
+            raise InvalidAdapterError(
+                f"{path}: module {name} has {have} but no {missing}",
+                path=path,
+                module=name,
+                hint="the weights file is incomplete; re-save the adapter",
+            )
+        key_a, shape_a, dtype = found[a_part]
+        key_b, shape_b, _ = found[b_part]
+        if len(shape_a) < 2 or len(shape_b) < 2:
+            raise InvalidAdapterError(
+                f"{path}: module {name} has factors of shapes {list(shape_a)} and {list(shape_b)}, not matrices",
+                path=path,
+                module=name,
+            )
+        rank = shape_a[0]
+        if shape_b[1] != rank or any(d != 1 for d in shape_b[2:]):
+            raise InvalidAdapterError(
+                f"{path}: module {name}: {a_part} {list(shape_a)} and {b_part} {list(shape_b)} disagree on the rank",
+                path=path,
+                module=name,
+                hint="the factors must be A: r x in and B: out x r",
+            )
+        configured = int(pattern_value(rank_pattern, name, config["r"]))
+        if configured != rank:
+            raise InvalidAdapterError(
+                f"{path}: module {name} has rank {rank} but the config says r={configured}",
+                path=path,
+                module=name,
+                hint="fix r / rank_pattern in adapter_config.json to match the weights",
+            )
+        in_features = 1
+        for d in shape_a[1:]:
+            in_features *= d
+        kind = "embedding" if embedding else ("conv" if len(shape_a) > 2 else "linear")
+        extra = tuple(found[p][0] for p in ("lora_magnitude_vector",) if p in found)
+        modules.append(
+            ModuleSpec(
+                name=name,
+                rank=rank,
+                alpha=float(pattern_value(alpha_pattern, name, config["lora_alpha"])),
+                in_features=in_features,
+                out_features=shape_b[0],
+                key_a=key_a,
+                key_b=key_b,
+                dtype=dtype,
+                kind=kind,
+                use_rslora=use_rslora,
+                kernel=tuple(shape_a) if kind == "conv" else None,
+                extra_keys=extra,
+            )
+        )
+    if not modules:
+        raise InvalidAdapterError(
+            f"{path}: no LoRA tensors (lora_A / lora_B) in the weights file",
+            path=path,
+            hint="is this a PEFT LoRA adapter?",
+        )
+
+    notes: list[str] = []
+    targets = config.get("target_modules")
+    leaves = sorted({m.name.rsplit(".", 1)[-1] for m in modules})
+    if isinstance(targets, str):
+        target_list = [targets]
+        unmatched = [m.name for m in modules if not re.fullmatch(targets, m.name)]
+        if unmatched:
+            notes.append(f"target_modules regex does not match {len(unmatched)} module(s) in the weights, e.g. {unmatched[0]}")
+    elif isinstance(targets, list):
+        target_list = [str(t) for t in targets]
+        def covers(target: str, module: str) -> bool:
+            return module == target or module.endswith("." + target)
+
+        uncovered = [m.name for m in modules if not any(covers(t, m.name) for t in target_list)]
+        if uncovered:
+            notes.append(f"weights hold {len(uncovered)} module(s) not in target_modules, e.g. {uncovered[0]}")
+        absent = [t for t in target_list if not any(covers(t, m.name) for m in modules)]
+        if absent:
+            notes.append(f"target_modules lists {', '.join(absent)} but the weights have no such module")
+    else:
+        target_list = []
+    if other:
+        notes.append(f"{len(other)} tensor(s) besides LoRA factors, e.g. {other[0]}")
+    if use_dora and not any(m.extra_keys for m in modules):
+        notes.append("use_dora is set but no lora_magnitude_vector tensors were found")
+
+    return AdapterInfo(
+        format="peft",
+        adapter_type="dora" if use_dora else "lora",
+        modules=modules,
+        weights_file=weights_file,
+        config=config,
+        rank=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        target_modules=target_list,
+        target_modules_found=leaves,
+        base_model=config.get("base_model_name_or_path"),
+        base_model_revision=config.get("revision"),
+        task_type=config.get("task_type"),
+        dtypes=sorted({e.torch_dtype for e in header.tensors.values()}),
+        n_params=sum(e.numel for e in header.tensors.values()),
+        file_metadata=header.metadata,
+        notes=notes,
+    )
+
+
+def check_tensor_values(path: str | Path, *, progress: Any = None) -> None:
+    """Load every tensor once (this also proves the data section is readable) and refuse NaN / Inf."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            for i, key in enumerate(keys):
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+                    raise InvalidAdapterError(
+                        f"{path}: tensor {key} contains {bad}",
+                        path=str(path),
+                        module=key,
+                        hint="the training run diverged or the file is corrupt; use another checkpoint",
+                    )
+                if progress:
+                    progress("checking", i + 1, len(keys))
+    except SafetensorError as exc:
+        raise InvalidAdapterError(
+            f"{path}: corrupt safetensors file ({exc})", path=str(path), hint="re-download or re-save it"
+        ) from exc
+
+
+def convert_pickle(bin_path: str | Path, out_path: str | Path) -> None:
+    """Load a pickled state dict safely (tensors only) and write it as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    try:
+        state = torch.load(str(bin_path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise InvalidAdapterError(
+            f"{bin_path}: cannot be loaded as a weights-only pickle ({type(exc).__name__})",
+            path=str(bin_path),
+            hint="it may contain code or be corrupt; re-save the adapter as safetensors",
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InvalidAdapterError(f"{bin_path}: not a state dict of tensors", path=str(bin_path))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_path), metadata={"format": "pt"})
+
+
+def read_card(path: Path) -> dict[str, Any]:
+    """license / description / tags / base_model from a model card's YAML block and first paragraph."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    meta: dict[str, Any] = {}
+    body = text
+    if text.startswith("---"):
+        end = text.find("\n---", 3)
+        if end != -1:
+            try:
+                import yaml
+
+                loaded = yaml.safe_load(text[3:end])
+                if isinstance(loaded, dict):
+                    meta = loaded
+            except Exception:  # a broken card must not block an install; report nothing from it
+                meta = {}
+            body = text[end + 4 :]
+    description = ""
+    for block in re.split(r"\n\s*\n", body):
+        block = block.strip()
+        if block and not block.startswith(("#", "<!--", "-", "|", "```", "[")):
+            description = " ".join(block.split())
+            break
+    tags = meta.get("tags") or []
+    if isinstance(tags, str):
+        tags = [tags]
+    card: dict[str, Any] = {
+        "license": meta.get("license"),
+        "description": description[:1000] or None,
+        "tags": [str(t) for t in tags],
+    }
+    if meta.get("base_model"):
+        card["base_model"] = meta["base_model"]
+    return card
+
+
+def write_peft_folder(
+    folder: str | Path, config: dict[str, Any], tensors: dict[str, Any], *, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write adapter_config.json and adapter_model.safetensors deterministically (sorted keys)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    ordered = {k: tensors[k].contiguous() for k in sorted(tensors)}
+    save_file(ordered, str(folder / WEIGHTS_NAME), metadata=metadata or {"format": "pt"})
+    return folder
