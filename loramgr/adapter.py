@@ -106,6 +106,38 @@ class AdapterInfo:
                 return spec
         raise KeyError(name)
 
+    def to_record(self) -> dict[str, Any]:
+        """Everything needed to rebuild this AdapterInfo (stored in the registry's ``info`` column)."""
+        record = self.summary()
+        record["weights_file"] = self.weights_file
+        record["config"] = self.config
+        record["modules"] = [m.to_dict() for m in self.modules]
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> AdapterInfo:
+        return cls(
+            format=record["format"],
+            adapter_type=record["adapter_type"],
+            modules=[ModuleSpec.from_dict(m) for m in record["modules"]],
+            weights_file=record["weights_file"],
+            config=record.get("config") or {},
+            rank=record.get("rank"),
+            alpha=record.get("alpha"),
+            use_rslora=bool(record.get("use_rslora")),
+            use_dora=bool(record.get("use_dora")),
+            target_modules=list(record.get("target_modules") or []),
+            target_modules_found=list(record.get("target_modules_found") or []),
+            base_model=record.get("base_model"),
+            base_model_revision=record.get("base_model_revision"),
+            task_type=record.get("task_type"),
+            dtypes=list(record.get("dtypes") or []),
+            n_params=int(record.get("n_params") or 0),
+            file_metadata=dict(record.get("file_metadata") or {}),
+            card=dict(record.get("card") or {}),
+            notes=list(record.get("notes") or []),
+        )
+
     def summary(self) -> dict[str, Any]:
         """The JSON-able metadata that the registry stores and ``show --json`` prints."""
         ranks = sorted({m.rank for m in self.modules})
@@ -136,19 +168,31 @@ class AdapterInfo:
 class LoraAdapter:
     """An adapter's description plus lazy access to its factors, one module at a time.
 
-    ``folder`` holds ``info.weights_file``; tensors are read with safetensors' ``safe_open`` only when
-    asked for, so a merge of many adapters holds one module's factors at a time.
+    ``folder`` holds ``info.weights_file`` (or ``weights_path`` names the file directly, as for a blob in
+    the store); tensors are read with safetensors' ``safe_open`` only when asked for, so a merge of many
+    adapters holds one module's factors at a time. ``digest`` is the registry digest when it came from
+    the registry.
     """
 
-    def __init__(self, info: AdapterInfo, folder: str | Path, *, label: str | None = None) -> None:
+    def __init__(
+        self,
+        info: AdapterInfo,
+        folder: str | Path,
+        *,
+        label: str | None = None,
+        weights_path: str | Path | None = None,
+        digest: str | None = None,
+    ) -> None:
         self.info = info
         self.folder = Path(folder)
         self.label = label or str(folder)
+        self.digest = digest
+        self._weights_path = Path(weights_path) if weights_path else None
         self._specs = {m.name: m for m in info.modules}
 
     @property
     def weights_path(self) -> Path:
-        return self.folder / self.info.weights_file
+        return self._weights_path or self.folder / self.info.weights_file
 
     @property
     def module_names(self) -> list[str]:

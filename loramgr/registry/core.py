@@ -1,0 +1,392 @@
+"""The registry: adapter versions in a database over the content-addressed blob store.
+
+Install order is what makes failures harmless: validate everything first (nothing written), then
+store every blob, then commit the database rows in one transaction. An error or Ctrl-C at any point
+leaves ``list`` unchanged and at most orphan blobs or temporary files, which ``gc`` removes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from packaging.version import Version
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from registry_schema.models import Adapter, AdapterVersion, File, Lineage, Module, Tag
+
+from .. import paths
+from ..adapter import AdapterInfo, LoraAdapter
+from ..errors import AmbiguousReferenceError, ConflictError, InvalidAdapterError, NotFoundError
+from ..store import BlobStore
+from . import refs
+from .database import open_database
+from .records import InstallResult, ManifestEntry, Parent, VersionRow, manifest_digest
+from .sources import read_local
+
+Progress = Callable[[str, int, int], None]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Registry:
+    """A loramgr home: the blob store and the database that describes what is stored.
+
+    Open one with :meth:`open` (``LORAMGR_HOME`` / ``LORAMGR_DATABASE_URL`` by default); the database
+    is migrated once, here.
+    """
+
+    def __init__(self, root: Path, url: str) -> None:
+        self.root = root
+        self.store = BlobStore(root)
+        self.engine = open_database(url)
+
+    @classmethod
+    def open(cls, root: str | Path | None = None, url: str | None = None) -> Registry:
+        home = Path(root) if root else paths.home()
+        return cls(home, url or paths.database_url(home))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    # -- install ---------------------------------------------------------------------------------
+
+    def install(
+        self,
+        source: str | Path,
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        allow_pickle: bool = False,
+        source_label: str | None = None,
+        source_details: dict[str, Any] | None = None,
+        progress: Progress | None = None,
+    ) -> InstallResult:
+        """Install an adapter folder or file under ``name`` (default: the folder or file name)."""
+        path = Path(source)
+        with tempfile.TemporaryDirectory(dir=self._tmp()) as scratch:
+            local = read_local(path, allow_pickle=allow_pickle, scratch=Path(scratch), progress=progress)
+            return self.add(
+                local.info,
+                local.files,
+                name=name or local.default_name,
+                version=version,
+                source=source_label or str(path.resolve()),
+                source_details=source_details,
+                progress=progress,
+            )
+
+    def add(
+        self,
+        info: AdapterInfo,
+        files: dict[str, Path],
+        *,
+        name: str,
+        version: str | None = None,
+        source: str | None = None,
+        source_details: dict[str, Any] | None = None,
+        parents: list[Parent] | None = None,
+        recipe: dict[str, Any] | None = None,
+        progress: Progress | None = None,
+    ) -> InstallResult:
+        """Store validated adapter files and register them as a version (the step every install ends in)."""
+        display = name
+        canonical = refs.check_name(name)
+        wanted = refs.parse_version(version) if version is not None else None
+        with self.store.lock(exclusive=False):
+            entries = []
+            for rel, file in sorted(files.items()):
+                blob = self.store.put_file(file, progress)
+                entries.append(ManifestEntry(rel, blob.digest, blob.size))
+            digest = manifest_digest(entries)
+            with self.session() as session:
+                return self._commit_version(
+                    session,
+                    info=info,
+                    entries=entries,
+                    digest=digest,
+                    canonical=canonical,
+                    display=display,
+                    wanted=wanted,
+                    source=source,
+                    source_details=source_details or {},
+                    parents=parents or [],
+                    recipe=recipe,
+                )
+
+    def _commit_version(
+        self,
+        session: Session,
+        *,
+        info: AdapterInfo,
+        entries: list[ManifestEntry],
+        digest: str,
+        canonical: str,
+        display: str,
+        wanted: Version | None,
+        source: str | None,
+        source_details: dict[str, Any],
+        parents: list[Parent],
+        recipe: dict[str, Any] | None,
+    ) -> InstallResult:
+        size = sum(e.size for e in entries)
+        adapter = session.scalar(select(Adapter).where(Adapter.name == canonical))
+        if adapter is None:
+            adapter = Adapter(name=canonical, display_name=display, created_at=_now())
+            session.add(adapter)
+            session.flush()
+        existing = {Version(v.version): v for v in adapter.versions}
+        if wanted is not None and wanted in existing:
+            row = existing[wanted]
+            if row.digest == digest:
+                return InstallResult(canonical, row.version, digest, False, size, ["already installed"])
+            raise ConflictError(
+                f"{canonical}=={wanted} is already installed with other bytes ({row.digest[:19]})",
+                hint="a version is immutable: install these files under a new --version",
+            )
+        if wanted is None:
+            same = [v for v in existing.values() if v.digest == digest]
+            if same:
+                return InstallResult(canonical, same[0].version, digest, False, size, ["already installed"])
+            wanted = refs.next_minor(existing)
+        row = AdapterVersion(
+            adapter_id=adapter.id,
+            version=str(wanted),
+            digest=digest,
+            format=info.format,
+            adapter_type=info.adapter_type,
+            rank=info.rank,
+            alpha=info.alpha,
+            use_rslora=info.use_rslora,
+            use_dora=info.use_dora,
+            base_model_name=info.base_model,
+            base_model_revision=info.base_model_revision,
+            task_type=info.task_type,
+            n_modules=len(info.modules),
+            n_params=info.n_params,
+            size=size,
+            source=source,
+            source_details=source_details,
+            info=info.to_record(),
+            recipe=recipe,
+            installed_at=_now(),
+        )
+        row.files = [File(path=e.path, digest=e.digest, size=e.size) for e in entries]
+        row.modules = [
+            Module(
+                name=m.name,
+                kind=m.kind,
+                rank=m.rank,
+                alpha=m.alpha,
+                in_features=m.in_features,
+                out_features=m.out_features,
+                dtype=m.dtype,
+            )
+            for m in info.modules
+        ]
+        row.parents = [
+            Lineage(position=i, parent_digest=p.digest, parent_name=p.name, parent_version=p.version, weight=p.weight)
+            for i, p in enumerate(parents)
+        ]
+        session.add(row)
+        session.flush()
+        return InstallResult(canonical, row.version, digest, True, size, list(info.notes))
+
+    # -- lookups ---------------------------------------------------------------------------------
+
+    def resolve(self, reference: str, session: Session | None = None) -> AdapterVersion:
+        """The version a reference names; NotFoundError / AmbiguousReferenceError otherwise."""
+        if session is None:
+            with self.session() as own:
+                return self.resolve(reference, own)
+        ref = refs.parse_reference(reference)
+        if ref.kind == "digest":
+            prefix = ref.digest_prefix or ""
+            rows = session.scalars(
+                select(AdapterVersion).where(AdapterVersion.digest.startswith(prefix)).options(*_eager())
+            ).all()
+            if not rows:
+                raise NotFoundError(f"no adapter version with digest {prefix}…", reference=reference,
+                                    hint="run 'loramgr list --digests' to see stored digests")
+            if len({r.digest for r in rows}) > 1 or len(rows) > 1:
+                names = sorted(f"{r.adapter.name}=={r.version}" for r in rows)
+                raise AmbiguousReferenceError(
+                    f"{reference} matches {len(rows)} versions: {', '.join(names)}", reference=reference,
+                    candidates=names,
+                )
+            return rows[0]
+        adapter = session.scalar(select(Adapter).where(Adapter.name == ref.name))
+        if adapter is None:
+            raise NotFoundError(f"no adapter named {ref.name!r}", reference=reference,
+                                hint="run 'loramgr list' to see installed adapters")
+        if ref.kind == "tag":
+            tag = session.scalar(select(Tag).where(Tag.adapter_id == adapter.id, Tag.tag == ref.tag))
+            if tag is None:
+                known = sorted(t.tag for t in adapter.tags)
+                raise NotFoundError(
+                    f"{adapter.name} has no tag {ref.tag!r}", reference=reference,
+                    hint=f"its tags: {', '.join(known)}" if known else "tag a version with 'loramgr tag'",
+                )
+            return self._load(session, tag.version_id)
+        versions = {Version(v.version): v for v in adapter.versions}
+        chosen = ref.select(versions)
+        if chosen is None:
+            listed = ", ".join(str(v) for v in sorted(versions))
+            raise NotFoundError(f"no version of {adapter.name} matches {reference!r}", reference=reference,
+                                hint=f"installed versions: {listed}")
+        return self._load(session, versions[chosen].id)
+
+    def _load(self, session: Session, version_id: int) -> AdapterVersion:
+        row = session.scalar(select(AdapterVersion).where(AdapterVersion.id == version_id).options(*_eager()))
+        assert row is not None  # the id comes from a row we just read in this session
+        return row
+
+    def list_versions(self, name: str | None = None) -> list[VersionRow]:
+        """Every version (or every version of one adapter), by name then PEP 440 order."""
+        from sqlalchemy import func
+
+        with self.session() as session:
+            query = (
+                select(
+                    Adapter.name, AdapterVersion.id, AdapterVersion.version, AdapterVersion.digest,
+                    AdapterVersion.format, AdapterVersion.adapter_type, AdapterVersion.rank, AdapterVersion.alpha,
+                    AdapterVersion.n_modules, AdapterVersion.size, AdapterVersion.base_model_name,
+                    AdapterVersion.installed_at,
+                )
+                .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
+            )
+            if name is not None:
+                query = query.where(Adapter.name == refs.check_name(name))
+            rows = session.execute(query).all()
+            tags: dict[int, list[str]] = {}
+            for version_id, tag in session.execute(select(Tag.version_id, Tag.tag).order_by(func.lower(Tag.tag))):
+                tags.setdefault(version_id, []).append(tag)
+        result = [
+            VersionRow(
+                name=r.name, version=r.version, digest=r.digest, format=r.format, adapter_type=r.adapter_type,
+                rank=r.rank, alpha=r.alpha, n_modules=r.n_modules, size=r.size, base_model=r.base_model_name,
+                tags=tags.get(r.id, []), installed_at=r.installed_at.isoformat(timespec="seconds"),
+            )
+            for r in rows
+        ]
+        result.sort(key=lambda v: (v.name, Version(v.version)))
+        return result
+
+    def show(self, reference: str) -> dict[str, Any]:
+        """Everything known about one version, JSON-able."""
+        with self.session() as session:
+            row = self.resolve(reference, session)
+            return describe_version(row)
+
+    def open_adapter(self, reference: str) -> LoraAdapter:
+        """A version as a LoraAdapter reading its tensors straight from the blob store."""
+        with self.session() as session:
+            row = self.resolve(reference, session)
+            info = AdapterInfo.from_record(row.info)
+            files = {f.path: self.store.path(f.digest) for f in row.files}
+            label = f"{row.adapter.name}=={row.version}"
+            if info.weights_file not in files:
+                raise InvalidAdapterError(f"{label}: its weights file is not in the store manifest")
+            return LoraAdapter(info, self.root, label=label, weights_path=files[info.weights_file],
+                               digest=row.digest)
+
+    # -- tags and export -------------------------------------------------------------------------
+
+    def tag(self, reference: str, tag: str) -> tuple[str, str | None]:
+        """Point ``tag`` at a version; returns (version, the version it pointed at before, if any)."""
+        refs.check_tag(tag)
+        with self.session() as session:
+            row = self.resolve(reference, session)
+            existing = session.scalar(select(Tag).where(Tag.adapter_id == row.adapter_id, Tag.tag == tag))
+            previous = None
+            if existing is None:
+                session.add(Tag(adapter_id=row.adapter_id, tag=tag, version_id=row.id))
+            else:
+                previous = existing.version.version
+                existing.version_id = row.id
+            return row.version, previous
+
+    def untag(self, name: str, tag: str) -> str:
+        with self.session() as session:
+            row = self.resolve(f"{name}@{tag}", session)
+            session.execute(Tag.__table__.delete().where(Tag.adapter_id == row.adapter_id, Tag.tag == tag))
+            return row.version
+
+    def export(self, reference: str, destination: str | Path, *, progress: Progress | None = None) -> Path:
+        """Copy a version's files out of the store into a new folder (written whole, then renamed)."""
+        destination = Path(destination)
+        if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+            raise ConflictError(f"{destination} exists and is not empty", hint="choose a new or empty folder")
+        with self.session() as session:
+            row = self.resolve(reference, session)
+            files = [(f.path, f.digest, f.size) for f in row.files]
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+        try:
+            for rel, digest, _size in files:
+                target = staging / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.store.path(digest), target)
+            if destination.exists():
+                destination.rmdir()
+            staging.rename(destination)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return destination
+
+    def _tmp(self) -> Path:
+        self.store.tmp_dir.mkdir(parents=True, exist_ok=True)
+        return self.store.tmp_dir
+
+
+def _eager() -> Any:
+    return (
+        selectinload(AdapterVersion.files),
+        selectinload(AdapterVersion.modules),
+        selectinload(AdapterVersion.parents),
+        selectinload(AdapterVersion.adapter).selectinload(Adapter.tags),
+    )
+
+
+def describe_version(row: AdapterVersion) -> dict[str, Any]:
+    info = dict(row.info)
+    info.pop("modules", None)
+    tags = sorted(t.tag for t in row.adapter.tags if t.version_id == row.id)
+    return {
+        "name": row.adapter.name,
+        "display_name": row.adapter.display_name,
+        "version": row.version,
+        "digest": row.digest,
+        "tags": tags,
+        "size": row.size,
+        "installed_at": row.installed_at.isoformat(timespec="seconds"),
+        "source": row.source,
+        "source_details": row.source_details,
+        **{k: v for k, v in info.items() if k != "config"},
+        "config": info.get("config", {}),
+        "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in row.files],
+        "modules": [
+            {"name": m.name, "kind": m.kind, "rank": m.rank, "alpha": m.alpha,
+             "in_features": m.in_features, "out_features": m.out_features, "dtype": m.dtype}
+            for m in row.modules
+        ],
+        "parents": [
+            {"name": p.parent_name, "version": p.parent_version, "digest": p.parent_digest, "weight": p.weight}
+            for p in row.parents
+        ],
+        "recipe": row.recipe,
+    }

@@ -1,0 +1,86 @@
+"""Turning what a user points ``install`` at into validated adapter files ready to store.
+
+A PEFT folder contributes adapter_config.json, the weights and README.md (other files in a training
+run's folder, such as optimizer states or tokenizers, are not part of the adapter and are not stored).
+A single .safetensors file is read by the format detector (kohya, diffusers, LyCORIS).
+A pickled adapter_model.bin is refused unless ``allow_pickle``; then it is loaded weights-only and
+stored converted to safetensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..adapter import AdapterInfo
+from ..errors import InvalidAdapterError
+from ..formats import peft
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class LocalAdapter:
+    info: AdapterInfo
+    files: dict[str, Path]  # path inside the adapter -> file on disk to store
+    default_name: str
+
+
+def read_local(path: Path, *, allow_pickle: bool, scratch: Path, progress: Progress | None = None) -> LocalAdapter:
+    """Validate an adapter on disk (metadata, shapes, tensor values) without storing anything."""
+    if not path.exists():
+        raise InvalidAdapterError(f"{path}: no such file or folder", path=str(path), hint="check the path")
+    if path.is_file():
+        return _read_single_file(path, progress)
+    files: dict[str, Path] = {}
+    weights = path / peft.WEIGHTS_NAME
+    if not weights.is_file() and (path / peft.PICKLE_NAME).is_file() and allow_pickle:
+        if not (path / peft.CONFIG_NAME).is_file():
+            peft.read_peft_folder(path)  # raises the missing-config error
+        scratch.mkdir(parents=True, exist_ok=True)
+        weights = scratch / peft.WEIGHTS_NAME
+        peft.convert_pickle(path / peft.PICKLE_NAME, weights)
+        info = peft.describe(peft.load_config(path), _header(weights), peft.WEIGHTS_NAME)
+        info.notes.append(f"converted from {peft.PICKLE_NAME} (loaded weights-only)")
+        card = path / peft.CARD_NAME
+        if card.is_file():
+            info.card = peft.read_card(card)
+    else:
+        info = peft.read_peft_folder(path)
+    peft.check_tensor_values(weights, progress=progress)
+    files[peft.CONFIG_NAME] = path / peft.CONFIG_NAME
+    files[peft.WEIGHTS_NAME] = weights
+    if (path / peft.CARD_NAME).is_file():
+        files[peft.CARD_NAME] = path / peft.CARD_NAME
+    return LocalAdapter(info, files, path.resolve().name)
+
+
+def _header(path: Path):  # type: ignore[no-untyped-def]
+    from ..safetensors_io import read_header
+
+    return read_header(path)
+
+
+def _read_single_file(path: Path, progress: Progress | None) -> LocalAdapter:
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        raise InvalidAdapterError(
+            f"{path}: a pickled file can run code when loaded",
+            path=str(path),
+            hint="convert it to .safetensors, or install its PEFT folder with --allow-pickle",
+        )
+    if path.suffix != ".safetensors":
+        raise InvalidAdapterError(
+            f"{path}: not an adapter file", path=str(path), hint="point at a PEFT folder or a .safetensors file"
+        )
+    if path.name == peft.WEIGHTS_NAME and (path.parent / peft.CONFIG_NAME).is_file():
+        return read_local(path.parent, allow_pickle=False, scratch=path.parent, progress=progress)
+    try:
+        from ..formats.detect import read_adapter_file
+    except ImportError:  # single-file formats not available in this build
+        raise InvalidAdapterError(
+            f"{path}: single-file adapters are not supported yet", path=str(path), hint="install a PEFT folder"
+        ) from None
+    info = read_adapter_file(path)
+    peft.check_tensor_values(path, progress=progress)
+    return LocalAdapter(info, {path.name: path}, path.stem)

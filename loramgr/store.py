@@ -1,0 +1,163 @@
+"""The content-addressed blob store under ``<home>/blobs``.
+
+A blob is a file's bytes stored once, read-only, at ``blobs/sha256/<2 hex>/<64 hex>``, however many
+adapters or versions contain it. Writes go to ``tmp/`` in the same file system, are hashed while
+streaming, fsynced and renamed into place, so a reader never sees half a blob and an interrupted
+write leaves at most a temporary file that ``gc`` removes.
+
+Installs hold a shared lock on ``<home>/store.lock`` from their first blob to their database commit;
+``gc`` holds it exclusively, so it never deletes a blob that an install is about to reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LoramgrError
+
+CHUNK = 8 * 1024 * 1024
+Progress = Callable[[str, int, int], None]
+
+
+def sha256_file(path: str | Path, progress: Progress | None = None, label: str = "hashing") -> str:
+    """``sha256:<hex>`` of a file, read in chunks."""
+    digest = hashlib.sha256()
+    total = os.path.getsize(path)
+    done = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress(label, done, total)
+    return "sha256:" + digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    digest: str
+    path: Path
+    size: int
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.blob_dir = self.root / "blobs" / "sha256"
+        self.tmp_dir = self.root / "tmp"
+
+    def path(self, digest: str) -> Path:
+        algo, _, hexdigest = digest.partition(":")
+        if algo != "sha256" or len(hexdigest) != 64:
+            raise LoramgrError(f"not a sha256 digest: {digest!r}")
+        return self.blob_dir / hexdigest[:2] / hexdigest
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def put_file(self, source: str | Path, progress: Progress | None = None) -> BlobInfo:
+        """Copy a file into the store (hash while streaming, fsync, rename); returns its blob."""
+        total = os.path.getsize(source)
+        label = f"storing {Path(source).name}"
+        with open(source, "rb") as src:
+            return self._put_stream(src, total, progress, label)
+
+    def put_bytes(self, data: bytes) -> BlobInfo:
+        import io
+
+        return self._put_stream(io.BytesIO(data), len(data), None, "")
+
+    def _put_stream(self, src, total: int, progress: Progress | None, label: str) -> BlobInfo:  # type: ignore[no-untyped-def]
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, prefix="blob-", suffix=".tmp")
+        tmp = Path(tmp_name)
+        try:
+            done = 0
+            with os.fdopen(fd, "wb") as out:
+                buffer = bytearray(CHUNK)
+                view = memoryview(buffer)
+                while n := src.readinto(buffer):
+                    chunk = view[:n]
+                    digest.update(chunk)
+                    out.write(chunk)
+                    done += n
+                    if progress:
+                        progress(label, done, total)
+                out.flush()
+                os.fsync(out.fileno())
+            blob = "sha256:" + digest.hexdigest()
+            target = self.path(blob)
+            if target.is_file():
+                tmp.unlink()
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+                os.replace(tmp, target)
+                _fsync_dir(target.parent)
+            return BlobInfo(blob, target, done)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+
+    def iter_blobs(self) -> Iterator[BlobInfo]:
+        if not self.blob_dir.is_dir():
+            return
+        for sub in sorted(self.blob_dir.iterdir()):
+            if not sub.is_dir():
+                continue
+            for blob in sorted(sub.iterdir()):
+                yield BlobInfo("sha256:" + blob.name, blob, blob.stat().st_size)
+
+    def temp_files(self) -> list[Path]:
+        if not self.tmp_dir.is_dir():
+            return []
+        return sorted(p for p in self.tmp_dir.iterdir())
+
+    def verify(self, digest: str, progress: Progress | None = None) -> bool:
+        path = self.path(digest)
+        return path.is_file() and sha256_file(path, progress, f"verifying {digest[7:19]}") == digest
+
+    def delete(self, path: Path) -> None:
+        """Remove a blob or temporary file (blobs are read-only, which unlink does not mind on POSIX)."""
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_dir():
+                import shutil
+
+                shutil.rmtree(path)
+            else:
+                os.chmod(path, stat.S_IWUSR | stat.S_IRUSR)
+                path.unlink()
+
+    @contextlib.contextmanager
+    def lock(self, *, exclusive: bool) -> Iterator[None]:
+        """Shared (installs) or exclusive (gc) advisory lock; a no-op where fcntl is unavailable."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no cross-process locking; gc there is best run alone
+            yield
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "store.lock", "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
