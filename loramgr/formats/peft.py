@@ -187,7 +187,9 @@ def describe(config: dict[str, Any], header: SafetensorsHeader, weights_file: st
         target_list = [targets]
         unmatched = [m.name for m in modules if not re.fullmatch(targets, m.name)]
         if unmatched:
-            notes.append(f"target_modules regex does not match {len(unmatched)} module(s) in the weights, e.g. {unmatched[0]}")
+            notes.append(
+                f"target_modules regex does not match {len(unmatched)} module(s) in the weights, e.g. {unmatched[0]}"
+            )
     elif isinstance(targets, list):
         target_list = [str(t) for t in targets]
         def covers(target: str, module: str) -> bool:

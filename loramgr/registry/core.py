@@ -24,7 +24,7 @@ from registry_schema.models import Adapter, AdapterVersion, File, Lineage, Modul
 from .. import paths
 from ..adapter import AdapterInfo, LoraAdapter
 from ..errors import AmbiguousReferenceError, ConflictError, InvalidAdapterError, NotFoundError
-from ..store import BlobStore
+from ..store import BlobStore, sha256_file
 from . import refs
 from .database import open_database
 from .records import InstallResult, ManifestEntry, Parent, VersionRow, manifest_digest
@@ -106,6 +106,19 @@ class Registry:
         display = name
         canonical = refs.check_name(name)
         wanted = refs.parse_version(version) if version is not None else None
+        if wanted is not None:
+            known = self._existing_digest(canonical, wanted)
+            if known is not None:
+                # hash without storing, so a refused install writes nothing at all
+                entries = [ManifestEntry(rel, sha256_file(f, progress), f.stat().st_size) for rel, f in files.items()]
+                digest = manifest_digest(entries)
+                if digest != known:
+                    raise ConflictError(
+                        f"{canonical}=={wanted} is already installed with other bytes ({known[:19]})",
+                        hint="a version is immutable: install these files under a new --version",
+                    )
+                return InstallResult(canonical, str(wanted), digest, False, sum(e.size for e in entries),
+                                     ["already installed"])
         with self.store.lock(exclusive=False):
             entries = []
             for rel, file in sorted(files.items()):
@@ -126,6 +139,15 @@ class Registry:
                     parents=parents or [],
                     recipe=recipe,
                 )
+
+    def _existing_digest(self, canonical: str, version: Version) -> str | None:
+        with self.session() as session:
+            rows = session.execute(
+                select(AdapterVersion.version, AdapterVersion.digest)
+                .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
+                .where(Adapter.name == canonical)
+            ).all()
+        return next((digest for v, digest in rows if Version(v) == version), None)
 
     def _commit_version(
         self,

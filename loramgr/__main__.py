@@ -1,0 +1,3 @@
+from loramgr.cli.main import main
+
+main()

@@ -1,0 +1,210 @@
+"""Registry commands: install, list, show, tag, untag, export, remove, verify, gc."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .render import echo_json, human_size, progress_bars, table
+
+
+def open_registry() -> Any:
+    from ..registry import Registry
+
+    return Registry.open()
+
+
+@click.command()
+@click.argument("source")
+@click.option("--name", help="Adapter name (default: the folder or file name).")
+@click.option("--version", "version", help="PEP 440 version (default: 0.1.0, or the next minor version).")
+@click.option("--allow-pickle", is_flag=True, help="Load a pickled adapter_model.bin (weights only) and store it as safetensors.")
+@click.option("--base", "base", help="Record this registered base model for the adapter.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def install(source: str, name: str | None, version: str | None, allow_pickle: bool, base: str | None,
+            as_json: bool) -> None:
+    """Install an adapter from a PEFT folder, a .safetensors file or hf://owner/repo[@rev][:subfolder]."""
+    from ..install import install_any
+
+    registry = open_registry()
+    with progress_bars() as progress:
+        result = install_any(registry, source, name=name, version=version, allow_pickle=allow_pickle,
+                             base=base, progress=progress)
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    if result.created:
+        click.echo(f"installed {result.ref} ({human_size(result.size)}, {result.digest[:19]})")
+    else:
+        click.echo(f"already installed as {result.ref} ({result.digest[:19]}); nothing new stored")
+    for note in result.notes:
+        if note != "already installed":
+            click.echo(f"  note: {note}")
+
+
+@click.command(name="list")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print every version as JSON.")
+@click.option("--digests", is_flag=True, help="Show full digests.")
+def list_(name: str | None, as_json: bool, digests: bool) -> None:
+    """List installed adapter versions (all, or one adapter's)."""
+    rows = open_registry().list_versions(name)
+    if as_json:
+        echo_json([r.to_dict() for r in rows])
+        return
+    if not rows:
+        click.echo("no adapters installed; try 'loramgr install PATH'")
+        return
+    click.echo(table(
+        ["NAME", "VERSION", "TYPE", "RANK", "MODULES", "SIZE", "BASE MODEL", "TAGS", "DIGEST"],
+        [
+            [r.name, r.version, r.adapter_type if r.format == "peft" else f"{r.adapter_type} ({r.format})",
+             r.rank, r.n_modules, human_size(r.size), r.base_model or "-", ",".join(r.tags),
+             r.digest if digests else r.digest[:19]]
+            for r in rows
+        ],
+    ))
+
+
+@click.command()
+@click.argument("reference")
+@click.option("--json", "as_json", is_flag=True, help="Print everything known as JSON.")
+@click.option("--recipe", "as_recipe", is_flag=True, help="Print the TOML recipe that reproduces a combined adapter.")
+def show(reference: str, as_json: bool, as_recipe: bool) -> None:
+    """Show one adapter version: NAME, NAME==VERSION, 'NAME>=1,<2', NAME@TAG or sha256:PREFIX."""
+    data = open_registry().show(reference)
+    if as_recipe:
+        from ..recipes import recipe_toml
+
+        click.echo(recipe_toml(data), nl=False)
+        return
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(render_show(data))
+
+
+def render_show(d: dict[str, Any]) -> str:
+    ranks = d.get("ranks_found") or []
+    rank = str(d.get("rank")) + (f" (found {', '.join(map(str, ranks))})" if ranks and ranks != [d.get("rank")] else "")
+    lines = [
+        f"{d['name']} {d['version']}" + (f"  [{', '.join(d['tags'])}]" if d["tags"] else ""),
+        f"  digest        {d['digest']}",
+        f"  type          {d['adapter_type']} ({d['format']})",
+        f"  rank / alpha  {rank} / {d.get('alpha')}" + ("  rsLoRA" if d.get("use_rslora") else "")
+        + ("  DoRA" if d.get("use_dora") else ""),
+        f"  targets       {', '.join(d.get('target_modules') or d.get('target_modules_found') or [])}",
+        f"  modules       {d['n_modules']} ({d['n_params']:,} parameters, {', '.join(d.get('dtypes') or [])})",
+        f"  base model    {d.get('base_model') or '-'}"
+        + (f" @ {d['base_model_revision']}" if d.get("base_model_revision") else ""),
+        f"  size          {human_size(d['size'])} in {len(d['files'])} file(s)",
+        f"  source        {d.get('source') or '-'}",
+        f"  installed     {d['installed_at']}",
+    ]
+    if d.get("task_type"):
+        lines.append(f"  task type     {d['task_type']}")
+    card = d.get("card") or {}
+    if card.get("license"):
+        lines.append(f"  license       {card['license']}")
+    if card.get("description"):
+        lines.append(f"  description   {card['description'][:200]}")
+    if d.get("parents"):
+        recipe = d.get("recipe") or {}
+        method = recipe.get("method", "?")
+        params = {k: v for k, v in (recipe.get("options") or {}).items()
+                  if v not in (None, False) and k not in ("method", "weights")}
+        lines.append(f"  made by       {method}" + (f" {params}" if params else ""))
+        for p in d["parents"]:
+            lines.append(f"    {p['weight']:+g} x {p['name']}=={p['version']}  {p['digest'][:19]}")
+    for note in d.get("notes") or []:
+        lines.append(f"  note          {note}")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("reference")
+@click.argument("tag_name", metavar="TAG")
+def tag(reference: str, tag_name: str) -> None:
+    """Point TAG at a version (moving it if it points elsewhere). 'latest' is implicit."""
+    version, previous = open_registry().tag(reference, tag_name)
+    if previous and previous != version:
+        click.echo(f"moved tag {tag_name} from {previous} to {version}")
+    else:
+        click.echo(f"tagged {version} as {tag_name}")
+
+
+@click.command()
+@click.argument("name")
+@click.argument("tag_name", metavar="TAG")
+def untag(name: str, tag_name: str) -> None:
+    """Remove TAG from adapter NAME."""
+    version = open_registry().untag(name, tag_name)
+    click.echo(f"removed tag {tag_name} (was on {version})")
+
+
+@click.command()
+@click.argument("reference")
+@click.argument("destination", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]), default="peft", show_default=True,
+              help="File format to write.")
+def export(reference: str, destination: str, fmt: str) -> None:
+    """Write a stored adapter version out as a folder (PEFT) or file (kohya, diffusers)."""
+    from ..install import export_any
+
+    path = export_any(open_registry(), reference, destination, fmt=fmt)
+    click.echo(f"exported {reference} to {path}")
+
+
+@click.command()
+@click.argument("reference")
+@click.option("--all", "all_versions", is_flag=True, help="Remove every version of the named adapter.")
+@click.option("--dry-run", is_flag=True, help="Print what would be removed and stop.")
+def remove(reference: str, all_versions: bool, dry_run: bool) -> None:
+    """Remove an adapter version from the registry (its blobs go at the next 'loramgr gc')."""
+    from ..registry import execute_remove, plan_remove
+
+    registry = open_registry()
+    plan = plan_remove(registry, reference, all_versions=all_versions)
+    for item in plan.items:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {item.label}")
+    if not dry_run:
+        execute_remove(registry, plan)
+        click.echo("run 'loramgr gc' to free blobs no longer used")
+
+
+@click.command()
+@click.argument("reference", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(reference: str | None, as_json: bool) -> None:
+    """Re-hash every stored blob (or one version's); exit 1 if any is missing or corrupt."""
+    from ..registry import verify as run_verify
+
+    with progress_bars() as progress:
+        report = run_verify(open_registry(), reference, progress=progress)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        for p in report.problems:
+            click.echo(f"{p.problem} blob {p.digest} used by {', '.join(p.used_by)}", err=True)
+        click.echo(f"verified {report.checked} blob(s): " + ("all intact" if report.ok else
+                                                              f"{len(report.problems)} problem(s)"))
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Print what would be freed and stop.")
+def gc(dry_run: bool) -> None:
+    """Delete blobs that no version uses and files left by interrupted installs."""
+    from ..registry import execute_gc, plan_gc
+
+    registry = open_registry()
+    plan = plan_gc(registry) if dry_run else execute_gc(registry)
+    verb = "would free" if dry_run else "freed"
+    for item in plan.items:
+        click.echo(f"{verb} {item.what} {item.label} ({human_size(item.size)})")
+    click.echo(f"{verb} {human_size(plan.freed)} in {len(plan.items)} file(s)")
+
+
+COMMANDS = [install, list_, show, tag, untag, export, remove, verify, gc]

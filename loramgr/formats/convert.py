@@ -1,0 +1,322 @@
+"""Export an adapter as a PEFT folder, a kohya file or a diffusers file, with ΔW unchanged.
+
+Scale is the trap (DOMAIN.md section 2): diffusers' ``convert_state_dict_to_kohya`` writes alpha = rank,
+which changes ΔW = (alpha / r)·B·A whenever alpha != r. loramgr never rescales silently: factors are
+copied bit for bit and the true per-module alpha is written where the format has a place for it
+(kohya ``.alpha`` tensors; PEFT ``lora_alpha`` + ``alpha_pattern``; diffusers ``lora_adapter_metadata``).
+Only ``fold_scale=True`` (diffusers) multiplies B by the scale and declares alpha = rank, for readers
+that ignore the metadata; ΔW is then equal up to one float rounding of B.
+
+kohya files get ``sshs_model_hash`` / ``sshs_legacy_hash`` computed as kohya's sd-scripts does (over the
+bytes of the file saved with only its ``ss_*`` metadata), and ``modelspec.*`` keys.
+Only plain LoRA converts between formats; other types are refused by name (:func:`require_plain_lora`),
+except a kohya file exported to kohya, which is copied tensor for tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..adapter import AdapterInfo, LoraAdapter, ModuleSpec
+from ..errors import ConflictError, InvalidAdapterError, UnsupportedAdapterError
+from .diffusers import COMPONENTS, METADATA_KEY
+from .kohya import COMPONENT_PREFIXES, kohya_name, resolve_kohya_info
+from .lycoris import require_plain_lora
+from .peft import PEFT_PREFIX, write_peft_folder
+
+if TYPE_CHECKING:
+    import torch
+
+FORMATS = ("peft", "kohya", "diffusers")
+
+
+def _load(adapter: LoraAdapter, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(adapter.weights_path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in keys}
+
+
+def _check_convertible(info: AdapterInfo, target: str) -> None:
+    require_plain_lora(info, f"conversion from {info.format} to {target}")
+    other = info.config.get("other_keys") or []
+    if other:
+        raise UnsupportedAdapterError(
+            f"conversion from {info.format} to {target} would drop {len(other)} tensor(s) that belong to no "
+            f"LoRA module, e.g. {other[0]}",
+            adapter_type=info.adapter_type,
+            hint="export to the adapter's own format instead",
+        )
+
+
+def _with_paths(info: AdapterInfo, module_paths: Iterable[str] | None, target: str) -> AdapterInfo:
+    """kohya names become module paths, or the export is refused: PEFT and diffusers key by path."""
+    if info.config.get("module_names") not in ("kohya", "partial"):
+        return info
+    if module_paths is None:
+        raise UnsupportedAdapterError(
+            f"exporting a kohya adapter to {target} needs module paths, and kohya names cannot be turned "
+            "into paths without the base model",
+            adapter_type=info.adapter_type,
+            hint="pass the base model (--base / module_paths=) so the names can be resolved",
+        )
+    return resolve_kohya_info(info, module_paths, strict=True)
+
+
+def _effective_alpha(spec: ModuleSpec, rslora: bool) -> float:
+    """The alpha that gives this module's scale under the target's (rs)LoRA convention."""
+    if spec.use_rslora == rslora:
+        return spec.alpha
+    return spec.scale * (math.sqrt(spec.rank) if rslora else spec.rank)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file so that a reader never sees half of it."""
+    from safetensors.torch import save
+
+    data = save({k: tensors[k].contiguous() for k in sorted(tensors)}, metadata=metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts computes them before saving.
+
+    Both are taken over the file as serialized with only the ``ss_*`` metadata (so that adding user
+    metadata later does not change them): the model hash is the sha256 of the tensor-data section, the
+    legacy hash the first 8 hex digits of the sha256 of bytes [1 MiB, 1 MiB + 64 KiB).
+    """
+    from safetensors.torch import save
+
+    training = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    data = save({k: tensors[k].contiguous() for k in sorted(tensors)}, metadata=training)
+    header_len = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_len :]).hexdigest()
+    legacy = hashlib.sha256(io.BytesIO(data).getbuffer()[0x100000 : 0x110000]).hexdigest()[:8]
+    return model_hash, legacy
+
+
+def _kohya_names(info: AdapterInfo) -> dict[str, str]:
+    """Module name -> kohya name: the original names when the adapter came from kohya."""
+    if info.config.get("module_names") == "kohya":
+        return {m.name: m.name for m in info.modules}
+    known = info.config.get("kohya_names") or {}
+    components = {m.name.partition(".")[0] for m in info.modules}
+    names = {}
+    for spec in info.modules:
+        if spec.name in known:
+            names[spec.name] = known[spec.name]
+            continue
+        component, _, rest = spec.name.partition(".")
+        if component == "text_encoder" and rest and "text_encoder_2" in components:
+            names[spec.name] = kohya_name(rest, "lora_te1_")
+        else:
+            names[spec.name] = kohya_name(spec.name)
+    return names
+
+
+def to_kohya_file(
+    adapter: LoraAdapter,
+    path: str | Path,
+    *,
+    title: str | None = None,
+    architecture: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a kohya ``.safetensors`` file: lora_down / lora_up / alpha per module, hashes, modelspec."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ConflictError(f"{path} already exists", hint="choose another output path or remove the file")
+    info = adapter.info
+    same_format = info.format == "kohya"
+    if not same_format:
+        _check_convertible(info, "kohya")
+    names = _kohya_names(info)
+    tensors: dict[str, torch.Tensor] = {}
+    if same_format and (info.adapter_type != "lora" or info.config.get("other_keys")):
+        # LyCORIS types: a verbatim copy is the only faithful kohya export
+        from safetensors import safe_open
+
+        with safe_open(str(adapter.weights_path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    else:
+        import torch
+
+        for spec in info.modules:
+            name = names[spec.name]
+            keys = [spec.key_a, spec.key_b] + ([spec.key_alpha] if spec.key_alpha else [])
+            loaded = _load(adapter, keys)
+            tensors[f"{name}.lora_down.weight"] = loaded[spec.key_a]
+            tensors[f"{name}.lora_up.weight"] = loaded[spec.key_b]
+            if same_format and spec.key_alpha:
+                tensors[f"{name}.alpha"] = loaded[spec.key_alpha]  # the original tensor, same dtype
+            elif not (same_format and spec.alpha == spec.rank):
+                tensors[f"{name}.alpha"] = torch.tensor(_effective_alpha(spec, False), dtype=torch.float32)
+    metadata = dict(info.file_metadata) if same_format else {"ss_network_module": "networks.lora"}
+    metadata.pop("format", None)
+    if not same_format:
+        metadata["ss_network_dim"] = str(info.rank or Counter(m.rank for m in info.modules).most_common(1)[0][0])
+        alphas = Counter(_effective_alpha(m, False) for m in info.modules)
+        metadata["ss_network_alpha"] = f"{alphas.most_common(1)[0][0]:g}"
+        if info.base_model:
+            metadata["ss_sd_model_name"] = info.base_model
+    metadata.setdefault("modelspec.sai_model_spec", "1.0.0")
+    metadata.setdefault("modelspec.implementation", "https://github.com/kohya-ss/sd-scripts")
+    if architecture or "modelspec.architecture" not in metadata:
+        metadata["modelspec.architecture"] = architecture or "unknown/lora"
+    if title or "modelspec.title" not in metadata:
+        metadata["modelspec.title"] = title or adapter.label
+    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = kohya_hashes(tensors, metadata)
+    _atomic_save(tensors, path, metadata)
+    return path
+
+
+def _patterns(specs: list[ModuleSpec], strip: str, rslora: bool) -> tuple[int, float, dict, dict]:
+    """r, alpha and the rank/alpha patterns (full module names) that reproduce every module's scale."""
+    rank = Counter(m.rank for m in specs).most_common(1)[0][0]
+    alphas = {m.name: _effective_alpha(m, rslora) for m in specs}
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    rank_pattern = {m.name.removeprefix(strip): m.rank for m in specs if m.rank != rank}
+    alpha_pattern = {m.name.removeprefix(strip): alphas[m.name] for m in specs if alphas[m.name] != alpha}
+    return rank, alpha, rank_pattern, alpha_pattern
+
+
+def to_peft_folder(
+    adapter: LoraAdapter,
+    folder: str | Path,
+    *,
+    module_paths: Iterable[str] | None = None,
+    base_model: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a PEFT folder. kohya names need ``module_paths`` (the base model's) to become paths.
+
+    A PEFT folder describes one model, so an adapter spanning several pipeline components (unet and
+    text_encoder) is refused; a single component's prefix ("unet.") is stripped.
+    """
+    folder = Path(folder)
+    if (folder / "adapter_config.json").exists() and not overwrite:
+        raise ConflictError(f"{folder} already holds an adapter", hint="choose another output folder")
+    info = adapter.info
+    _check_convertible(info, "peft")
+    info = _with_paths(info, module_paths, "peft")
+    components = {m.name.partition(".")[0] for m in info.modules} & set(COMPONENTS)
+    if len(components) > 1:
+        raise UnsupportedAdapterError(
+            f"a PEFT folder holds one model, but this adapter spans {', '.join(sorted(components))}",
+            adapter_type=info.adapter_type,
+            hint="export with --format diffusers, or export one component at a time",
+        )
+    all_in_component = components and all(m.name.partition(".")[0] in components for m in info.modules)
+    strip = f"{next(iter(components))}." if all_in_component else ""
+    rslora = all(m.use_rslora for m in info.modules)
+    rank, alpha, rank_pattern, alpha_pattern = _patterns(info.modules, strip, rslora)
+    tensors: dict[str, Any] = {}
+    for spec in info.modules:
+        loaded = _load(adapter, [spec.key_a, spec.key_b])
+        name = spec.name.removeprefix(strip)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = loaded[spec.key_a]
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = loaded[spec.key_b]
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": rslora,
+        "use_dora": False,
+        "target_modules": sorted({m.name.rsplit(".", 1)[-1] for m in info.modules}),
+        "base_model_name_or_path": base_model or info.base_model,
+        "revision": info.base_model_revision,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": bool(info.config.get("fan_in_fan_out", False)),
+        "modules_to_save": None,
+        "task_type": info.task_type,
+        "init_lora_weights": True,
+    }
+    return write_peft_folder(folder, config, tensors)
+
+
+def to_diffusers_file(
+    adapter: LoraAdapter,
+    path: str | Path,
+    *,
+    module_paths: Iterable[str] | None = None,
+    component: str = "unet",
+    fold_scale: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write a diffusers LoRA file (``<component>.<path>.lora_A.weight``) with lora_adapter_metadata.
+
+    Module paths without a pipeline component are put under ``component``. With ``fold_scale`` the
+    scale goes into B and alpha = rank is declared, for loaders that ignore the metadata.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ConflictError(f"{path} already exists", hint="choose another output path or remove the file")
+    info = adapter.info
+    _check_convertible(info, "diffusers")
+    info = _with_paths(info, module_paths, "diffusers")
+    if component not in COMPONENTS:
+        raise InvalidAdapterError(f"unknown diffusers component {component!r}", hint=f"use one of {COMPONENTS}")
+    by_component: dict[str, list[ModuleSpec]] = {}
+    tensors: dict[str, Any] = {}
+    for spec in info.modules:
+        first = spec.name.partition(".")[0]
+        name = spec.name if first in COMPONENT_PREFIXES or first in COMPONENTS else f"{component}.{spec.name}"
+        comp = name.partition(".")[0]
+        loaded = _load(adapter, [spec.key_a, spec.key_b])
+        b = loaded[spec.key_b]
+        if fold_scale:
+            b = (b.double() * spec.scale).to(b.dtype)
+            spec = ModuleSpec(**{**spec.__dict__, "alpha": float(spec.rank), "use_rslora": False})
+        tensors[f"{name}.lora_A.weight"] = loaded[spec.key_a]
+        tensors[f"{name}.lora_B.weight"] = b
+        by_component.setdefault(comp, []).append(
+            ModuleSpec(**{**spec.__dict__, "name": name.partition(".")[2]})
+        )
+    packed: dict[str, Any] = {}
+    for comp, specs in sorted(by_component.items()):
+        rslora = all(m.use_rslora for m in specs)
+        rank, alpha, rank_pattern, alpha_pattern = _patterns(specs, "", rslora)
+        config = {
+            "r": rank,
+            "lora_alpha": alpha,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "use_rslora": rslora,
+            "use_dora": False,
+            "lora_dropout": 0.0,
+            "target_modules": sorted({m.name for m in specs}),
+        }
+        packed.update({f"{comp}.{k}": v for k, v in config.items()})
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(packed, sort_keys=True)}
+    _atomic_save(tensors, path, metadata)
+    return path
+
+
+def export_adapter(adapter: LoraAdapter, dest: str | Path, fmt: str, **options: Any) -> Path:
+    """Dispatch on ``fmt`` ("peft" folder, "kohya" file, "diffusers" file); options go to the writer."""
+    writers = {"peft": to_peft_folder, "kohya": to_kohya_file, "diffusers": to_diffusers_file}
+    if fmt not in writers:
+        raise InvalidAdapterError(f"unknown export format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+    return writers[fmt](adapter, dest, **options)

@@ -1,0 +1,459 @@
+"""The Hugging Face Hub as a source and a destination of adapters, with no registry involved.
+
+Reading goes through ``huggingface_hub.snapshot_download`` into its own cache (``cache_dir``), for
+only the files an adapter needs; the registry later copies them into its content-addressed store.
+That costs disk twice but keeps the client's guarantees: atomic blobs, resume on a cut connection,
+revisions resolved to commits, and a cached commit re-used without a byte transferred.
+
+Every failure reaches the user as one line (:class:`~loramgr.errors.HubError` with a hint):
+repository not found, private or gated without a token, revision not found, no adapter files,
+a download broken halfway, offline with nothing cached.
+
+``huggingface_hub`` reads HF_ENDPOINT / HF_HUB_OFFLINE / HF_HOME when it is imported, so this module
+takes ``endpoint``, ``cache_dir`` and ``offline`` explicitly and reads HF_HUB_OFFLINE and HF_TOKEN
+itself, at call time. It imports huggingface_hub inside functions: ``loramgr --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConflictError, HubError, IntegrityError, InvalidReferenceError
+from .modelcard import parse_card
+
+logger = logging.getLogger(__name__)
+
+SCHEME = "hf://"
+#: an adapter's files; single-file adapters (kohya, diffusers) are any *.safetensors
+ADAPTER_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "README.md", "*.safetensors")
+#: pickled weights run code when loaded (DOMAIN.md section 2): only on request
+PICKLE_PATTERNS = ("*.bin",)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_FORMAT_HINT = "write hf://owner/repo, hf://owner/repo@revision or hf://owner/repo@revision:subfolder"
+
+#: progress(bytes_done, bytes_total or None), called from download threads
+Progress = Callable[[int, "int | None"], None]
+
+
+@dataclass
+class HubSource:
+    """Where an adapter lives on the Hub: a repository, a revision (branch, tag, commit), a subfolder."""
+
+    repo_id: str
+    revision: str | None = None
+    subfolder: str | None = None
+
+    def __str__(self) -> str:
+        text = SCHEME + self.repo_id
+        if self.revision:
+            text += f"@{self.revision}"
+        if self.subfolder:
+            text += f":{self.subfolder}"
+        return text
+
+
+@dataclass
+class Download:
+    """An adapter's files in huggingface_hub's cache, verified, at the commit the revision resolved to."""
+
+    folder: Path  # the snapshot folder (plus subfolder) inside cache_dir; read-only by convention
+    repo_id: str
+    revision_asked: str | None
+    commit: str
+    card: dict[str, Any]  # license, base_model, tags, description
+    files: list[str]  # paths relative to folder
+    digests: dict[str, str] = field(default_factory=dict)  # path -> "sha256:<hex>", for the store
+
+
+@dataclass
+class PushPlan:
+    """What :func:`push` will upload: the adapter files with their sizes, the card, the tag."""
+
+    repo_id: str
+    files: list[tuple[str, int]]
+    card: str
+    tag: str
+    private: bool
+
+
+def parse_hub_reference(text: str) -> HubSource:
+    """Parse ``hf://owner/repo[@revision][:subfolder]``.
+
+    ``:`` cannot occur in a git ref name, so the first ``:`` after the scheme starts the subfolder
+    and a revision may still contain ``/`` (``refs/pr/1``, ``feature/x``).
+    """
+    if not text.startswith(SCHEME):
+        raise InvalidReferenceError(f"not a Hub reference: {text!r}", reference=text, hint=_FORMAT_HINT)
+    rest = text[len(SCHEME) :]
+    target, _, subfolder = rest.partition(":")
+    repo_id, at, revision = target.partition("@")
+    if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
+        raise InvalidReferenceError(
+            f"invalid Hub repository id {repo_id!r} in {text!r}", reference=text, hint=_FORMAT_HINT
+        )
+    if at and not revision:
+        raise InvalidReferenceError(f"empty revision after '@' in {text!r}", reference=text, hint=_FORMAT_HINT)
+    sub = subfolder.strip("/")
+    if ":" in rest and (not sub or any(part in ("", ".", "..") for part in sub.split("/"))):
+        raise InvalidReferenceError(
+            f"invalid subfolder {subfolder!r} in {text!r}", reference=text, hint="give a relative folder path"
+        )
+    return HubSource(repo_id=repo_id, revision=revision or None, subfolder=sub or None)
+
+
+def adapter_patterns(subfolder: str | None = None, *, allow_pickle: bool = False) -> list[str]:
+    """allow_patterns for an adapter. Deterministic on purpose: an offline call must repeat the exact
+    patterns of the online one, or huggingface_hub raises IncompleteSnapshotError (DOMAIN.md section 6)."""
+    patterns = list(ADAPTER_PATTERNS) + (list(PICKLE_PATTERNS) if allow_pickle else [])
+    return [f"{subfolder}/{p}" for p in patterns] if subfolder else patterns
+
+
+def is_offline(offline: bool | None = None) -> bool:
+    """``offline`` if given, else HF_HUB_OFFLINE read now (huggingface_hub read it at import time)."""
+    if offline is not None:
+        return offline
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def resolve_token(token: str | None = None) -> str | None:
+    """The argument, else HF_TOKEN, else the token stored by ``hf auth login``."""
+    if token:
+        return token
+    if os.environ.get("HF_TOKEN"):
+        return os.environ["HF_TOKEN"]
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def download_adapter(
+    source: HubSource,
+    *,
+    cache_dir: Path,
+    endpoint: str | None = None,
+    token: str | None = None,
+    allow_pickle: bool = False,
+    offline: bool | None = None,
+    progress: Progress | None = None,
+) -> Download:
+    """Download only the adapter's files of ``source`` into ``cache_dir`` and verify them.
+
+    A commit already in the cache costs no file request (and none at all when ``source.revision``
+    is a commit sha). Verification re-hashes every file against the id huggingface_hub named its
+    blob after (git blob sha1, or sha256 for LFS), because the client itself only checks sizes.
+    """
+    from huggingface_hub import snapshot_download
+
+    offline = is_offline(offline)
+    token = resolve_token(token)
+    patterns = adapter_patterns(source.subfolder, allow_pickle=allow_pickle)
+    try:
+        snapshot = snapshot_download(
+            source.repo_id,
+            revision=source.revision,
+            cache_dir=str(cache_dir),
+            endpoint=endpoint,
+            token=token or False,  # False: never fall back to a login the caller did not choose
+            allow_patterns=patterns,
+            local_files_only=offline,
+            tqdm_class=_progress_class(progress),  # type: ignore[arg-type]
+        )
+    except Exception as exc:  # noqa: BLE001 - every client failure becomes one HubError below
+        raise _download_error(exc, source, offline=offline, token=token, endpoint=endpoint) from exc
+    root = Path(snapshot)
+    folder = root / source.subfolder if source.subfolder else root
+    files = (
+        sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    )
+    if not [f for f in files if f != "README.md"]:
+        raise _no_adapter_files(source, cache_dir=cache_dir, commit=root.name, allow_pickle=allow_pickle)
+    digests = {name: _verify(folder / name, source) for name in files}
+    card = parse_card((folder / "README.md").read_text("utf-8", "replace")) if "README.md" in files else {}
+    card = {"license": None, "base_model": None, "tags": [], "description": None, **card}
+    if not card["base_model"] and "adapter_config.json" in files:
+        card["base_model"] = _config_base_model(folder / "adapter_config.json")
+    return Download(
+        folder=folder,
+        repo_id=source.repo_id,
+        revision_asked=source.revision,
+        commit=root.name,
+        card=card,
+        files=files,
+        digests=digests,
+    )
+
+
+def plan_push(folder: Path, *, repo_id: str, tag: str, card: str, private: bool) -> PushPlan:
+    """Choose the files to push (config, safetensors weights, and the card as README.md); no network.
+
+    Pickled weights are never pushed: a registry that refuses to load them unasked should not
+    publish them either.
+    """
+    folder = Path(folder)
+    if not _REPO_ID.match(repo_id):
+        raise InvalidReferenceError(f"invalid Hub repository id {repo_id!r}", reference=repo_id, hint="use owner/name")
+    if not tag or tag.startswith(("-", "/")) or any(c in tag for c in " :~^?*[\\"):
+        raise InvalidReferenceError(f"invalid tag {tag!r}", reference=tag, hint="use a tag like v1.2.0")
+    names = (
+        sorted(
+            p.name
+            for p in folder.iterdir()
+            if p.is_file() and (p.suffix == ".safetensors" or p.name == "adapter_config.json")
+        )
+        if folder.is_dir()
+        else []
+    )
+    if not any(n.endswith(".safetensors") for n in names):
+        raise HubError(f"nothing to push from {folder}: no .safetensors weights", hint="convert the adapter first")
+    files = [(name, (folder / name).stat().st_size) for name in names]
+    return PushPlan(repo_id=repo_id, files=files, card=card, tag=tag, private=private)
+
+
+def push(
+    plan: PushPlan,
+    folder: Path,
+    *,
+    endpoint: str | None = None,
+    token: str | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> str:
+    """Upload ``plan`` in one commit, tag it, and return the commit sha.
+
+    A tag is a published version: if it exists with other files, refuse (ConflictError); if it
+    exists with exactly these bytes, the push already happened and nothing is sent (``notify`` says so).
+    Adapter files left on the branch from an earlier version are deleted in the same commit, so the
+    tag holds this adapter and nothing stale.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    token = resolve_token(token)
+    if not token:
+        raise HubError(f"pushing to {plan.repo_id} needs a Hub token", hint="set HF_TOKEN or run `hf auth login`")
+    api = HfApi(endpoint=endpoint, token=token)
+    folder = Path(folder)
+    local = {name: (folder / name).read_bytes() for name, _ in plan.files}
+    local["README.md"] = plan.card.encode("utf-8")
+    try:
+        api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)
+        tagged = {t.name: t.target_commit for t in api.list_repo_refs(plan.repo_id).tags}
+        if plan.tag in tagged:
+            different = _differences(api, plan.repo_id, tagged[plan.tag], local)
+            if different:
+                raise ConflictError(
+                    f"tag {plan.tag} of {plan.repo_id} already exists at commit {tagged[plan.tag][:12]} "
+                    f"with other files ({', '.join(different)})",
+                    hint="tags are immutable: push a new version",
+                )
+            if notify:
+                notify(f"{plan.repo_id}@{plan.tag} already holds these exact files; nothing pushed")
+            return tagged[plan.tag]
+        head = api.repo_info(plan.repo_id).sha
+        stale = [p for p in _adapter_files(api, plan.repo_id, head) if p not in local]
+        operations: list[Any] = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=b) for p, b in local.items()]
+        operations += [CommitOperationDelete(path_in_repo=p) for p in stale]
+        commit = api.create_commit(
+            plan.repo_id,
+            operations,
+            commit_message=f"loramgr: {plan.tag}",
+            parent_commit=head,  # refuse to commit over a concurrent push
+        ).oid
+        api.create_tag(plan.repo_id, tag=plan.tag, revision=commit, tag_message=f"loramgr {plan.tag}")
+    except HfHubHTTPError as exc:
+        raise _push_error(exc, plan) from exc
+    return commit
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+
+def _progress_class(progress: Progress | None) -> type:
+    """A never-drawing tqdm that forwards the snapshot's byte counts to ``progress``.
+
+    The library must not draw (STYLE.md: only the CLI draws progress bars). huggingface_hub feeds
+    the bar named "huggingface_hub.snapshot_download" with bytes written, summed over files.
+    """
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    lock = threading.Lock()
+
+    class _Silent(hf_tqdm):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._report = progress is not None and kwargs.get("name") == "huggingface_hub.snapshot_download"
+            self._done = 0
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if self._report and n and progress is not None:
+                with lock:
+                    self._done += int(n)
+                    done, total = self._done, self.total
+                progress(done, int(total) if total else None)
+            return None
+
+    return _Silent
+
+
+def _verify(path: Path, source: HubSource) -> str:
+    """Re-hash a cached file against its blob name; return its ``sha256:<hex>`` digest.
+
+    The cache names each blob after the server's ETag: the git blob sha1 of a regular file, the
+    sha256 of an LFS file. Where symlinks are unsupported the snapshot holds copies and only the
+    sha256 is computed.
+    """
+    blob = path.resolve().name if path.is_symlink() else ""
+    size = path.stat().st_size
+    sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
+    with path.open("rb") as handle:
+        while chunk := handle.read(8 << 20):
+            sha256.update(chunk)
+            if _HEX40.match(blob):
+                sha1.update(chunk)
+    expected, found = blob, None
+    if _HEX64.match(blob):
+        found = sha256.hexdigest()
+    elif _HEX40.match(blob):
+        found = sha1.hexdigest()
+    if found is not None and found != expected:
+        raise IntegrityError(
+            f"{source}: {path.name} does not match the Hub's hash (expected {expected}, got {found})",
+            digest=f"sha256:{sha256.hexdigest()}",
+            hint=f"delete {path.resolve()} and download again",
+        )
+    return f"sha256:{sha256.hexdigest()}"
+
+
+def _config_base_model(path: Path) -> str | None:
+    import json
+
+    try:
+        value = json.loads(path.read_text("utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(value) if value else None
+
+
+def _download_error(
+    exc: Exception, source: HubSource, *, offline: bool, token: str | None, endpoint: str | None
+) -> HubError:
+    """One line per failure the user can act on; the client's multi-line message stays in __cause__."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(exc, GatedRepoError):
+        return HubError(
+            f"{source}: the repository is gated",
+            hint="accept its conditions on the Hub page, then use a token of that account (HF_TOKEN)",
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        if token:
+            return HubError(f"{source}: repository not found", hint="check the name and that your token can read it")
+        return HubError(
+            f"{source}: repository not found, or private and no token was given",
+            hint="check the name; for a private repository set HF_TOKEN or run `hf auth login`",
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return HubError(f"{source}: revision {source.revision!r} not found", hint=_known_tags(source, endpoint, token))
+    if isinstance(exc, LocalEntryNotFoundError):
+        if offline:
+            return HubError(
+                f"{source}: offline and not in the local cache", hint="download it once online, or unset HF_HUB_OFFLINE"
+            )
+        return HubError(f"{source}: the Hub cannot be reached and nothing is cached", hint="check the network")
+    if isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code == 401:
+        return HubError(f"{source}: the Hub refused the token", hint="check HF_TOKEN or run `hf auth login` again")
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    reason = f"HTTP {status}" if status else type(exc).__name__
+    return HubError(
+        f"{source}: download broken halfway ({reason}); nothing partial was kept",
+        hint="run the same command again to resume from the files already complete",
+    )
+
+
+def _known_tags(source: HubSource, endpoint: str | None, token: str | None) -> str:
+    """The repository's tags, for the hint of a revision that does not exist (best effort)."""
+    from huggingface_hub import HfApi
+
+    try:
+        tags = sorted(t.name for t in HfApi(endpoint=endpoint, token=token or False).list_repo_refs(source.repo_id).tags)
+    except Exception:  # noqa: BLE001 - a hint must never hide the real error
+        tags = []
+    return f"known tags: {', '.join(tags)}" if tags else "use a branch, a tag or a commit sha that exists"
+
+
+def _no_adapter_files(source: HubSource, *, cache_dir: Path, commit: str, allow_pickle: bool) -> HubError:
+    """Explain why nothing matched: only pickles, or adapters in subfolders, or no adapter at all."""
+    from huggingface_hub import get_cached_repo_tree
+
+    try:
+        paths = [f.path for f in get_cached_repo_tree(source.repo_id, revision=commit, cache_dir=str(cache_dir))]
+    except Exception:  # noqa: BLE001 - the tree listing only sharpens the hint
+        paths = []
+    prefix = f"{source.subfolder}/" if source.subfolder else ""
+    if not allow_pickle and any(p.startswith(prefix) and p.endswith(".bin") for p in paths):
+        return HubError(
+            f"{source}: only pickled weights (.bin), which can run code when loaded",
+            hint="pass --allow-pickle if you trust this repository",
+        )
+    folders = sorted({p.rsplit("/", 1)[0] for p in paths if p.endswith("/adapter_config.json")})
+    hint = (
+        f"adapters found in subfolders: {', '.join(f'{source}:{f}' for f in folders)}"
+        if folders
+        else "this repository holds no adapter_config.json or .safetensors file"
+    )
+    return HubError(f"{source}: no adapter files", hint=hint)
+
+
+def _adapter_files(api: Any, repo_id: str, commit: str) -> list[str]:
+    """Top-level files at ``commit`` that an adapter download would take (README.md aside)."""
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import filter_repo_objects
+
+    paths = [f.path for f in api.list_repo_tree(repo_id, revision=commit) if isinstance(f, RepoFile)]
+    return [p for p in filter_repo_objects(paths, allow_patterns=adapter_patterns()) if "/" not in p]
+
+
+def _differences(api: Any, repo_id: str, commit: str, local: dict[str, bytes]) -> list[str]:
+    """Files whose bytes differ between ``commit`` and ``local`` (compared by git blob id / LFS sha256)."""
+    from huggingface_hub.hf_api import RepoFile
+
+    remote = {f.path: f for f in api.list_repo_tree(repo_id, revision=commit) if isinstance(f, RepoFile)}
+    different = []
+    for path, data in local.items():
+        entry = remote.get(path)
+        if entry is None:
+            different.append(f"{path} missing")
+        elif entry.lfs is not None:
+            if entry.lfs.sha256 != hashlib.sha256(data).hexdigest():
+                different.append(path)
+        elif entry.blob_id != hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest():
+            different.append(path)
+    extra = [p for p in _adapter_files(api, repo_id, commit) if p not in local]
+    return different + [f"{p} extra" for p in extra]
+
+
+def _push_error(exc: Exception, plan: PushPlan) -> HubError:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403, 404):
+        return HubError(
+            f"cannot write to {plan.repo_id} (HTTP {status})", hint="use a token with write access to that namespace"
+        )
+    if status == 412:
+        return HubError(f"{plan.repo_id} changed during the push", hint="push again")
+    return HubError(f"push to {plan.repo_id} failed (HTTP {status or '?'})", hint="try again later")

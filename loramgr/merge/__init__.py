@@ -1,0 +1,24 @@
+"""Combining and compressing LoRA adapters (DOMAIN.md section 4; maths in docs/merge-methods.md).
+
+::
+
+    from loramgr.merge import MergeOptions, combine, compress
+    merged = combine([a, b], MergeOptions(method="svd", weights=(0.7, 0.3), rank=16))
+    merged.save_pretrained("out/")
+
+Modules: ``options`` (the one options type), ``methods`` (the registry), ``lowrank`` (factored SVD,
+re-ranking), ``elementwise`` (TIES, DARE, magnitude pruning on dense deltas), ``engine`` (validation
+and the streaming loop), ``result`` (PEFT config and deterministic saving).
+
+Importing this package imports torch; the CLI imports it inside the commands that merge. The options
+type alone is importable without torch from ``loramgr.merge.options``.
+"""
+
+from __future__ import annotations
+
+from loramgr.merge.engine import combine, compress
+from loramgr.merge.methods import METHODS, MergeMethod
+from loramgr.merge.options import MergeOptions
+from loramgr.merge.result import MergedAdapter, ModuleReport
+
+__all__ = ["METHODS", "MergeMethod", "MergeOptions", "MergedAdapter", "ModuleReport", "combine", "compress"]

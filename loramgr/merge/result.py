@@ -1,0 +1,203 @@
+"""The result of a merge: PEFT config, tensors, per-module report, deterministic saving.
+
+Every output module has its scale baked into B (alpha == rank, scale 1), so the written config needs
+no rsLoRA and no per-module alpha arithmetic: ``r`` is the most common rank and every other module
+gets an entry in ``rank_pattern`` and ``alpha_pattern``. PEFT 0.21 looks pattern keys up with
+``re.match(rf"(.*\\.)?({key})$", module_name)`` (peft.utils.other.get_pattern_key), i.e. as a regex
+matching a suffix of the module name: ``layers.1.q_proj`` would also match
+``vision.layers.1.q_proj``, and the dots are wildcards. Keys are therefore written as
+``^`` + re.escape(full module name), which can only match that one module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramgr.adapter import AdapterInfo, ModuleSpec
+from loramgr.merge.options import MergeOptions
+
+PEFT_PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    """What happened to one module: its rank, the kept energy, which sources had it."""
+
+    name: str
+    rank: int
+    kept_energy: float  # fraction of ||Σ w_i ΔW_i||_F^2 (or of the element-wise result) kept; 1.0 = exact
+    sources: tuple[str, ...]  # labels of the adapters that target this module
+    missing_in: tuple[str, ...]  # labels of the adapters that do not (counted as zero there)
+    in_features: int = 0
+    out_features: int = 0
+    kind: str = "linear"
+
+
+@dataclass(frozen=True)
+class OutputModule:
+    """Layout facts of a source module that the output must reproduce (kind, conv kernel)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    kind: str
+    kernel: tuple[int, ...] | None
+
+
+def pattern_key(module: str) -> str:
+    """A rank_pattern / alpha_pattern key that PEFT matches to ``module`` and to nothing else."""
+    return "^" + re.escape(module)
+
+
+def tensor_keys(module: str, kind: str) -> tuple[str, str]:
+    if kind == "embedding":
+        return f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B"
+    return f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
+
+
+def shape_factors(
+    a: torch.Tensor, b: torch.Tensor, layout: OutputModule
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give flattened conv factors back their kernel shape (A: r x in x kh x kw, B: out x r x 1 x 1)."""
+    if layout.kind == "conv" and layout.kernel:
+        rank = a.shape[0]
+        a = a.reshape(rank, *layout.kernel[1:])
+        b = b.reshape(b.shape[0], rank, *([1] * (len(layout.kernel) - 2)))
+    return a.contiguous(), b.contiguous()
+
+
+def build_config(
+    ranks: dict[str, int],
+    *,
+    base_model: str | None,
+    revision: str | None,
+    task_type: str | None,
+    fan_in_fan_out: bool,
+) -> dict[str, Any]:
+    """A PEFT LoRA adapter_config.json for modules of scale 1 with the given ranks."""
+    counts = Counter(ranks.values())
+    # most common rank; ties broken by the smaller rank so the choice does not depend on module order
+    default_rank = min(counts, key=lambda r: (-counts[r], r))
+    others = {pattern_key(name): rank for name, rank in sorted(ranks.items()) if rank != default_rank}
+    return {
+        "alpha_pattern": {key: float(rank) for key, rank in others.items()},
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": float(default_rank),
+        "lora_dropout": 0.0,
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": default_rank,
+        "rank_pattern": others,
+        "revision": revision,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in ranks}),
+        "task_type": task_type,
+        "use_dora": False,
+        "use_rslora": False,
+    }
+
+
+@dataclass
+class MergedAdapter:
+    """A merged (or compressed) adapter held in memory, ready to save as a PEFT folder."""
+
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    modules: list[ModuleReport]
+    options: MergeOptions
+    sources: list[str] = field(default_factory=list)  # labels of the input adapters, in order
+
+    @property
+    def dtype(self) -> str:
+        first = next(iter(self.tensors.values()))
+        return str(first.dtype).removeprefix("torch.")
+
+    @property
+    def kept_energy(self) -> float:
+        """The smallest kept energy over modules (1.0 when every module is exact)."""
+        return min((m.kept_energy for m in self.modules), default=1.0)
+
+    def info(self) -> AdapterInfo:
+        """The result in the shared data model, as read_peft_folder would describe the saved folder."""
+        specs = []
+        for report in self.modules:
+            key_a, key_b = tensor_keys(report.name, report.kind)
+            a = self.tensors[key_a]
+            specs.append(
+                ModuleSpec(
+                    name=report.name,
+                    rank=report.rank,
+                    alpha=float(report.rank),
+                    in_features=report.in_features,
+                    out_features=report.out_features,
+                    key_a=key_a,
+                    key_b=key_b,
+                    dtype=self.dtype,
+                    kind=report.kind,
+                    kernel=tuple(a.shape) if report.kind == "conv" else None,
+                )
+            )
+        specs.sort(key=lambda s: s.name)
+        return AdapterInfo(
+            format="peft",
+            adapter_type="lora",
+            modules=specs,
+            weights_file=WEIGHTS_NAME,
+            config=dict(self.config),
+            rank=int(self.config["r"]),
+            alpha=float(self.config["lora_alpha"]),
+            target_modules=list(self.config["target_modules"]),
+            target_modules_found=list(self.config["target_modules"]),
+            base_model=self.config.get("base_model_name_or_path"),
+            base_model_revision=self.config.get("revision"),
+            task_type=self.config.get("task_type"),
+            dtypes=[self.dtype],
+            n_params=sum(t.numel() for t in self.tensors.values()),
+        )
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write adapter_config.json and adapter_model.safetensors into ``folder``.
+
+        Deterministic: sorted keys, fixed safetensors metadata, no timestamps, so the same inputs give
+        byte-identical files (the registry's digests then identify a merge). Each file is written to a
+        temporary file in the folder and moved into place, so a reader never sees half a file.
+        """
+        from safetensors.torch import save
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {key: self.tensors[key].contiguous() for key in sorted(self.tensors)}
+        weights = save(tensors, metadata={"format": "pt"})
+        config = json.dumps(self.config, indent=2, sort_keys=True) + "\n"
+        _write_atomic(folder / WEIGHTS_NAME, weights)
+        _write_atomic(folder / CONFIG_NAME, config.encode())
+        return folder
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,182 @@
+"""Model cards (README.md) of adapters: read the facts loramgr keeps, write the card it pushes.
+
+The Hub indexes a card's YAML block: ``library_name: peft`` puts the adapter under PEFT's filters,
+``base_model`` plus the ``base_model:adapter:<id>`` tag links it from the base model's page
+(DOMAIN.md section 6). The body is for people: what it is, its ranks, where it came from when it is a
+combination of other adapters, and how to load it with PEFT and with loramgr.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+#: PEFT task_type -> the Hub's pipeline_tag; kohya / diffusers adapters are text-to-image
+PIPELINE_TAGS = {
+    "CAUSAL_LM": "text-generation",
+    "SEQ_2_SEQ_LM": "text2text-generation",
+    "SEQ_CLS": "text-classification",
+    "TOKEN_CLS": "token-classification",
+    "QUESTION_ANS": "question-answering",
+    "FEATURE_EXTRACTION": "feature-extraction",
+}
+_AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+
+def parse_card(text: str) -> dict[str, Any]:
+    """license / base_model / tags / description from a card's YAML block and first prose paragraph.
+
+    A broken YAML block yields empty metadata instead of an error: a card is documentation, and a
+    typo in it must not stop an install.
+    """
+    meta: dict[str, Any] = {}
+    body = text
+    if text.startswith("---"):
+        end = text.find("\n---", 3)
+        if end != -1:
+            try:
+                import yaml
+
+                loaded = yaml.safe_load(text[3:end])
+                meta = loaded if isinstance(loaded, dict) else {}
+            except Exception:  # noqa: BLE001 - any YAML failure means "no metadata"
+                meta = {}
+            body = text[end + 4 :]
+    description = None
+    for block in re.split(r"\n\s*\n", body):
+        block = block.strip()
+        if block and not block.startswith(("#", "<!--", "-", "|", "```", "[", "*")):
+            description = " ".join(block.split())[:1000]
+            break
+    tags = meta.get("tags") or []
+    base_model = meta.get("base_model")
+    if isinstance(base_model, list):  # the Hub allows a list; the first is the one adapted
+        base_model = base_model[0] if base_model else None
+    return {
+        "license": meta.get("license"),
+        "base_model": str(base_model) if base_model else None,
+        "tags": [str(t) for t in ([tags] if isinstance(tags, str) else tags)],
+        "description": description,
+    }
+
+
+def render_model_card(
+    info: dict[str, Any],
+    *,
+    name: str,
+    version: str,
+    repo_id: str,
+    lineage: dict[str, Any] | None,
+    recipe_toml: str | None,
+) -> str:
+    """The README.md pushed with an adapter version.
+
+    ``info`` is :meth:`loramgr.adapter.AdapterInfo.summary` (rank, alpha, target modules, base model,
+    task type, the card read at install time). ``lineage`` describes a combined adapter (method and
+    source adapters), ``recipe_toml`` is the recipe that rebuilds it; both are shown verbatim so a
+    reader can reproduce the combination.
+    """
+    import yaml
+
+    card = info.get("card") or {}
+    base_model = info.get("base_model") or card.get("base_model")
+    tags = ["lora", "loramgr"]
+    if base_model:
+        tags.append(f"base_model:adapter:{base_model}")
+    tags += [t for t in card.get("tags") or [] if t not in tags]
+    meta: dict[str, Any] = {"library_name": "peft"}
+    if base_model:
+        meta["base_model"] = base_model
+    if card.get("license"):
+        meta["license"] = card["license"]
+    meta["tags"] = tags
+    pipeline_tag = _pipeline_tag(info)
+    if pipeline_tag:
+        meta["pipeline_tag"] = pipeline_tag
+    tag = f"v{version}"
+
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {name} {version}", ""]
+    lines += [card.get("description") or f"A LoRA adapter{f' for {base_model}' if base_model else ''}.", ""]
+    lines += _shape_table(info)
+    if lineage:
+        lines += ["## Lineage", "", *_lineage_lines(lineage), ""]
+    if recipe_toml:
+        lines += ["## Recipe", "", "```toml", recipe_toml.rstrip(), "```", ""]
+    lines += _usage(info, repo_id=repo_id, tag=tag, base_model=base_model)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _pipeline_tag(info: dict[str, Any]) -> str | None:
+    if info.get("format") in ("kohya", "diffusers"):
+        return "text-to-image"
+    return PIPELINE_TAGS.get(str(info.get("task_type") or "").upper())
+
+
+def _shape_table(info: dict[str, Any]) -> list[str]:
+    """One row per target module: its rank and alpha after rank_pattern / alpha_pattern."""
+    targets = info.get("target_modules_found") or info.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    rank, alpha = info.get("rank"), info.get("alpha")
+    rank_pattern = info.get("rank_pattern") or {}
+    alpha_pattern = info.get("alpha_pattern") or {}
+    lines = ["## Shape", ""]
+    facts = [f"type: {info.get('adapter_type', 'lora')}", f"format: {info.get('format', 'peft')}"]
+    if info.get("n_params"):
+        facts.append(f"{info['n_params']:,} parameters")
+    if info.get("use_rslora"):
+        facts.append("rsLoRA scaling")
+    lines += [", ".join(facts), "", "| target module | rank | alpha |", "|---|---|---|"]
+    for module in targets or ["(all)"]:
+        lines.append(f"| `{module}` | {rank_pattern.get(module, rank)} | {alpha_pattern.get(module, alpha)} |")
+    if sorted(info.get("ranks_found") or []) not in ([], [rank]):
+        lines += ["", f"Ranks found in the weights: {', '.join(map(str, info['ranks_found']))}."]
+    return [*lines, ""]
+
+
+def _lineage_lines(lineage: dict[str, Any]) -> list[str]:
+    sources = lineage.get("sources") or lineage.get("parents") or []
+    lines = [f"- {key}: `{value}`" for key, value in lineage.items() if key not in ("sources", "parents")]
+    if sources:
+        keys = [k for k in ("name", "version", "digest", "weight") if any(k in s for s in sources)]
+        keys = keys or sorted({k for s in sources for k in s})
+        lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(str(s.get(k, "")) for k in keys) + " |" for s in sources]
+    return lines
+
+
+def _usage(info: dict[str, Any], *, repo_id: str, tag: str, base_model: str | None) -> list[str]:
+    base = base_model or "<base model>"
+    lines = ["## Use it", ""]
+    if info.get("format") in ("kohya", "diffusers"):
+        lines += [
+            "With diffusers:",
+            "",
+            "```python",
+            "from diffusers import DiffusionPipeline",
+            "",
+            f'pipe = DiffusionPipeline.from_pretrained("{base}")',
+            f'pipe.load_lora_weights("{repo_id}", revision="{tag}")',
+            "```",
+        ]
+    else:
+        auto = _AUTO_CLASSES.get(str(info.get("task_type") or "").upper(), "AutoModel")
+        lines += [
+            "With PEFT:",
+            "",
+            "```python",
+            f"from transformers import {auto}",
+            "from peft import PeftModel",
+            "",
+            f'base = {auto}.from_pretrained("{base}")',
+            f'model = PeftModel.from_pretrained(base, "{repo_id}", revision="{tag}")',
+            "```",
+        ]
+    lines += ["", "With loramgr:", "", "```bash", f"loramgr install hf://{repo_id}@{tag}", "```", ""]
+    return lines
