@@ -113,7 +113,8 @@ def render_show(d: dict[str, Any]) -> str:
         recipe = d.get("recipe") or {}
         method = recipe.get("method", "?")
         params = {k: v for k, v in (recipe.get("options") or {}).items()
-                  if v not in (None, False) and k not in ("method", "weights")}
+                  if v not in (None, False) and k not in ("method", "weights")
+                  and not (k == "majority_sign" and "ties" not in method)}
         lines.append(f"  made by       {method}" + (f" {params}" if params else ""))
         for p in d["parents"]:
             lines.append(f"    {p['weight']:+g} x {p['name']}=={p['version']}  {p['digest'][:19]}")

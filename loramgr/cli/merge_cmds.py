@@ -1,0 +1,151 @@
+"""combine and compress: click options generated from :class:`loramgr.merge.options.MergeOptions`.
+
+One options type serves the CLI, the Python API and recipes, so a flag and a keyword argument cannot
+drift apart: each dataclass field becomes ``--field-name`` with the field's help text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ..merge.options import MergeOptions
+from .registry_cmds import open_registry
+from .render import progress_bars
+
+_SKIP = {"weights"}  # given as --weights 0.7,0.3
+
+
+def _click_type(name: str) -> tuple[Any, bool]:
+    """(click type, is_flag) for a MergeOptions field annotation (evaluated from its string)."""
+    hint = typing.get_type_hints(MergeOptions)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+    base = args[0] if args else hint
+    if base is bool:
+        return None, True
+    return {int: int, float: float, str: str}.get(base, str), False
+
+
+def merge_options(exclude: set[str] | frozenset[str] = frozenset()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for f in reversed(dataclasses.fields(MergeOptions)):
+            if f.name in _SKIP or f.name in exclude:
+                continue
+            click_type, is_flag = _click_type(f.name)
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f.metadata.get("help", "")
+            if is_flag:
+                func = click.option(flag, f.name, is_flag=True, default=None, help=help_text)(func)
+            else:
+                func = click.option(flag, f.name, type=click_type, default=None, help=help_text)(func)
+        return func
+
+    return decorate
+
+
+def options_from_flags(flags: dict[str, Any], weights: tuple[float, ...] | None) -> MergeOptions:
+    values = {k: v for k, v in flags.items() if v is not None}
+    if weights is not None:
+        values["weights"] = weights
+    return MergeOptions(**values)
+
+
+def parse_weights(text: str | None, count: int) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        weights = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint="--weights") from None
+    if len(weights) != count:
+        raise click.BadParameter(f"{len(weights)} weight(s) for {count} adapter(s)", param_hint="--weights")
+    return weights
+
+
+def _report(result: Any) -> None:
+    from .render import human_size
+
+    merged = result.merged
+    exact = all(m.kept_energy >= 1.0 - 1e-9 for m in merged.modules)
+    ranks = sorted({m.rank for m in merged.modules})
+    kept = min((m.kept_energy for m in merged.modules), default=1.0)
+    click.echo(
+        f"{merged.options.method}: {len(merged.modules)} module(s), rank {', '.join(map(str, ranks))}, "
+        + ("exact" if exact else f"lowest kept energy {kept:.2%}")
+    )
+    for note in result.notes:
+        click.echo(f"  note: {note}")
+    if result.installed is not None:
+        inst = result.installed
+        if inst.created:
+            click.echo(f"registered {inst.ref} ({human_size(inst.size)}, {inst.digest[:19]})")
+        else:
+            click.echo(f"already registered as {inst.ref} ({inst.digest[:19]}): same bytes")
+    if result.output is not None:
+        click.echo(f"wrote {result.output}")
+
+
+@click.command()
+@click.argument("references", nargs=-1)
+@click.option("--weights", "weights_text", help="Comma-separated weights, one per adapter, e.g. 0.7,0.3.")
+@merge_options()
+@click.option("--name", help="Register the result under this name.")
+@click.option("--version", "version", help="Version of the result (default: 0.1.0 or the next minor).")
+@click.option("--output", type=click.Path(), help="Write a PEFT folder here instead of registering.")
+@click.option("--recipe", "recipe_path", type=click.Path(), help="Take sources and parameters from a TOML recipe.")
+def combine(references: tuple[str, ...], weights_text: str | None, name: str | None, version: str | None,
+            output: str | None, recipe_path: str | None, **flags: Any) -> None:
+    """Combine adapters (linear, svd, ties, dare_linear, dare_ties, magnitude_prune) into a new one.
+
+    Every method works on each adapter's delta s*B*A; see docs/merge-methods.md.
+    """
+    from ..operations import combine_from_recipe, combine_sources
+    from ..recipes import RecipeSource
+
+    registry = open_registry()
+    with progress_bars() as progress:
+        if recipe_path:
+            if references or any(v is not None for v in flags.values()) or weights_text:
+                raise click.UsageError("--recipe takes sources and parameters from the file; give no others")
+            result = combine_from_recipe(registry, recipe_path, name=name, version=version, output=output,
+                                         progress=progress)
+        else:
+            if not references:
+                raise click.UsageError("name the adapters to combine, or give --recipe FILE")
+            weights = parse_weights(weights_text, len(references)) or (1.0,) * len(references)
+            options = options_from_flags(flags, weights)
+            sources = [RecipeSource(ref, w) for ref, w in zip(references, weights)]
+            result = combine_sources(registry, sources, options, name=name, version=version, output=output,
+                                     progress=progress)
+    _report(result)
+
+
+@click.command()
+@click.argument("reference")
+@click.option("--rank", type=int, help="Rank of the result (every module).")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of the energy.")
+@click.option("--dtype", help="dtype of the written factors (default: the source's).")
+@click.option("--name", help="Register the result under this name.")
+@click.option("--version", "version", help="Version of the result.")
+@click.option("--output", type=click.Path(), help="Write a PEFT folder here instead of registering.")
+def compress(reference: str, rank: int | None, energy: float | None, dtype: str | None, name: str | None,
+             version: str | None, output: str | None) -> None:
+    """Re-rank one adapter to a smaller rank: the optimal approximation, computed from its factors."""
+    from ..operations import combine_sources
+    from ..recipes import RecipeSource
+
+    if rank is None and energy is None:
+        raise click.UsageError("give --rank or --energy")
+    options = MergeOptions(method="svd", rank=rank, energy=energy, dtype=dtype, weights=(1.0,))
+    with progress_bars() as progress:
+        result = combine_sources(open_registry(), [RecipeSource(reference, 1.0)], options, name=name,
+                                 version=version, output=output, progress=progress)
+    _report(result)
+
+
+COMMANDS = [combine, compress]

@@ -1,0 +1,165 @@
+"""Registry-level combine and compress: resolve sources, merge, then register with lineage and recipe.
+
+The maths lives in :mod:`loramgr.merge`; this module connects it to the registry: sources come in
+by reference, the result goes out as a new version whose lineage names its parents by digest and
+whose recipe reproduces it bit for bit (``loramgr show REF --recipe``, ``loramgr combine --recipe``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .adapter import LoraAdapter
+from .errors import ConflictError, IntegrityError, MergeError
+from .recipes import Recipe, RecipeSource, load_recipe
+from .registry import InstallResult, Parent, Registry
+
+if TYPE_CHECKING:
+    from .merge import MergedAdapter, MergeOptions
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class CombineResult:
+    merged: MergedAdapter
+    recipe: Recipe
+    installed: InstallResult | None = None
+    output: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def open_sources(registry: Registry, sources: Sequence[RecipeSource]) -> list[LoraAdapter]:
+    """Resolve each source; a recorded digest must match what the reference resolves to."""
+    adapters = []
+    for source in sources:
+        adapter = registry.open_adapter(source.ref if source.ref else str(source.digest))
+        if source.digest and adapter.digest != source.digest:
+            raise IntegrityError(
+                f"{source.ref} is now {adapter.digest[:19]}, but the recipe was made from {source.digest[:19]}",
+                digest=source.digest,
+                hint=f"install the recorded version or edit the recipe to use ref = \"{source.digest}\"",
+            )
+        adapters.append(adapter)
+    return adapters
+
+
+def run_checks(adapters: Sequence[LoraAdapter], options: MergeOptions) -> list[str]:
+    """The same compatibility checks as ``loramgr check``, before any tensor is read."""
+    try:
+        from .check import check_adapters
+    except ImportError:  # checks not available in this build
+        return []
+    findings = check_adapters([a.info for a in adapters], base=None, engine=None, labels=[a.label for a in adapters])
+    errors = [f for f in findings if f.severity == "error"]
+    if options.allow_different_bases:
+        errors = [f for f in errors if "base" not in f.message]
+    if errors:
+        first = errors[0]
+        raise MergeError(f"{first.adapter}: {first.message}", hint="run 'loramgr check' on the sources for details")
+    return [f"{f.adapter}: {f.message}" for f in findings if f.severity == "warning"]
+
+
+def combine_sources(
+    registry: Registry,
+    sources: Sequence[RecipeSource],
+    options: MergeOptions,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    output: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+) -> CombineResult:
+    """Merge registered adapters; register the result as ``name`` or write it to ``output``."""
+    from .merge import combine
+
+    if output is None and not name:
+        raise MergeError("the combined adapter needs a --name (or --output DIR to write a folder instead)")
+    if output is not None and Path(output).exists() and any(Path(output).iterdir()):
+        raise ConflictError(f"{output} exists and is not empty", hint="choose a new or empty folder")
+    adapters = open_sources(registry, sources)
+    options = replace(options, weights=tuple(s.weight for s in sources))
+    notes = run_checks(adapters, options)
+    merged = combine(adapters, options, progress=progress)
+    recipe = Recipe(
+        sources=[RecipeSource(f"{a.label}", s.weight, a.digest) for a, s in zip(adapters, sources)],
+        merge={k: v for k, v in merged.options.to_dict().items() if k != "weights"},
+        output={"name": name, "version": version} if name else {},
+        loramgr_version=__version__,
+    )
+    notes += [
+        f"{m.name}: not in {', '.join(m.missing_in)} (counted as zero there)" for m in merged.modules if m.missing_in
+    ]
+    result = CombineResult(merged, recipe, notes=notes)
+    if output is not None:
+        result.output = merged.save_pretrained(output)
+        return result
+    result.installed = register_merged(registry, merged, recipe, adapters, name=str(name), version=version)
+    return result
+
+
+def register_merged(
+    registry: Registry,
+    merged: MergedAdapter,
+    recipe: Recipe,
+    parents: Sequence[LoraAdapter],
+    *,
+    name: str,
+    version: str | None,
+) -> InstallResult:
+    from .formats.peft import CONFIG_NAME, WEIGHTS_NAME, read_peft_folder
+
+    registry.store.tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=registry.store.tmp_dir) as scratch:
+        folder = merged.save_pretrained(Path(scratch) / "merged")
+        info = read_peft_folder(folder)
+        lineage = []
+        for adapter, source in zip(parents, recipe.sources):
+            parent_name, _, parent_version = adapter.label.partition("==")
+            lineage.append(Parent(parent_name, parent_version, str(adapter.digest), source.weight))
+        return registry.add(
+            info,
+            {CONFIG_NAME: folder / CONFIG_NAME, WEIGHTS_NAME: folder / WEIGHTS_NAME},
+            name=name,
+            version=version,
+            source=f"combine:{recipe.merge.get('method')}",
+            parents=lineage,
+            recipe=recipe.to_record(),
+        )
+
+
+def combine_from_recipe(
+    registry: Registry,
+    path: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    output: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+) -> CombineResult:
+    from .merge import MergeOptions
+
+    recipe = load_recipe(path)
+    options = options_from_dict(MergeOptions, recipe.merge)
+    return combine_sources(
+        registry,
+        recipe.sources,
+        options,
+        name=name or recipe.output.get("name"),
+        version=version or recipe.output.get("version"),
+        output=output,
+        progress=progress,
+    )
+
+
+def options_from_dict(cls: Any, data: dict[str, Any]) -> Any:
+    try:
+        return cls.from_dict(data)
+    except TypeError as exc:
+        raise MergeError(f"unknown merge parameter in recipe ({exc})") from None
