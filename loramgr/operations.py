@@ -66,6 +66,27 @@ def run_checks(adapters: Sequence[LoraAdapter], options: MergeOptions) -> list[s
     return [f"{f.adapter}: {f.message}" for f in findings if f.severity == "warning"]
 
 
+def merge_adapters(adapters: Sequence[LoraAdapter], options: MergeOptions, *,
+                   progress: Progress | None = None) -> CombineResult:
+    """Check, merge, and describe the result with its recipe (kept on ``merged.provenance``)."""
+    from .merge import combine
+
+    adapters = list(adapters)
+    notes = run_checks(adapters, options)
+    merged = combine(adapters, options, progress=progress)
+    weights = merged.options.weights or (1.0,) * len(adapters)
+    recipe = Recipe(
+        sources=[RecipeSource(a.label, w, a.digest) for a, w in zip(adapters, weights)],
+        merge={k: v for k, v in merged.options.to_dict().items() if k != "weights"},
+        loramgr_version=__version__,
+    )
+    merged.provenance = Provenance(recipe, adapters)
+    notes += [
+        f"{m.name}: not in {', '.join(m.missing_in)} (counted as zero there)" for m in merged.modules if m.missing_in
+    ]
+    return CombineResult(merged, recipe, notes=notes)
+
+
 def combine_sources(
     registry: Registry,
     sources: Sequence[RecipeSource],
@@ -77,52 +98,44 @@ def combine_sources(
     progress: Progress | None = None,
 ) -> CombineResult:
     """Merge registered adapters; register the result as ``name`` or write it to ``output``."""
-    from .merge import combine
-
     if output is None and not name:
         raise MergeError("the combined adapter needs a --name (or --output DIR to write a folder instead)")
     if output is not None and Path(output).exists() and any(Path(output).iterdir()):
         raise ConflictError(f"{output} exists and is not empty", hint="choose a new or empty folder")
     adapters = open_sources(registry, sources)
     options = replace(options, weights=tuple(s.weight for s in sources))
-    notes = run_checks(adapters, options)
-    merged = combine(adapters, options, progress=progress)
-    recipe = Recipe(
-        sources=[RecipeSource(f"{a.label}", s.weight, a.digest) for a, s in zip(adapters, sources)],
-        merge={k: v for k, v in merged.options.to_dict().items() if k != "weights"},
-        output={"name": name, "version": version} if name else {},
-        loramgr_version=__version__,
-    )
-    notes += [
-        f"{m.name}: not in {', '.join(m.missing_in)} (counted as zero there)" for m in merged.modules if m.missing_in
-    ]
-    result = CombineResult(merged, recipe, notes=notes)
+    result = merge_adapters(adapters, options, progress=progress)
     if output is not None:
-        result.output = merged.save_pretrained(output)
+        result.output = result.merged.save_pretrained(output)
         return result
-    result.installed = register_merged(registry, merged, recipe, adapters, name=str(name), version=version)
+    result.installed = register_result(registry, result.merged, name=str(name), version=version)
     return result
 
 
-def register_merged(
-    registry: Registry,
-    merged: MergedAdapter,
-    recipe: Recipe,
-    parents: Sequence[LoraAdapter],
-    *,
-    name: str,
-    version: str | None,
-) -> InstallResult:
+@dataclass
+class Provenance:
+    """How a MergedAdapter was made: its recipe and the adapters it was made from."""
+
+    recipe: Recipe
+    parents: list[LoraAdapter]
+
+
+def register_result(registry: Registry, merged: MergedAdapter, *, name: str, version: str | None) -> InstallResult:
+    """Register a merge result with lineage (parents by digest) and its recipe."""
     from .formats.peft import CONFIG_NAME, WEIGHTS_NAME, read_peft_folder
 
+    provenance: Provenance | None = getattr(merged, "provenance", None)
+    if provenance is None:
+        raise MergeError("this adapter has no recorded provenance", hint="make it with loramgr.combine / compose")
+    recipe = replace(provenance.recipe, output={"name": name, "version": version} if version else {"name": name})
     registry.store.tmp_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=registry.store.tmp_dir) as scratch:
         folder = merged.save_pretrained(Path(scratch) / "merged")
         info = read_peft_folder(folder)
         lineage = []
-        for adapter, source in zip(parents, recipe.sources):
+        for adapter, source in zip(provenance.parents, recipe.sources):
             parent_name, _, parent_version = adapter.label.partition("==")
-            lineage.append(Parent(parent_name, parent_version, str(adapter.digest), source.weight))
+            lineage.append(Parent(parent_name, parent_version, adapter.digest or "", source.weight))
         return registry.add(
             info,
             {CONFIG_NAME: folder / CONFIG_NAME, WEIGHTS_NAME: folder / WEIGHTS_NAME},

@@ -1,0 +1,121 @@
+"""The Python API: get adapters from the registry, combine them, register or save the result.
+
+::
+
+    import loramgr
+    adapter = loramgr.get("sql-assistant>=1.0")      # metadata now, tensors when first needed
+    mix = loramgr.compose([("sql-assistant", 0.7), ("house-style", 0.3)], method="svd", rank=16)
+    mix.save_pretrained("out/")                        # a PEFT folder
+    loramgr.register(mix, name="sql-chat", version="1.0.0")
+
+The same operations as the CLI (``loramgr combine`` calls the same code), so the same inputs give the
+same digest from either.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+from .adapter import LoraAdapter
+from .errors import MergeError
+from .registry import InstallResult, Registry
+
+if TYPE_CHECKING:
+    from .merge import MergedAdapter
+
+Source = Union[str, os.PathLike, LoraAdapter]
+
+_default_registry: Registry | None = None
+
+
+def registry() -> Registry:
+    """The registry at LORAMGR_HOME / LORAMGR_DATABASE_URL, opened once per process."""
+    global _default_registry
+    from . import paths
+
+    if _default_registry is None or _default_registry.root != paths.home():
+        _default_registry = Registry.open()
+    return _default_registry
+
+
+def get(reference: str, *, registry_: Registry | None = None) -> LoraAdapter:
+    """A registered adapter version by reference (``name``, ``name==1.0``, ``name>=1,<2``, ``name@tag``,
+    ``sha256:prefix``). Metadata is read now; tensors are read from the store when first needed."""
+    return (registry_ or registry()).open_adapter(reference)
+
+
+def load(source: Source, *, registry_: Registry | None = None) -> LoraAdapter:
+    """An adapter from a reference, a PEFT folder or a single .safetensors file (a path-like)."""
+    if isinstance(source, LoraAdapter):
+        return source
+    if isinstance(source, os.PathLike):
+        path = Path(source)
+        if path.is_dir():
+            from .formats.peft import read_peft_folder
+
+            return LoraAdapter(read_peft_folder(path), path, label=str(path))
+        from .formats.detect import read_adapter_file
+
+        return LoraAdapter(read_adapter_file(path), path.parent, label=str(path), weights_path=path)
+    return get(source, registry_=registry_)
+
+
+def combine(
+    sources: Sequence[Source],
+    *,
+    weights: Sequence[float] | None = None,
+    method: str = "linear",
+    registry_: Registry | None = None,
+    **options: Any,
+) -> MergedAdapter:
+    """Combine adapters in memory; keyword arguments are :class:`loramgr.merge.MergeOptions` fields
+    (rank, energy, density, majority_sign, seed, strict, allow_different_bases, dtype)."""
+    from .merge import MergeOptions
+    from .operations import merge_adapters
+
+    known = {f.name for f in fields(MergeOptions)} - {"weights", "method"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise MergeError(f"unknown merge option(s) {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
+    adapters = [load(s, registry_=registry_) for s in sources]
+    chosen = tuple(float(w) for w in weights) if weights is not None else (1.0,) * len(adapters)
+    merge_options = MergeOptions(method=method, weights=chosen, **options)
+    return merge_adapters(adapters, merge_options).merged
+
+
+def compose(
+    items: Sequence[tuple[Source, float] | Source],
+    *,
+    method: str = "linear",
+    registry_: Registry | None = None,
+    **options: Any,
+) -> MergedAdapter:
+    """Like :func:`combine`, with each source given with its weight: ``[("a", 0.7), ("b", 0.3)]``."""
+    sources: list[Source] = []
+    weights: list[float] = []
+    for item in items:
+        if isinstance(item, tuple):
+            sources.append(item[0])
+            weights.append(float(item[1]))
+        else:
+            sources.append(item)
+            weights.append(1.0)
+    return combine(sources, weights=weights, method=method, registry_=registry_, **options)
+
+
+def compress(source: Source, *, rank: int | None = None, energy: float | None = None,
+             dtype: str | None = None, registry_: Registry | None = None) -> MergedAdapter:
+    """The optimal lower-rank approximation of one adapter (per-module rank with ``energy``)."""
+    return combine([source], method="svd", rank=rank, energy=energy, dtype=dtype, registry_=registry_)
+
+
+def register(merged: MergedAdapter, *, name: str, version: str | None = None,
+             registry_: Registry | None = None) -> InstallResult:
+    """Register a combined adapter with its lineage and recipe (as ``loramgr combine --name`` does)."""
+    from .operations import register_result
+
+    return register_result(registry_ or registry(), merged, name=name, version=version)
