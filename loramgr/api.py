@@ -18,7 +18,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from .adapter import LoraAdapter
 from .errors import MergeError
@@ -27,7 +27,7 @@ from .registry import InstallResult, Registry
 if TYPE_CHECKING:
     from .merge import MergedAdapter
 
-Source = Union[str, os.PathLike, LoraAdapter]
+Source = str | os.PathLike[str] | LoraAdapter
 
 _default_registry: Registry | None = None
 

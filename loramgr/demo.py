@@ -115,9 +115,10 @@ def run(home: Path | None = None, echo: Callable[[str], None] = print) -> DemoRe
                                  MergeOptions(method="svd", energy=0.99), name="sql-chat-small", version="1.0.0")
     small_ranks = [m.rank for m in compressed.merged.modules]
     kept = min(m.kept_energy for m in compressed.merged.modules)
-    echo(f"4. compressed to 99% energy per module -> sql-chat-small==1.0.0: ranks {min(small_ranks)}..{max(small_ranks)}"
-         f", at least {kept:.1%} of each module's energy kept; size "
-         f"{registry.show('sql-chat-small')['size'] / 1024:.0f} KB vs {registry.show('sql-chat')['size'] / 1024:.0f} KB")
+    sizes = [registry.show(ref)["size"] / 1024 for ref in ("sql-chat-small", "sql-chat")]
+    echo(f"4. compressed to 99% energy per module -> sql-chat-small==1.0.0: "
+         f"ranks {min(small_ranks)}..{max(small_ranks)}"
+         f", at least {kept:.1%} of each module's energy kept; size {sizes[0]:.0f} KB vs {sizes[1]:.0f} KB")
 
     tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -31,7 +31,10 @@ def _click_type(name: str) -> tuple[Any, bool]:
     return {int: int, float: float, str: str}.get(base, str), False
 
 
-def merge_options(exclude: set[str] | frozenset[str] = frozenset()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def merge_options(exclude: set[str] | frozenset[str] = frozenset()) -> Decorator:
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         for f in reversed(dataclasses.fields(MergeOptions)):
             if f.name in _SKIP or f.name in exclude:

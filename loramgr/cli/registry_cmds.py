@@ -19,7 +19,8 @@ def open_registry() -> Any:
 @click.argument("source")
 @click.option("--name", help="Adapter name (default: the folder or file name).")
 @click.option("--version", "version", help="PEP 440 version (default: 0.1.0, or the next minor version).")
-@click.option("--allow-pickle", is_flag=True, help="Load a pickled adapter_model.bin (weights only) and store it as safetensors.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Load a pickled adapter_model.bin (weights only) and store it as safetensors.")
 @click.option("--base", "base", help="Record this registered base model for the adapter.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def install(source: str, name: str | None, version: str | None, allow_pickle: bool, base: str | None,

@@ -7,11 +7,12 @@ leaves ``list`` unchanged and at most orphan blobs or temporary files, which ``g
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ Progress = Callable[[str, int, int], None]
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Registry:
@@ -358,6 +359,8 @@ class Registry:
         destination.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
         try:
+            # mkdtemp makes the folder 0700; the exported adapter gets the mode of any new folder
+            staging.chmod(0o777 & ~_umask())
             for rel, digest, _size in files:
                 target = staging / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -373,6 +376,12 @@ class Registry:
     def _tmp(self) -> Path:
         self.store.tmp_dir.mkdir(parents=True, exist_ok=True)
         return self.store.tmp_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _eager() -> Any:
