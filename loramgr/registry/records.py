@@ -16,11 +16,16 @@ class ManifestEntry:
     size: int
 
 
+#: documentation, not payload: a version's identity does not change when its model card is regenerated
+#: (``loramgr push`` uploads a generated card; installing that push back gives the same digest)
+CARD_FILES = frozenset({"README.md"})
+
+
 def manifest_digest(entries: list[ManifestEntry]) -> str:
-    """An adapter version's identity: sha256 of its canonical manifest (paths, digests, sizes)."""
-    canonical = json.dumps(
-        [asdict(e) for e in sorted(entries, key=lambda e: e.path)], separators=(",", ":"), sort_keys=True
-    )
+    """An adapter version's identity: sha256 of its canonical manifest (paths, digests, sizes) of every
+    file except the model card."""
+    payload = [asdict(e) for e in sorted(entries, key=lambda e: e.path) if e.path not in CARD_FILES]
+    canonical = json.dumps(payload, separators=(",", ":"), sort_keys=True)
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 

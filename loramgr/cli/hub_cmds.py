@@ -1,0 +1,72 @@
+"""Commands that move adapters between machines: push (to the Hub), lock and sync (reproducible sets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .registry_cmds import open_registry
+from .render import human_size, progress_bars
+
+
+@click.command()
+@click.argument("reference")
+@click.option("--repo", "repo_id", required=True, help="Hub repository, owner/name (created if needed).")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True,
+              help="File format to upload.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded and show the model card; upload nothing.")
+def push(reference: str, repo_id: str, private: bool, fmt: str, dry_run: bool) -> None:
+    """Publish an adapter version to the Hub in one commit, tagged v<version>."""
+    from ..publish import prepare_push, run_push
+
+    registry = open_registry()
+    with prepare_push(registry, reference, repo_id=repo_id, private=private, fmt=fmt) as (plan, folder):
+        if dry_run:
+            click.echo(f"would push to {plan.repo_id} ({'private' if plan.private else 'public'}), tag {plan.tag}:")
+            for name, size in plan.files:
+                click.echo(f"  {name}  {human_size(size)}")
+            click.echo(f"  README.md  {human_size(len(plan.card.encode()))}\n")
+            click.echo(plan.card, nl=False)
+            return
+        commit = run_push(plan, folder, notify=click.echo)
+    click.echo(f"pushed {reference} to {repo_id}@{plan.tag} (commit {commit[:12]})")
+
+
+@click.command(name="lock")
+@click.option("--file", "requirements", type=click.Path(path_type=Path), default=Path("loramgr.toml"),
+              show_default=True, help="The project's adapter list.")
+@click.option("--output", type=click.Path(path_type=Path), default=Path("loramgr.lock"), show_default=True,
+              help="Where to write the lock.")
+def lock_cmd(requirements: Path, output: Path) -> None:
+    """Resolve loramgr.toml to exact versions and digests in loramgr.lock."""
+    from ..lockfile import lock, read_requirements, render_lock
+
+    reqs = read_requirements(requirements)
+    with progress_bars() as progress:
+        locked = lock(open_registry(), reqs, progress=progress)
+    text = render_lock(locked)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(output)
+    for entry in locked:
+        click.echo(f"locked {entry.name}=={entry.version} {entry.digest[:19]}")
+    click.echo(f"wrote {output}")
+
+
+@click.command(name="sync")
+@click.option("--file", "lock_path", type=click.Path(path_type=Path), default=Path("loramgr.lock"), show_default=True,
+              help="The lock to install.")
+def sync_cmd(lock_path: Path) -> None:
+    """Install exactly what loramgr.lock says, verifying every digest (all or nothing)."""
+    from ..lockfile import read_lock, sync
+
+    with progress_bars() as progress:
+        report = sync(open_registry(), read_lock(lock_path), progress=progress)
+    for ref in report.installed:
+        click.echo(f"installed {ref}")
+    click.echo(f"{len(report.installed)} installed, {len(report.already)} already present and verified")
+
+
+COMMANDS = [push, lock_cmd, sync_cmd]

@@ -1,0 +1,222 @@
+"""Reproducible adapter sets: ``loramgr.toml`` lists what a project needs, ``loramgr.lock`` pins it.
+
+::
+
+    # loramgr.toml
+    [adapters]
+    sql-assistant = ">=1.0,<2"                                          # from the local registry
+    house-style = { hub = "owner/house-style", revision = "v2.1.0" }    # from the Hub
+
+``lock`` resolves every entry to an exact version, digest and file list (and for Hub entries the
+commit); ``sync`` makes a registry hold exactly that, verifying every digest. sync plans first: it
+fetches and checks everything before it registers anything, so a mismatch refuses the whole sync and
+installs nothing. The lock is sorted and has no timestamps, so it diffs well in git.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import IntegrityError, InvalidReferenceError, LoramgrError
+from .registry import Registry
+from .registry.records import ManifestEntry, manifest_digest
+from .registry.refs import check_name
+from .store import sha256_file
+
+LOCK_VERSION = 1
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Requirement:
+    name: str
+    spec: str = ""  # PEP 440 specifier for registry entries
+    hub: str | None = None  # owner/repo
+    revision: str | None = None
+    subfolder: str | None = None
+
+    @property
+    def hub_reference(self) -> str:
+        assert self.hub is not None  # only called for hub entries
+        text = f"hf://{self.hub}" + (f"@{self.revision}" if self.revision else "")
+        return text + (f":{self.subfolder}" if self.subfolder else "")
+
+
+@dataclass
+class Locked:
+    name: str
+    version: str
+    digest: str
+    files: list[dict[str, Any]]
+    hub: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    subfolder: str | None = None
+
+    def to_toml_table(self) -> dict[str, Any]:
+        table: dict[str, Any] = {"name": self.name, "version": self.version, "digest": self.digest}
+        for key in ("hub", "revision", "commit", "subfolder"):
+            value = getattr(self, key)
+            if value is not None:
+                table[key] = value
+        table["files"] = sorted(self.files, key=lambda f: f["path"])
+        return table
+
+
+@dataclass
+class SyncReport:
+    already: list[str] = field(default_factory=list)
+    installed: list[str] = field(default_factory=list)
+
+
+def read_requirements(path: str | Path) -> list[Requirement]:
+    path = Path(path)
+    data = _read_toml(path)
+    adapters = data.get("adapters")
+    if not isinstance(adapters, dict) or not adapters:
+        raise InvalidReferenceError(f"{path}: no [adapters] table", reference=str(path),
+                                    hint='list adapters as name = ">=1.0" or name = { hub = "owner/repo" }')
+    result = []
+    for name, value in sorted(adapters.items()):
+        check_name(name)
+        if isinstance(value, str):
+            result.append(Requirement(name, value.strip()))
+        elif isinstance(value, dict) and isinstance(value.get("hub"), str):
+            unknown = set(value) - {"hub", "revision", "subfolder"}
+            if unknown:
+                raise InvalidReferenceError(f"{path}: {name}: unknown key(s) {', '.join(sorted(unknown))}",
+                                            reference=name, hint="use hub, revision and subfolder")
+            result.append(Requirement(name, hub=value["hub"], revision=value.get("revision"),
+                                      subfolder=value.get("subfolder")))
+        else:
+            raise InvalidReferenceError(f"{path}: {name}: expected a version specifier or {{ hub = ... }}",
+                                        reference=name)
+    return result
+
+
+def lock(registry: Registry, requirements: list[Requirement], *, progress: Progress | None = None) -> list[Locked]:
+    """Resolve every requirement to an exact version; Hub entries are installed (or found) first."""
+    from .hub_install import install_from_hub
+
+    locked = []
+    for req in requirements:
+        if req.hub:
+            result = install_from_hub(registry, req.hub_reference, name=req.name, progress=progress)
+            reference = result.ref
+        else:
+            reference = req.name + (req.spec if req.spec not in ("", "*") else "")
+        shown = registry.show(reference)
+        # a registry entry installed from the Hub keeps its source, so sync can fetch it elsewhere
+        hub = (shown.get("source_details") or {}).get("hub") or {}
+        locked.append(Locked(
+            name=shown["name"], version=shown["version"], digest=shown["digest"], files=shown["files"],
+            hub=hub.get("repo"), revision=hub.get("revision"), commit=hub.get("commit"),
+            subfolder=hub.get("subfolder"),
+        ))
+    return locked
+
+
+def render_lock(locked: list[Locked]) -> str:
+    import tomli_w
+
+    tables = [e.to_toml_table() for e in sorted(locked, key=lambda e: e.name)]
+    document = {"lock-version": LOCK_VERSION, "adapter": tables}
+    return "# loramgr.lock: written by 'loramgr lock'; do not edit\n" + tomli_w.dumps(document)
+
+
+def read_lock(path: str | Path) -> list[Locked]:
+    path = Path(path)
+    data = _read_toml(path)
+    if data.get("lock-version") != LOCK_VERSION:
+        raise LoramgrError(f"{path}: lock-version {data.get('lock-version')!r} is not {LOCK_VERSION}",
+                           hint="re-create it with 'loramgr lock' or upgrade loramgr")
+    entries = []
+    for table in data.get("adapter", []):
+        try:
+            entries.append(Locked(
+                name=table["name"], version=table["version"], digest=table["digest"], files=list(table["files"]),
+                hub=table.get("hub"), revision=table.get("revision"), commit=table.get("commit"),
+                subfolder=table.get("subfolder"),
+            ))
+        except KeyError as exc:
+            raise LoramgrError(f"{path}: an [[adapter]] entry has no {exc.args[0]}",
+                               hint="re-create it with 'loramgr lock'") from None
+    return entries
+
+
+def sync(registry: Registry, locked: list[Locked], *, progress: Progress | None = None,
+         offline: bool | None = None) -> SyncReport:
+    """Make ``registry`` hold exactly the locked versions; all or nothing."""
+    report = SyncReport()
+    plan: list[tuple[Locked, Path, dict[str, Any]]] = []
+    for entry in locked:
+        ref = f"{entry.name}=={entry.version}"
+        present = _present(registry, entry)
+        if present:
+            report.already.append(ref)
+            continue
+        if not entry.hub or not entry.commit:
+            raise LoramgrError(f"{ref} ({entry.digest[:19]}) is not in this registry and the lock has no Hub source "
+                               "for it", hint="install it here first, or lock it from the Hub")
+        plan.append(_fetch(entry, offline=offline, progress=progress))
+    for entry, folder, details in plan:  # every digest checked: now register
+        paths = [f["path"] for f in entry.files]
+        target = folder if "adapter_config.json" in paths or len(paths) != 1 else folder / paths[0]
+        registry.install(target, name=entry.name, version=entry.version, progress=progress,
+                         source_label=f"hf://{entry.hub}@{entry.commit}", source_details=details)
+        report.installed.append(f"{entry.name}=={entry.version}")
+    return report
+
+
+def _present(registry: Registry, entry: Locked) -> bool:
+    """True when the registry has this exact version with intact blobs; a different digest refuses."""
+    from .errors import NotFoundError
+
+    ref = f"{entry.name}=={entry.version}"
+    try:
+        shown = registry.show(ref)
+    except NotFoundError:
+        return False
+    if shown["digest"] != entry.digest:
+        raise IntegrityError(f"{ref} here is {shown['digest'][:19]} but the lock says {entry.digest[:19]}",
+                             digest=entry.digest, hint="remove the local version or re-lock")
+    for f in shown["files"]:
+        if not registry.store.verify(f["digest"]):
+            raise IntegrityError(f"{ref}: stored blob {f['digest'][:19]} ({f['path']}) is missing or corrupt",
+                                 digest=f["digest"], hint="remove the version and sync again")
+    return True
+
+
+def _fetch(entry: Locked, *, offline: bool | None, progress: Progress | None) -> tuple[Locked, Path, dict[str, Any]]:
+    from .hub import HubSource, download_adapter
+    from .hub_install import hub_cache_dir, hub_endpoint
+
+    source = HubSource(str(entry.hub), entry.commit, entry.subfolder)
+    download = download_adapter(source, cache_dir=hub_cache_dir(), endpoint=hub_endpoint(), offline=offline)
+    entries = []
+    for f in entry.files:
+        path = download.folder / f["path"]
+        if not path.is_file():
+            raise IntegrityError(f"{entry.name}=={entry.version}: {f['path']} is missing at commit {entry.commit}",
+                                 digest=entry.digest, hint="the lock and the repository disagree; re-lock")
+        entries.append(ManifestEntry(f["path"], sha256_file(path), path.stat().st_size))
+    if manifest_digest(entries) != entry.digest:
+        raise IntegrityError(f"{entry.name}=={entry.version}: the files at {entry.hub}@{entry.commit[:12]} do not "
+                             f"match the lock's digest {entry.digest[:19]}", digest=entry.digest,
+                             hint="nothing was installed; check the cache or re-lock")
+    details = {"hub": {"repo": entry.hub, "revision": entry.revision, "commit": entry.commit,
+                       "subfolder": entry.subfolder, "card": download.card}}
+    return entry, download.folder, details
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoramgrError(f"{path}: no such file", hint="create it, or run the command in your project folder") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise LoramgrError(f"{path}: not valid TOML ({exc})") from None
