@@ -217,6 +217,6 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise LoramgrError(f"{path}: no such file", hint="create it, or run the command in your project folder") from None
+        raise LoramgrError(f"{path}: no such file", hint="create it, or run the command in your project") from None
     except tomllib.TOMLDecodeError as exc:
         raise LoramgrError(f"{path}: not valid TOML ({exc})") from None
