@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConflictError, HubError, IntegrityError, InvalidReferenceError
+from .hub_errors import download_error, no_adapter_files, push_error
 from .modelcard import parse_card
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ def adapter_patterns(subfolder: str | None = None, *, allow_pickle: bool = False
     """allow_patterns for an adapter. Deterministic on purpose: an offline call must repeat the exact
     patterns of the online one, or huggingface_hub raises IncompleteSnapshotError (DOMAIN.md section 6)."""
     patterns = list(ADAPTER_PATTERNS) + (list(PICKLE_PATTERNS) if allow_pickle else [])
+    # nested files are kept out by download_adapter's ignore_patterns (fnmatch's "*" also matches "/")
     return [f"{subfolder}/{p}" for p in patterns] if subfolder else patterns
 
 
@@ -165,19 +167,21 @@ def download_adapter(
             endpoint=endpoint,
             token=token or False,  # False: never fall back to a login the caller did not choose
             allow_patterns=patterns,
+            ignore_patterns=[f"{source.subfolder}/*/*" if source.subfolder else "*/*"],  # "*" crosses "/"
             local_files_only=offline,
             tqdm_class=_progress_class(progress),  # type: ignore[arg-type]
         )
     except Exception as exc:  # noqa: BLE001 - every client failure becomes one HubError below
-        raise _download_error(exc, source, offline=offline, token=token, endpoint=endpoint) from exc
+        raise download_error(exc, source, offline=offline, token=token, endpoint=endpoint) from exc
     root = Path(snapshot)
     folder = root / source.subfolder if source.subfolder else root
     files = (
         sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
     )
-    if not [f for f in files if f != "README.md"]:
-        raise _no_adapter_files(source, cache_dir=cache_dir, commit=root.name, allow_pickle=allow_pickle)
-    digests = {name: _verify(folder / name, source) for name in files}
+    weights = (".safetensors", ".bin") if allow_pickle else (".safetensors",)
+    if not any(f.endswith(weights) for f in files):  # a config or a card alone is not an adapter
+        raise no_adapter_files(source, cache_dir=cache_dir, commit=root.name, allow_pickle=allow_pickle)
+    digests = _verify_files(folder, files, source, record=root.parent.parent / ".loramgr-verified.json")
     card = parse_card((folder / "README.md").read_text("utf-8", "replace")) if "README.md" in files else {}
     card = {"license": None, "base_model": None, "tags": [], "description": None, **card}
     if not card["base_model"] and "adapter_config.json" in files:
@@ -242,7 +246,7 @@ def push(
         raise HubError(f"pushing to {plan.repo_id} needs a Hub token", hint="set HF_TOKEN or run `hf auth login`")
     api = HfApi(endpoint=endpoint, token=token)
     folder = Path(folder)
-    local = {name: (folder / name).read_bytes() for name, _ in plan.files}
+    local: dict[str, Path | bytes] = {name: folder / name for name, _ in plan.files}  # paths: streamed
     local["README.md"] = plan.card.encode("utf-8")
     try:
         api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)
@@ -258,19 +262,22 @@ def push(
             if notify:
                 notify(f"{plan.repo_id}@{plan.tag} already holds these exact files; nothing pushed")
             return tagged[plan.tag]
-        head = api.repo_info(plan.repo_id).sha
+        head = api.repo_info(plan.repo_id).sha or ""  # the Hub always answers a sha for an existing repo
         stale = [p for p in _adapter_files(api, plan.repo_id, head) if p not in local]
-        operations: list[Any] = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=b) for p, b in local.items()]
+        operations: list[Any] = [
+            CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(c) if isinstance(c, Path) else c)
+            for p, c in local.items()
+        ]
         operations += [CommitOperationDelete(path_in_repo=p) for p in stale]
         commit = api.create_commit(
             plan.repo_id,
             operations,
             commit_message=f"loramgr: {plan.tag}",
-            parent_commit=head,  # refuse to commit over a concurrent push
+            parent_commit=head or None,  # refuse to commit over a concurrent push
         ).oid
         api.create_tag(plan.repo_id, tag=plan.tag, revision=commit, tag_message=f"loramgr {plan.tag}")
     except HfHubHTTPError as exc:
-        raise _push_error(exc, plan) from exc
+        raise push_error(exc, plan.repo_id) from exc
     return commit
 
 
@@ -305,21 +312,58 @@ def _progress_class(progress: Progress | None) -> type:
     return _Silent
 
 
+def _verify_files(folder: Path, files: list[str], source: HubSource, record: Path) -> dict[str, str]:
+    """Verify ``files`` and return their digests, re-hashing only blobs not verified before.
+
+    ``record`` (one JSON file per repository in the cache) remembers, per blob, the size and mtime
+    it had when it was verified and its sha256; a blob whose size and mtime are unchanged is not read
+    again, so a cache hit costs no hashing (the way git trusts its index). Any write to a blob changes
+    its mtime and gets it re-hashed.
+    """
+    import json
+
+    try:
+        known = json.loads(record.read_text("utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    digests: dict[str, str] = {}
+    for name in files:
+        path = folder / name
+        stat = path.stat()
+        key = path.resolve().name if path.is_symlink() else path.relative_to(record.parent).as_posix()
+        entry = known.get(key)
+        if isinstance(entry, list) and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
+            digests[name] = entry[2]
+            continue
+        digests[name] = _verify(path, source)
+        known[key] = [stat.st_size, stat.st_mtime_ns, digests[name]]
+    tmp = record.with_name(f"{record.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(json.dumps(known), "utf-8")
+        os.replace(tmp, record)
+    except OSError:  # a read-only cache still installs; it only re-hashes next time
+        tmp.unlink(missing_ok=True)
+    return digests
+
+
 def _verify(path: Path, source: HubSource) -> str:
     """Re-hash a cached file against its blob name; return its ``sha256:<hex>`` digest.
 
     The cache names each blob after the server's ETag: the git blob sha1 of a regular file, the
     sha256 of an LFS file. Where symlinks are unsupported the snapshot holds copies and only the
-    sha256 is computed.
+    sha256 is computed. The two hashes run in two threads (hashlib releases the GIL), one read.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     blob = path.resolve().name if path.is_symlink() else ""
     size = path.stat().st_size
     sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
-    with path.open("rb") as handle:
+    with path.open("rb") as handle, ThreadPoolExecutor(1) as pool:
         while chunk := handle.read(8 << 20):
+            pending = pool.submit(sha1.update, chunk) if _HEX40.match(blob) else None
             sha256.update(chunk)
-            if _HEX40.match(blob):
-                sha1.update(chunk)
+            if pending is not None:
+                pending.result()
     expected, found = blob, None
     if _HEX64.match(blob):
         found = sha256.hexdigest()
@@ -344,82 +388,6 @@ def _config_base_model(path: Path) -> str | None:
     return str(value) if value else None
 
 
-def _download_error(
-    exc: Exception, source: HubSource, *, offline: bool, token: str | None, endpoint: str | None
-) -> HubError:
-    """One line per failure the user can act on; the client's multi-line message stays in __cause__."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    if isinstance(exc, GatedRepoError):
-        return HubError(
-            f"{source}: the repository is gated",
-            hint="accept its conditions on the Hub page, then use a token of that account (HF_TOKEN)",
-        )
-    if isinstance(exc, RepositoryNotFoundError):
-        if token:
-            return HubError(f"{source}: repository not found", hint="check the name and that your token can read it")
-        return HubError(
-            f"{source}: repository not found, or private and no token was given",
-            hint="check the name; for a private repository set HF_TOKEN or run `hf auth login`",
-        )
-    if isinstance(exc, RevisionNotFoundError):
-        return HubError(f"{source}: revision {source.revision!r} not found", hint=_known_tags(source, endpoint, token))
-    if isinstance(exc, LocalEntryNotFoundError):
-        if offline:
-            return HubError(
-                f"{source}: offline and not in the local cache", hint="download it once online, or unset HF_HUB_OFFLINE"
-            )
-        return HubError(f"{source}: the Hub cannot be reached and nothing is cached", hint="check the network")
-    if isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code == 401:
-        return HubError(f"{source}: the Hub refused the token", hint="check HF_TOKEN or run `hf auth login` again")
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    reason = f"HTTP {status}" if status else type(exc).__name__
-    return HubError(
-        f"{source}: download broken halfway ({reason}); nothing partial was kept",
-        hint="run the same command again to resume from the files already complete",
-    )
-
-
-def _known_tags(source: HubSource, endpoint: str | None, token: str | None) -> str:
-    """The repository's tags, for the hint of a revision that does not exist (best effort)."""
-    from huggingface_hub import HfApi
-
-    try:
-        tags = sorted(t.name for t in HfApi(endpoint=endpoint, token=token or False).list_repo_refs(source.repo_id).tags)
-    except Exception:  # noqa: BLE001 - a hint must never hide the real error
-        tags = []
-    return f"known tags: {', '.join(tags)}" if tags else "use a branch, a tag or a commit sha that exists"
-
-
-def _no_adapter_files(source: HubSource, *, cache_dir: Path, commit: str, allow_pickle: bool) -> HubError:
-    """Explain why nothing matched: only pickles, or adapters in subfolders, or no adapter at all."""
-    from huggingface_hub import get_cached_repo_tree
-
-    try:
-        paths = [f.path for f in get_cached_repo_tree(source.repo_id, revision=commit, cache_dir=str(cache_dir))]
-    except Exception:  # noqa: BLE001 - the tree listing only sharpens the hint
-        paths = []
-    prefix = f"{source.subfolder}/" if source.subfolder else ""
-    if not allow_pickle and any(p.startswith(prefix) and p.endswith(".bin") for p in paths):
-        return HubError(
-            f"{source}: only pickled weights (.bin), which can run code when loaded",
-            hint="pass --allow-pickle if you trust this repository",
-        )
-    folders = sorted({p.rsplit("/", 1)[0] for p in paths if p.endswith("/adapter_config.json")})
-    hint = (
-        f"adapters found in subfolders: {', '.join(f'{source}:{f}' for f in folders)}"
-        if folders
-        else "this repository holds no adapter_config.json or .safetensors file"
-    )
-    return HubError(f"{source}: no adapter files", hint=hint)
-
-
 def _adapter_files(api: Any, repo_id: str, commit: str) -> list[str]:
     """Top-level files at ``commit`` that an adapter download would take (README.md aside)."""
     from huggingface_hub.hf_api import RepoFile
@@ -429,31 +397,34 @@ def _adapter_files(api: Any, repo_id: str, commit: str) -> list[str]:
     return [p for p in filter_repo_objects(paths, allow_patterns=adapter_patterns()) if "/" not in p]
 
 
-def _differences(api: Any, repo_id: str, commit: str, local: dict[str, bytes]) -> list[str]:
+def _hashes(content: Path | bytes) -> tuple[str, str]:
+    """(git blob sha1, sha256) of a file or of bytes, streamed: the ids the Hub reports for a file."""
+    size = content.stat().st_size if isinstance(content, Path) else len(content)
+    sha1, sha256 = hashlib.sha1(b"blob %d\0" % size), hashlib.sha256()
+    if isinstance(content, bytes):
+        sha1.update(content)
+        sha256.update(content)
+        return sha1.hexdigest(), sha256.hexdigest()
+    with content.open("rb") as handle:
+        while chunk := handle.read(8 << 20):
+            sha1.update(chunk)
+            sha256.update(chunk)
+    return sha1.hexdigest(), sha256.hexdigest()
+
+
+def _differences(api: Any, repo_id: str, commit: str, local: dict[str, Path | bytes]) -> list[str]:
     """Files whose bytes differ between ``commit`` and ``local`` (compared by git blob id / LFS sha256)."""
     from huggingface_hub.hf_api import RepoFile
 
     remote = {f.path: f for f in api.list_repo_tree(repo_id, revision=commit) if isinstance(f, RepoFile)}
     different = []
-    for path, data in local.items():
+    for path, content in local.items():
         entry = remote.get(path)
         if entry is None:
             different.append(f"{path} missing")
-        elif entry.lfs is not None:
-            if entry.lfs.sha256 != hashlib.sha256(data).hexdigest():
-                different.append(path)
-        elif entry.blob_id != hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest():
+            continue
+        git_sha1, sha256 = _hashes(content)
+        if (entry.lfs.sha256 if entry.lfs is not None else entry.blob_id) not in (git_sha1, sha256):
             different.append(path)
     extra = [p for p in _adapter_files(api, repo_id, commit) if p not in local]
     return different + [f"{p} extra" for p in extra]
-
-
-def _push_error(exc: Exception, plan: PushPlan) -> HubError:
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if status in (401, 403, 404):
-        return HubError(
-            f"cannot write to {plan.repo_id} (HTTP {status})", hint="use a token with write access to that namespace"
-        )
-    if status == 412:
-        return HubError(f"{plan.repo_id} changed during the push", hint="push again")
-    return HubError(f"push to {plan.repo_id} failed (HTTP {status or '?'})", hint="try again later")

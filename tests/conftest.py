@@ -16,4 +16,18 @@ def loramgr_home(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # a login stored on a developer's machine must never reach the test Hub
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     return home
+
+
+@pytest.fixture
+def hub():
+    """A local Hub on 127.0.0.1 speaking the API the real huggingface_hub client uses (tests/hubserver.py)."""
+    from hubserver import HubServer
+
+    with HubServer(lifetime_s=120) as server:
+        yield server

@@ -71,6 +71,11 @@ _register()
 
 
 def main() -> None:
+    if not os.environ.get("LORAMGR_DEBUG"):
+        # huggingface_hub logs retries and pattern misses to stderr; loramgr reports outcomes itself
+        import logging
+
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     cli(prog_name="loramgr")
 
 

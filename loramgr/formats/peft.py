@@ -276,39 +276,11 @@ def convert_pickle(bin_path: str | Path, out_path: str | Path) -> None:
 
 
 def read_card(path: Path) -> dict[str, Any]:
-    """license / description / tags / base_model from a model card's YAML block and first paragraph."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    meta: dict[str, Any] = {}
-    body = text
-    if text.startswith("---"):
-        end = text.find("\n---", 3)
-        if end != -1:
-            try:
-                import yaml
+    """license / description / tags / base_model from a model card (see :func:`loramgr.modelcard.parse_card`)."""
+    from ..modelcard import parse_card
 
-                loaded = yaml.safe_load(text[3:end])
-                if isinstance(loaded, dict):
-                    meta = loaded
-            except Exception:  # a broken card must not block an install; report nothing from it
-                meta = {}
-            body = text[end + 4 :]
-    description = ""
-    for block in re.split(r"\n\s*\n", body):
-        block = block.strip()
-        if block and not block.startswith(("#", "<!--", "-", "|", "```", "[")):
-            description = " ".join(block.split())
-            break
-    tags = meta.get("tags") or []
-    if isinstance(tags, str):
-        tags = [tags]
-    card: dict[str, Any] = {
-        "license": meta.get("license"),
-        "description": description[:1000] or None,
-        "tags": [str(t) for t in tags],
-    }
-    if meta.get("base_model"):
-        card["base_model"] = meta["base_model"]
-    return card
+    card = parse_card(path.read_text(encoding="utf-8", errors="replace"))
+    return {k: v for k, v in card.items() if v is not None or k in ("license", "description")}
 
 
 def write_peft_folder(

@@ -16,9 +16,33 @@ type alone is importable without torch from ``loramgr.merge.options``.
 
 from __future__ import annotations
 
-from loramgr.merge.engine import combine, compress
-from loramgr.merge.methods import METHODS, MergeMethod
+from typing import TYPE_CHECKING, Any
+
 from loramgr.merge.options import MergeOptions
-from loramgr.merge.result import MergedAdapter, ModuleReport
+
+if TYPE_CHECKING:
+    from loramgr.merge.engine import combine, compress
+    from loramgr.merge.methods import METHODS, MergeMethod
+    from loramgr.merge.result import MergedAdapter, ModuleReport
 
 __all__ = ["METHODS", "MergeMethod", "MergeOptions", "MergedAdapter", "ModuleReport", "combine", "compress"]
+
+# the rest needs torch: imported on first use, so the CLI can build its options from MergeOptions alone
+_LAZY = {
+    "combine": "loramgr.merge.engine",
+    "compress": "loramgr.merge.engine",
+    "METHODS": "loramgr.merge.methods",
+    "MergeMethod": "loramgr.merge.methods",
+    "MergedAdapter": "loramgr.merge.result",
+    "ModuleReport": "loramgr.merge.result",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'loramgr.merge' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
