@@ -112,13 +112,12 @@ def find_module(name: str, shapes: dict[str, ModuleShape]) -> str | None:
 def _fits(spec: ModuleSpec, shape: ModuleShape, fan_in_fan_out: bool) -> str | None:
     """None when the factors fit the base weight, else what was expected and found."""
     out_f, in_f = shape.out_features, shape.in_features
-    if spec.kind == "embedding":  # lora_embedding_A: r x num_embeddings, B: dim x r
+    # embedding LoRA: A is r x num_embeddings, B dim x r; GPT-2 Conv1D (fan_in_fan_out) stores in x out
+    if spec.kind == "embedding" or (fan_in_fan_out and len(shape.shape) == 2):
         out_f, in_f = shape.shape[1], shape.shape[0]
-    elif fan_in_fan_out and len(shape.shape) == 2:  # GPT-2 Conv1D stores weight as in x out
-        out_f, in_f = shape.shape[1], shape.shape[0]
-    if spec.kind == "conv" and spec.kernel and len(shape.shape) == len(spec.kernel):
-        if tuple(spec.kernel[1:]) != tuple(shape.shape[1:]):
-            return f"A has kernel {list(spec.kernel)} but the base weight is {list(shape.shape)}"
+    kernel = spec.kernel
+    if spec.kind == "conv" and kernel and len(shape.shape) == len(kernel) and kernel[1:] != shape.shape[1:]:
+        return f"A has kernel {list(kernel)} but the base weight is {list(shape.shape)}"
     if (spec.out_features, spec.in_features) != (out_f, in_f) and spec.in_features and spec.out_features:
         return (
             f"adapter expects a {spec.out_features} x {spec.in_features} weight (A {spec.rank} x "
@@ -152,10 +151,15 @@ def _check_against_base(info: AdapterInfo, label: str, base: BaseFingerprint) ->
                 Finding("warning", label, spec.name, f"rank {spec.rank} exceeds min(d_in, d_out) = "
                         f"{min(spec.in_features, spec.out_features)}: the extra rank adds parameters, not capacity")
             )
+    # kohya records the sha256 of the base checkpoint file; a single-file base with content digests can be compared
+    declared_hash = (info.config.get("kohya") or {}).get("base_model_hash")
+    file_digests = list((base.content_digests or {}).values())
+    if declared_hash and len(file_digests) == 1 and file_digests[0] != f"sha256:{declared_hash}":
+        message = f"trained on a base file with sha256 {declared_hash[:12]}, not this one (another fine-tune?)"
+        findings.append(Finding("warning", label, None, message))
     if info.base_model and base.name and not _same_name(info.base_model, base.name):
-        findings.append(
-            Finding("warning", label, None, f"adapter declares base {info.base_model!r}, checking against {base.name!r}")
-        )
+        message = f"adapter declares base {info.base_model!r}, checking against {base.name!r}"
+        findings.append(Finding("warning", label, None, message))
     return findings
 
 
@@ -171,18 +175,23 @@ def _check_shared_base(
 ) -> list[Finding]:
     findings: list[Finding] = []
     ref = base
-    for label, fp in zip(labels, bases):
+    for label, fp in zip(labels, bases, strict=True):
         if fp is None:
             continue
         if ref is None:
             ref = fp
             continue
         if fp.structural != ref.structural:
-            findings.append(Finding("error", label, None, f"made for a base of another structure ({fp.name or fp.structural[:19]}"
-                                    f" vs {ref.name or ref.structural[:19]}): its modules do not fit"))
+            theirs, ours = fp.name or fp.structural[:19], ref.name or ref.structural[:19]
+            message = f"made for a base of another structure ({theirs} vs {ours}): its modules do not fit"
+            findings.append(Finding("error", label, None, message))
         elif fp.content and ref.content and fp.content != ref.content:
             findings.append(Finding("warning", label, None, "made for another fine-tune of the same architecture "
                                     "(content digests differ)"))
+    hashes = {(i.config.get("kohya") or {}).get("base_model_hash") for i in infos} - {None}
+    if len(hashes) > 1:
+        findings.append(Finding("warning", ", ".join(labels), None,
+                                "kohya adapters were trained on different base files (ss_new_sd_model_hash differs)"))
     declared = {i.base_model for i in infos if i.base_model}
     if len(declared) > 1:
         findings.append(Finding("warning", ", ".join(labels), None,
@@ -276,7 +285,7 @@ def check_adapters(
     if len(labels) != len(adapters) or len(bases) != len(adapters):
         raise ValueError("labels and adapter_bases must have one entry per adapter")
     findings: list[Finding] = []
-    for i, (info, label) in enumerate(zip(adapters, labels)):
+    for i, (info, label) in enumerate(zip(adapters, labels, strict=True)):
         if not info.modules:
             findings.append(Finding("error", label, None, "the adapter has no modules (empty)"))
             continue

@@ -15,26 +15,28 @@ except a kohya file exported to kohya, which is copied tensor for tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import AdapterInfo, LoraAdapter, ModuleSpec
 from ..errors import ConflictError, InvalidAdapterError, UnsupportedAdapterError
 from .diffusers import COMPONENTS, METADATA_KEY
-from .kohya import COMPONENT_PREFIXES, kohya_name, resolve_kohya_info
+from .kohya import kohya_name, resolve_kohya_info
 from .lycoris import require_plain_lora
 from .peft import PEFT_PREFIX, write_peft_folder
 
 if TYPE_CHECKING:
     import torch
+
+    from ..basemodel import BaseFingerprint
 
 FORMATS = ("peft", "kohya", "diffusers")
 
@@ -48,6 +50,13 @@ def _load(adapter: LoraAdapter, keys: Iterable[str]) -> dict[str, torch.Tensor]:
 
 def _check_convertible(info: AdapterInfo, target: str) -> None:
     require_plain_lora(info, f"conversion from {info.format} to {target}")
+    embeddings = [m.name for m in info.modules if m.kind == "embedding"]
+    if embeddings and target != "peft":
+        raise UnsupportedAdapterError(
+            f"{target} files have no embedding LoRA, and module {embeddings[0]} is one",
+            adapter_type=info.adapter_type,
+            hint="export with --format peft",
+        )
     other = info.config.get("other_keys") or []
     if other:
         raise UnsupportedAdapterError(
@@ -110,7 +119,7 @@ def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     data = save({k: tensors[k].contiguous() for k in sorted(tensors)}, metadata=training)
     header_len = int.from_bytes(data[:8], "little")
     model_hash = hashlib.sha256(data[8 + header_len :]).hexdigest()
-    legacy = hashlib.sha256(io.BytesIO(data).getbuffer()[0x100000 : 0x110000]).hexdigest()[:8]
+    legacy = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     return model_hash, legacy
 
 
@@ -243,7 +252,8 @@ def to_peft_folder(
         "alpha_pattern": alpha_pattern,
         "use_rslora": rslora,
         "use_dora": False,
-        "target_modules": sorted({m.name.rsplit(".", 1)[-1] for m in info.modules}),
+        # full names, not leaves: "conv1" would also wrap every other conv1 of the model
+        "target_modules": sorted(m.name.removeprefix(strip) for m in info.modules),
         "base_model_name_or_path": base_model or info.base_model,
         "revision": info.base_model_revision,
         "bias": "none",
@@ -282,18 +292,16 @@ def to_diffusers_file(
     tensors: dict[str, Any] = {}
     for spec in info.modules:
         first = spec.name.partition(".")[0]
-        name = spec.name if first in COMPONENT_PREFIXES or first in COMPONENTS else f"{component}.{spec.name}"
+        name = spec.name if first in COMPONENTS else f"{component}.{spec.name}"
         comp = name.partition(".")[0]
         loaded = _load(adapter, [spec.key_a, spec.key_b])
         b = loaded[spec.key_b]
         if fold_scale:
             b = (b.double() * spec.scale).to(b.dtype)
-            spec = ModuleSpec(**{**spec.__dict__, "alpha": float(spec.rank), "use_rslora": False})
+            spec = dataclasses.replace(spec, alpha=float(spec.rank), use_rslora=False)
         tensors[f"{name}.lora_A.weight"] = loaded[spec.key_a]
         tensors[f"{name}.lora_B.weight"] = b
-        by_component.setdefault(comp, []).append(
-            ModuleSpec(**{**spec.__dict__, "name": name.partition(".")[2]})
-        )
+        by_component.setdefault(comp, []).append(dataclasses.replace(spec, name=name.partition(".")[2]))
     packed: dict[str, Any] = {}
     for comp, specs in sorted(by_component.items()):
         rslora = all(m.use_rslora for m in specs)
@@ -316,7 +324,23 @@ def to_diffusers_file(
 
 def export_adapter(adapter: LoraAdapter, dest: str | Path, fmt: str, **options: Any) -> Path:
     """Dispatch on ``fmt`` ("peft" folder, "kohya" file, "diffusers" file); options go to the writer."""
-    writers = {"peft": to_peft_folder, "kohya": to_kohya_file, "diffusers": to_diffusers_file}
+    writers: dict[str, Callable[..., Path]] = {
+        "peft": to_peft_folder,
+        "kohya": to_kohya_file,
+        "diffusers": to_diffusers_file,
+    }
     if fmt not in writers:
         raise InvalidAdapterError(f"unknown export format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
     return writers[fmt](adapter, dest, **options)
+
+
+def export_converted(
+    adapter: LoraAdapter, destination: str | Path, *, fmt: str, base: BaseFingerprint | None = None, **options: Any
+) -> Path:
+    """:func:`export_adapter` for the CLI: a base fingerprint (``install --base``) supplies the module
+    paths that kohya names need for PEFT and diffusers output."""
+    if base is not None and fmt in ("peft", "diffusers") and "module_paths" not in options:
+        from ..basemodel import module_shapes
+
+        options["module_paths"] = list(module_shapes(base))
+    return export_adapter(adapter, destination, fmt, **options)

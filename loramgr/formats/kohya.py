@@ -142,11 +142,11 @@ def read_kohya(header: SafetensorsHeader) -> AdapterInfo:
     grouped: dict[str, dict[str, tuple[str, tuple[int, ...], str]]] = {}
     other: list[str] = []
     for key, entry in header.tensors.items():
-        parts = split_key(key)
-        if parts is None:
+        split = split_key(key)
+        if split is None:
             other.append(key)
             continue
-        module, suffix = parts
+        module, suffix = split
         grouped.setdefault(module, {})[suffix] = (key, entry.shape, entry.torch_dtype)
     shapes = {k: e.shape for k, e in header.tensors.items()}
     adapter_type = detect_adapter_type(header.tensors, shapes)
@@ -169,8 +169,8 @@ def read_kohya(header: SafetensorsHeader) -> AdapterInfo:
         else:
             spec = describe_module(name, kind, parts, path=path)
         if spec.key_alpha:
-            alpha = alphas[spec.key_alpha]
-            spec = dataclasses.replace(spec, alpha=alpha if alpha else float(spec.rank))
+            stored = alphas[spec.key_alpha]
+            spec = dataclasses.replace(spec, alpha=stored if stored else float(spec.rank))
         modules.append(spec)
     if not modules:
         raise InvalidAdapterError(
@@ -200,8 +200,9 @@ def read_kohya(header: SafetensorsHeader) -> AdapterInfo:
         rank=int(rank) if rank else ranks.most_common(1)[0][0],
         alpha=alpha if alpha else alphas_seen.most_common(1)[0][0],
         use_dora=adapter_type == "dora",
-        target_modules=sorted({kohya_prefix(m.name) or "" for m in modules} - {""}),
-        target_modules_found=sorted({m.name.rsplit("_", 1)[-1] for m in modules}),
+        # leaf module names are unknown until the names are resolved ("to_q" and "q" look alike)
+        target_modules=[],
+        target_modules_found=[],
         base_model=metadata.get("ss_sd_model_name") or metadata.get("modelspec.architecture"),
         dtypes=sorted({e.torch_dtype for e in header.tensors.values()}),
         n_params=sum(e.numel for e in header.tensors.values()),
@@ -302,4 +303,5 @@ def resolve_kohya_info(info: AdapterInfo, module_paths: Iterable[str], *, strict
     notes = [n for n in info.notes if n != UNRESOLVED_NOTE]
     if unresolved:
         notes.append(f"{len(unresolved)} kohya name(s) unresolved, e.g. {unresolved[0]}")
-    return dataclasses.replace(info, modules=modules, config=config, notes=notes)
+    leaves = sorted({path.rsplit(".", 1)[-1] for path in mapping.values() if path})
+    return dataclasses.replace(info, modules=modules, config=config, notes=notes, target_modules_found=leaves)

@@ -44,6 +44,7 @@ SUFFIX_TYPES: dict[str, str] = {
     "a2.weight": "glora",
     "b1.weight": "glora",
     "b2.weight": "glora",
+    "bm.weight": "glora",
     "oft_blocks": "oft",
     "oft_diag": "oft",
     "rescale": "oft",
@@ -165,10 +166,7 @@ def describe_module(
         in_f = math.prod(shapes["hada_w1_b"][1:]) if "hada_w1_b" in shapes else 0
     elif kind == "lokr":
         w1 = shapes.get("lokr_w1") or (shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1])
-        if "lokr_w2" in shapes:
-            w2 = shapes["lokr_w2"]
-        else:
-            w2 = (shapes["lokr_w2_a"][0], *shapes["lokr_w2_b"][1:])
+        w2 = shapes.get("lokr_w2") or (shapes["lokr_w2_a"][0], *shapes["lokr_w2_b"][1:])
         out_f, in_f = w1[0] * w2[0], w1[1] * math.prod(w2[1:])
         rank = shapes["lokr_w2_a"][1] if "lokr_w2_a" in shapes else min(w2[0], math.prod(w2[1:]))
     elif kind == "full":
@@ -179,12 +177,13 @@ def describe_module(
         # a vector scaling the output (or the input when on_input is set): one number per feature
         rank, out_f = 1, shapes["weight"][0] if "weight" in shapes else 0
     elif kind == "glora":
-        # a1 [r, in], a2 [out, r] scale W; b1 [r, in], b2 [out, r] add a delta
-        key_a, key_b = keys.get("b1.weight", ""), keys.get("b2.weight", "")
-        if "b1.weight" in shapes:
-            rank, in_f = shapes["b1.weight"][0], math.prod(shapes["b1.weight"][1:])
+        # ΔW = s·(W·a1·a2 + b1·b2): a2 [r, in], a1 [in, r] act through W; b2 [r, in] and b1 [out, r]
+        # are a LoRA-like down/up pair (LyCORIS glora.py), so they play A and B
+        key_a, key_b = keys.get("b2.weight", ""), keys.get("b1.weight", "")
         if "b2.weight" in shapes:
-            out_f = shapes["b2.weight"][0]
+            rank, in_f = shapes["b2.weight"][0], math.prod(shapes["b2.weight"][1:])
+        if "b1.weight" in shapes:
+            out_f = shapes["b1.weight"][0]
     elif kind in ("oft", "boft"):
         blocks = shapes.get("oft_blocks") or shapes.get("oft_diag") or ()
         if len(blocks) >= 3:

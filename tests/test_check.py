@@ -1,0 +1,195 @@
+"""check_adapters: base-model fit, shared bases, engine rules, tensor values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from factories import peft_adapter_from_model, tiny_llama, write_peft_adapter
+from test_kohya import TARGETS, TinyPipeline, write_kohya_file
+
+from loramgr.basemodel import fingerprint_from_state_dict, fingerprint_from_tensors
+from loramgr.check import check_adapters, parse_engine, safetensors_reader
+from loramgr.errors import LoramgrError
+from loramgr.formats.detect import read_adapter_file
+from loramgr.formats.peft import read_peft_folder
+
+GOOD = {
+    "model.layers.0.self_attn.q_proj": (32, 32, 8),
+    "model.layers.0.self_attn.v_proj": (32, 16, 8),
+    "model.layers.1.mlp.down_proj": (64, 32, 8),
+}
+
+
+@pytest.fixture(scope="module")
+def llama_base():
+    return fingerprint_from_state_dict(tiny_llama(), name="tiny-base")
+
+
+def errors(findings):
+    return [f for f in findings if f.severity == "error"]
+
+
+def test_good_adapter_passes_base_and_vllm(tmp_path: Path, llama_base) -> None:
+    info = read_peft_folder(write_peft_adapter(tmp_path / "a", GOOD))
+    findings = check_adapters([info], base=llama_base, engine="vllm")
+    assert errors(findings) == [] and not [f for f in findings if f.severity == "warning"]
+
+
+def test_peft_made_adapter_passes_every_engine(tmp_path: Path, llama_base) -> None:
+    model = tiny_llama()
+    info = read_peft_folder(peft_adapter_from_model(model, tmp_path / "a", base_model="tiny-base"))
+    for engine in ("vllm", "lorax", "tgi", "llama.cpp", "peft"):
+        assert errors(check_adapters([info], base=llama_base, engine=engine)) == [], engine
+
+
+def test_wrong_base_is_a_shape_mismatch_naming_the_module(tmp_path: Path) -> None:
+    info = read_peft_folder(write_peft_adapter(tmp_path / "a", GOOD))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    wider = fingerprint_from_state_dict(LlamaForCausalLM(config))
+    found = errors(check_adapters([info], base=wider))
+    assert {f.module for f in found} == set(GOOD)
+    assert "32 x 32" in next(f.message for f in found if f.module.endswith("q_proj"))
+
+
+def test_missing_module(tmp_path: Path, llama_base) -> None:
+    info = read_peft_folder(write_peft_adapter(tmp_path / "a", {**GOOD, "model.layers.0.self_attn.qkv": (32, 96, 8)}))
+    found = errors(check_adapters([info], base=llama_base))
+    assert [f.module for f in found] == ["model.layers.0.self_attn.qkv"] and "no such module" in found[0].message
+
+
+def test_rank_above_vllm_limit_and_the_flag_that_fixes_it(tmp_path: Path, llama_base) -> None:
+    big = {**GOOD, "model.layers.0.self_attn.q_proj": (32, 32, 24)}
+    info = read_peft_folder(write_peft_adapter(tmp_path / "a", big))
+    found = errors(check_adapters([info], base=llama_base, engine="vllm"))
+    assert len(found) == 1 and "max_lora_rank 16" in found[0].message and "--max-lora-rank 32" in found[0].message
+    assert found[0].module == "model.layers.0.self_attn.q_proj"
+    assert errors(check_adapters([info], base=llama_base, engine="vllm:max-rank=32")) == []
+    # rank 24 > min(32, 32)? no; but a rank above min(d_in, d_out) is flagged
+    tall = read_peft_folder(write_peft_adapter(tmp_path / "b", {"model.layers.0.self_attn.v_proj": (32, 16, 20)}))
+    warnings = [f for f in check_adapters([tall], base=llama_base) if f.severity == "warning"]
+    assert any("exceeds min(d_in, d_out) = 16" in f.message for f in warnings)
+
+
+def test_dora_is_refused_for_vllm_but_fine_for_peft(tmp_path: Path, llama_base) -> None:
+    folder = peft_adapter_from_model(tiny_llama(), tmp_path / "d", use_dora=True, base_model="tiny-base")
+    info = read_peft_folder(folder)
+    assert info.use_dora
+    found = errors(check_adapters([info], base=llama_base, engine="vllm"))
+    assert any("DoRA" in f.message for f in found)
+    assert errors(check_adapters([info], base=llama_base, engine="peft")) == []
+
+
+def test_vllm_config_rules(tmp_path: Path, llama_base) -> None:
+    info = read_peft_folder(write_peft_adapter(
+        tmp_path / "a", GOOD, extra_config={"modules_to_save": ["lm_head"], "bias": "lora_only"}))
+    messages = " ".join(f.message for f in errors(check_adapters([info], base=llama_base, engine="vllm")))
+    assert "modules_to_save" in messages and "bias" in messages
+
+
+def test_engine_spec_parsing() -> None:
+    assert parse_engine("vllm").options == {"max-rank": 16}
+    assert parse_engine("vLLM:max-rank=64").options == {"max-rank": 64}
+    for bad, text in (("vllm:max-rank=17", "max_lora_rank choices"), ("trt", "unknown engine"),
+                      ("vllm:rank=8", "bad option"), ("lorax:max-rank=8", "bad option"),
+                      ("vllm:max-rank=x", "must be a number")):
+        with pytest.raises(LoramgrError, match=text):
+            parse_engine(bad)
+
+
+def test_kohya_file_checked_against_a_pipeline(tmp_path: Path) -> None:
+    pipe = TinyPipeline()
+    info = read_adapter_file(write_kohya_file(tmp_path / "k.safetensors", pipe))
+    base = fingerprint_from_state_dict(pipe, name="sdxl-tiny")
+    assert errors(check_adapters([info], base=base)) == []
+    other = TinyPipeline()
+    other.unet.conv_in = torch.nn.Conv2d(4, 8, 5)  # another kernel: the conv LoRA no longer fits
+    found = errors(check_adapters([info], base=fingerprint_from_state_dict(other)))
+    assert [f.module for f in found] == ["lora_unet_conv_in"] and "kernel" in found[0].message
+    assert any("PEFT adapter folders" in f.message for f in errors(check_adapters([info], engine="vllm")))
+    assert len(TARGETS) == len(info.modules)
+
+
+def test_shared_base_levels(tmp_path: Path) -> None:
+    a = read_peft_folder(write_peft_adapter(tmp_path / "a", GOOD, base_model="org/one"))
+    b = read_peft_folder(write_peft_adapter(tmp_path / "b", GOOD, base_model="org/two"))
+    shapes = {"model.layers.0.self_attn.q_proj.weight": ((32, 32), "F32")}
+    fp1 = fingerprint_from_tensors(shapes, name="org/one", content_digests={"m": "sha256:1"})
+    fp2 = fingerprint_from_tensors(shapes, name="org/two", content_digests={"m": "sha256:2"})
+    fp3 = fingerprint_from_tensors({"x.weight": ((4, 4), "F32")}, name="org/three")
+    same_arch = check_adapters([a, b], labels=["a", "b"], adapter_bases=[fp1, fp2])
+    assert errors(same_arch) == []
+    warnings = [f.message for f in same_arch if f.severity == "warning"]
+    assert any("content digests differ" in w for w in warnings) and any("different base models" in w for w in warnings)
+    other = check_adapters([a, b], labels=["a", "b"], adapter_bases=[fp1, fp3])
+    assert [f.adapter for f in errors(other)] == ["b"] and "another structure" in errors(other)[0].message
+
+
+def test_values_nan_and_zero_delta(tmp_path: Path, llama_base) -> None:
+    bad = torch.full((8, 32), float("nan"))
+    folder = write_peft_adapter(
+        tmp_path / "a", GOOD, tensors_override={"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": bad}
+    )
+    info = read_peft_folder(folder)
+    reader = safetensors_reader([str(folder / "adapter_model.safetensors")])
+    found = errors(check_adapters([info], base=llama_base, tensor_reader=reader))
+    assert [f.module for f in found] == ["model.layers.0.self_attn.q_proj"] and "NaN" in found[0].message
+    zeros = {f"base_model.model.{m}.lora_B.weight": torch.zeros(o, r) for m, (_, o, r) in GOOD.items()}
+    folder = write_peft_adapter(tmp_path / "z", GOOD, tensors_override=zeros)
+    reader = safetensors_reader([str(folder / "adapter_model.safetensors")])
+    findings = check_adapters([read_peft_folder(folder)], base=llama_base, tensor_reader=reader)
+    assert any("ΔW = 0" in f.message for f in findings)
+
+
+def test_empty_adapter_is_an_error(tmp_path: Path) -> None:
+    info = read_peft_folder(write_peft_adapter(tmp_path / "a", GOOD))
+    info.modules = []
+    assert "empty" in errors(check_adapters([info]))[0].message
+
+
+def test_check_command_on_paths(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from loramgr.cli.main import cli
+
+    model_dir = tmp_path / "base"
+    model_dir.mkdir()
+    save_file({k: v.clone().contiguous() for k, v in tiny_llama().state_dict().items()},
+              str(model_dir / "model.safetensors"))
+    good = write_peft_adapter(tmp_path / "good", GOOD)
+    big = write_peft_adapter(tmp_path / "big", {**GOOD, "model.layers.0.self_attn.q_proj": (32, 32, 24)})
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["check", str(good), "--base", str(model_dir), "--engine", "vllm"])
+    assert ok.exit_code == 0, ok.output
+    assert "ok: 1 adapter(s), engine vllm:max-rank=16" in ok.output
+    bad = runner.invoke(cli, ["check", str(big), "--base", str(model_dir), "--engine", "vllm"])
+    assert bad.exit_code == 1 and "--max-lora-rank 32" in bad.output
+    usage = runner.invoke(cli, ["check", str(good), "--engine", "vllm:max-rank=17"])
+    assert usage.exit_code == 2 and "max_lora_rank choices" in usage.output
+
+
+def test_kohya_base_hash_compared_with_a_single_file_base(tmp_path: Path) -> None:
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from loramgr.basemodel import fingerprint_base_model
+
+    pipe = TinyPipeline()
+    base_file = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in pipe.state_dict().items()}, str(base_file))
+    digest = hashlib.sha256(base_file.read_bytes()).hexdigest()
+    base = fingerprint_base_model(base_file, content=True)
+    from test_kohya import KOHYA_METADATA
+
+    same = read_adapter_file(write_kohya_file(tmp_path / "a.safetensors", pipe,
+                                              metadata={**KOHYA_METADATA, "ss_new_sd_model_hash": digest}))
+    other = read_adapter_file(write_kohya_file(tmp_path / "b.safetensors", pipe))
+    assert not [f for f in check_adapters([same], base=base) if "another fine-tune" in f.message]
+    assert [f for f in check_adapters([other], base=base) if "another fine-tune" in f.message]
+    assert any("different base files" in f.message for f in check_adapters([same, other]))

@@ -1,0 +1,101 @@
+"""diffusers-saved files: PEFT-style keys under unet./text_encoder. and lora_adapter_metadata."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_kohya import TinyPipeline, TinyUNet, kohya_delta
+
+from loramgr.adapter import LoraAdapter
+from loramgr.errors import UnsupportedAdapterError
+from loramgr.formats.convert import to_diffusers_file, to_kohya_file
+from loramgr.formats.detect import read_adapter_file
+
+
+def save_like_diffusers(tmp_path: Path, *, use_dora: bool = False) -> tuple[Path, dict[str, torch.Tensor], object]:
+    """What diffusers' save_lora_weights writes: PEFT state dict under "unet.", config packed per component."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    config = LoraConfig(
+        r=4,
+        lora_alpha=2,
+        target_modules=["conv_in", "conv1", "proj_in", "to_q", "to_k"],
+        rank_pattern={"to_k": 8},
+        alpha_pattern={"proj_in": 12},
+        use_dora=use_dora,
+        init_lora_weights=False,  # random B: non-zero ΔW
+    )
+    torch.manual_seed(1)
+    model = get_peft_model(copy.deepcopy(TinyUNet()), config)
+    # diffusers models carry the adapter themselves: no PeftModel "base_model.model." in the keys
+    state = {
+        f"unet.{k.removeprefix('base_model.model.')}": v.detach().contiguous()
+        for k, v in get_peft_model_state_dict(model).items()
+    }
+    packed = {f"unet.{k}": v for k, v in json.loads(json.dumps(config.to_dict(), default=list)).items()}
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(state, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(packed)})
+    return path, state, model
+
+
+def test_reads_diffusers_file_with_metadata_and_true_scales(tmp_path: Path) -> None:
+    path, _, model = save_like_diffusers(tmp_path)
+    info = read_adapter_file(path)
+    assert (info.format, info.adapter_type) == ("diffusers", "lora")
+    assert info.module("unet.down_blocks.0.attentions.0.proj_in").alpha == 12
+    assert info.module("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k").rank == 8
+    conv = info.module("unet.down_blocks.0.resnets.0.conv1")
+    assert (conv.kind, conv.kernel) == ("conv", (4, 8, 3, 3))
+    # ΔW from loramgr's description equals PEFT's own delta_weight
+    adapter = LoraAdapter(info, tmp_path)
+    peft_modules = dict(model.base_model.model.named_modules())
+    for spec in info.modules:
+        layer = peft_modules[spec.name.removeprefix("unet.")]
+        want = layer.get_delta_weight("default").detach().double().reshape(spec.out_features, -1)
+        assert torch.allclose(adapter.delta(spec.name, torch.float64), want, atol=1e-6), spec.name
+
+
+def test_old_lora_down_up_keys_without_metadata_mean_alpha_equals_rank(tmp_path: Path) -> None:
+    tensors = {
+        "unet.conv_in.lora.down.weight": torch.randn(2, 4, 3, 3),
+        "unet.conv_in.lora.up.weight": torch.randn(8, 2, 1, 1),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight": torch.randn(2, 8),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight": torch.randn(8, 2),
+    }
+    save_file(tensors, str(tmp_path / "old.safetensors"))
+    info = read_adapter_file(tmp_path / "old.safetensors")
+    assert info.format == "diffusers" and {m.alpha for m in info.modules} == {2.0}
+    assert any("alpha taken equal to rank" in n for n in info.notes)
+
+
+def test_dora_is_recognised_and_refused_for_conversion(tmp_path: Path) -> None:
+    path, state, _ = save_like_diffusers(tmp_path, use_dora=True)
+    assert any("lora_magnitude_vector" in k for k in state)
+    info = read_adapter_file(path)
+    assert info.adapter_type == "dora" and info.use_dora
+    assert any(m.extra_keys for m in info.modules)  # the magnitudes are kept, not dropped
+    with pytest.raises(UnsupportedAdapterError, match="DoRA"):
+        to_kohya_file(LoraAdapter(info, tmp_path), tmp_path / "k.safetensors")
+
+
+def test_diffusers_to_kohya_keeps_delta_and_back(tmp_path: Path) -> None:
+    path, _, _ = save_like_diffusers(tmp_path)
+    info = read_adapter_file(path)
+    adapter = LoraAdapter(info, tmp_path)
+    kohya = to_kohya_file(adapter, tmp_path / "k.safetensors")
+    written = load_file(str(kohya))
+    for spec in info.modules:
+        name = "lora_unet_" + spec.name.removeprefix("unet.").replace(".", "_")
+        assert torch.allclose(kohya_delta(written, name), adapter.delta(spec.name, torch.float64), atol=1e-6)
+    again = to_diffusers_file(LoraAdapter(read_adapter_file(kohya), tmp_path), tmp_path / "d.safetensors",
+                              module_paths=[f"unet.{n}" for n, _ in TinyPipeline().unet.named_modules() if n])
+    back = read_adapter_file(again)
+    for spec in info.modules:
+        assert torch.allclose(LoraAdapter(back, tmp_path).delta(spec.name, torch.float64),
+                              adapter.delta(spec.name, torch.float64), atol=1e-6)

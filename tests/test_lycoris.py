@@ -1,0 +1,96 @@
+"""LyCORIS and other non-LoRA types: recognised by their keys, kept whole, refused where LoRA maths is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loramgr.adapter import LoraAdapter
+from loramgr.errors import UnsupportedAdapterError
+from loramgr.formats.convert import to_diffusers_file, to_kohya_file, to_peft_folder
+from loramgr.formats.detect import read_adapter_file
+from loramgr.formats.lycoris import require_plain_lora
+
+M = "lora_unet_down_blocks_0_attentions_0_proj_in"  # a Linear 8 -> 16
+r = 4
+
+
+def t(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape)
+
+
+# tensors per module as LyCORIS / kohya write them (suffix -> tensor)
+TYPES: dict[str, tuple[str, dict[str, torch.Tensor]]] = {
+    "loha": ("LoHa", {"hada_w1_a": t(16, r), "hada_w1_b": t(r, 8), "hada_w2_a": t(16, r), "hada_w2_b": t(r, 8),
+                      "alpha": torch.tensor(2.0)}),
+    "lokr": ("LoKr", {"lokr_w1": t(4, 2), "lokr_w2_a": t(4, r), "lokr_w2_b": t(r, 4), "alpha": torch.tensor(2.0)}),
+    "full": ("full", {"diff": t(16, 8), "diff_b": t(16)}),
+    "ia3": ("IA3", {"weight": t(16), "on_input": torch.tensor(False)}),
+    "glora": ("GLoRA", {"a1.weight": t(8, r), "a2.weight": t(r, 8), "b1.weight": t(16, r), "b2.weight": t(r, 8),
+                        "alpha": torch.tensor(4.0)}),
+    "oft": ("OFT", {"oft_blocks": t(4, 4, 4), "alpha": torch.tensor(1.0)}),
+    "boft": ("BOFT", {"oft_blocks": t(2, 4, 4, 4), "alpha": torch.tensor(1.0)}),
+    "dora": ("DoRA", {"lora_down.weight": t(r, 8), "lora_up.weight": t(16, r), "alpha": torch.tensor(2.0),
+                      "dora_scale": t(1, 8)}),
+    "lora_tucker": ("Tucker", {"lora_down.weight": t(r, 8, 1, 1), "lora_mid.weight": t(r, r, 3, 3),
+                               "lora_up.weight": t(16, r, 1, 1), "alpha": torch.tensor(4.0)}),
+}
+
+
+def write(tmp_path: Path, kind: str) -> Path:
+    tensors = {f"{M}.{suffix}": value for suffix, value in TYPES[kind][1].items()}
+    path = tmp_path / f"{kind}.safetensors"
+    save_file(tensors, str(path), metadata={"ss_network_module": "lycoris.kohya"})
+    return path
+
+
+@pytest.mark.parametrize("kind", list(TYPES))
+def test_type_recognised_kept_whole_and_refused(tmp_path: Path, kind: str) -> None:
+    path = write(tmp_path, kind)
+    info = read_adapter_file(path)
+    assert info.format == "kohya" and info.adapter_type == kind
+    spec = info.module(M)
+    kept = {spec.key_a, spec.key_b, spec.key_alpha, *spec.extra_keys} - {"", None}
+    assert kept == set(load_file(str(path))), "every tensor belongs to the module description"
+    name = TYPES[kind][0]
+    with pytest.raises(UnsupportedAdapterError, match=name) as err:
+        require_plain_lora(info, "combine")
+    assert "\n" not in str(err.value) and err.value.adapter_type in (kind, "dora")
+    adapter = LoraAdapter(info, tmp_path)
+    for convert in (
+        lambda: to_peft_folder(adapter, tmp_path / "p", module_paths=["unet.down_blocks.0.attentions.0.proj_in"]),
+        lambda: to_diffusers_file(adapter, tmp_path / "d.safetensors"),
+    ):
+        with pytest.raises(UnsupportedAdapterError, match=name):
+            convert()
+
+
+def test_shapes_described_where_meaningful(tmp_path: Path) -> None:
+    loha = read_adapter_file(write(tmp_path, "loha")).module(M)
+    assert (loha.rank, loha.in_features, loha.out_features, loha.alpha) == (4, 8, 16, 2.0)
+    lokr = read_adapter_file(write(tmp_path, "lokr")).module(M)
+    assert (lokr.in_features, lokr.out_features) == (8, 16)
+    glora = read_adapter_file(write(tmp_path, "glora")).module(M)
+    assert (glora.rank, glora.in_features, glora.out_features, glora.alpha) == (4, 8, 16, 4.0)
+    boft = read_adapter_file(write(tmp_path, "boft")).module(M)
+    assert boft.out_features == 16  # block_num x block_size
+    full = read_adapter_file(write(tmp_path, "full")).module(M)
+    assert (full.in_features, full.out_features) == (8, 16)
+    tucker = read_adapter_file(write(tmp_path, "lora_tucker")).module(M)
+    assert (tucker.kind, tucker.kernel, tucker.in_features) == ("conv", (4, 8, 3, 3), 72)
+
+
+def test_lycoris_file_exports_to_kohya_verbatim(tmp_path: Path) -> None:
+    path = write(tmp_path, "loha")
+    out = to_kohya_file(LoraAdapter(read_adapter_file(path), tmp_path), tmp_path / "copy.safetensors")
+    original, written = load_file(str(path)), load_file(str(out))
+    assert original.keys() == written.keys()
+    assert all(torch.equal(original[k], written[k]) for k in original)
+
+
+def test_plain_lora_passes_the_guard(tmp_path: Path) -> None:
+    save_file({f"{M}.lora_down.weight": t(2, 8), f"{M}.lora_up.weight": t(16, 2)}, str(tmp_path / "l.safetensors"))
+    require_plain_lora(read_adapter_file(tmp_path / "l.safetensors"), "combine")
