@@ -60,7 +60,7 @@ def install_from_hub(
     offline: bool | None = None,
 ) -> InstallResult:
     from .hub import download_adapter, parse_hub_reference
-    from .install import link_base
+    from .install import install_path
 
     source = parse_hub_reference(text)
 
@@ -91,15 +91,14 @@ def install_from_hub(
             "card": download.card,
         }
     }
-    result = registry.install(
+    return install_path(
+        registry,
         target,
         name=name or default_name,
         version=version or version_from_revision(source.revision),
         allow_pickle=allow_pickle,
         source_label=f"hf://{source.repo_id}@{download.commit}" + (f":{source.subfolder}" if source.subfolder else ""),
         source_details=details,
+        base=base,
         progress=progress,
     )
-    if base is not None or result.created:
-        link_base(registry, result, base)
-    return result

@@ -7,11 +7,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .errors import ConflictError
+from .adapter import AdapterInfo
+from .errors import ConflictError, IncompatibleError, LoramgrError
 from .registry import InstallResult, Registry
+from .registry.sources import read_local
 
 Progress = Callable[[str, int, int], None]
 HUB_SCHEME = "hf://"
@@ -34,21 +38,84 @@ def install_any(
         return install_from_hub(
             registry, source, name=name, version=version, allow_pickle=allow_pickle, base=base, progress=progress
         )
-    result = registry.install(
-        Path(source), name=name, version=version, allow_pickle=allow_pickle, progress=progress
-    )
-    if base is not None or result.created:
-        link_base(registry, result, base)
-    return result
+    return install_path(registry, Path(source), name=name, version=version, allow_pickle=allow_pickle, base=base,
+                        progress=progress)
 
 
-def link_base(registry: Registry, result: InstallResult, base: str | None) -> None:
-    """Record the version's base model: the one named, or a registered one matching its declared name."""
-    try:
-        from .basemodels import link_version_to_base
-    except ImportError:  # base-model registry not available in this build
-        return
-    link_version_to_base(registry, f"{result.name}=={result.version}", base)
+def install_path(
+    registry: Registry,
+    path: Path,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    allow_pickle: bool = False,
+    base: str | None = None,
+    source_label: str | None = None,
+    source_details: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> InstallResult:
+    """Validate, match a base model, store and register an adapter on disk.
+
+    With ``base`` (a registered base model's name) the adapter must fit it: kohya names are resolved
+    to the base's module paths and every module's shape is checked before anything is stored.
+    Without it, a registered base whose name the adapter declares is linked when the adapter fits.
+    """
+    from .registry.bases import find_base
+
+    explicit = find_base(registry, base) if base else None
+    if base and explicit is None:
+        from .registry.bases import get_base
+
+        get_base(registry, base)  # raises the not-found error with its hint
+    registry.store.tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=registry.store.tmp_dir) as scratch:
+        local = read_local(path, allow_pickle=allow_pickle, scratch=Path(scratch), progress=progress)
+        info, base_id = local.info, None
+        if explicit is not None:
+            info = fit_to_base(info, explicit[1], label=str(path))
+            base_id = explicit[0]
+        else:
+            declared = _declared_base(info)
+            implicit = find_base(registry, declared) if declared else None
+            if implicit is not None:
+                try:
+                    info, base_id = fit_to_base(info, implicit[1], label=str(path)), implicit[0]
+                except LoramgrError as exc:
+                    info.notes.append(f"declares base {declared}, which is registered, but does not fit it ({exc})")
+        return registry.add(
+            info,
+            local.files,
+            name=name or local.default_name,
+            version=version,
+            source=source_label or str(path.resolve()),
+            source_details=source_details,
+            base_model_id=base_id,
+            progress=progress,
+        )
+
+
+def _declared_base(info: AdapterInfo) -> str | None:
+    kohya = info.config.get("kohya") or {}
+    return info.base_model or kohya.get("ss_sd_model_name") or info.file_metadata.get("ss_sd_model_name")
+
+
+def fit_to_base(info: AdapterInfo, fingerprint: Any, *, label: str) -> AdapterInfo:
+    """Resolve kohya names against the base and refuse an adapter whose modules do not fit it."""
+    from .basemodel import module_shapes
+    from .check import check_adapters
+    from .formats.kohya import resolve_kohya_info
+
+    info = resolve_kohya_info(info, module_shapes(fingerprint))
+    errors = [f for f in check_adapters([info], base=fingerprint, labels=[label]) if f.severity == "error"]
+    if errors:
+        first = errors[0]
+        where = f" module {first.module}" if first.module else ""
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise IncompatibleError(
+            f"{label}:{where} {first.message}{more}",
+            hint=f"this adapter does not fit base model {fingerprint.name}; run 'loramgr check' for every finding",
+        )
+    return info
 
 
 def export_any(registry: Registry, reference: str, destination: str | os.PathLike[str], *, fmt: str = "peft") -> Path:
@@ -58,10 +125,11 @@ def export_any(registry: Registry, reference: str, destination: str | os.PathLik
         if row["format"] != "peft":
             from .formats.convert import export_converted
 
-            return export_converted(registry.open_adapter(reference), destination, fmt="peft")
+            return export_converted(registry.open_adapter(reference), destination, fmt="peft",
+                                    base=registry.base_of(reference))
         return registry.export(reference, destination)
     if destination.exists() and (destination.is_file() or any(destination.iterdir())):
         raise ConflictError(f"{destination} exists", hint="choose a new file or folder name")
     from .formats.convert import export_converted
 
-    return export_converted(registry.open_adapter(reference), destination, fmt=fmt)
+    return export_converted(registry.open_adapter(reference), destination, fmt=fmt, base=registry.base_of(reference))

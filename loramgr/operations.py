@@ -50,13 +50,20 @@ def open_sources(registry: Registry, sources: Sequence[RecipeSource]) -> list[Lo
     return adapters
 
 
-def run_checks(adapters: Sequence[LoraAdapter], options: MergeOptions) -> list[str]:
-    """The same compatibility checks as ``loramgr check``, before any tensor is read."""
-    try:
-        from .check import check_adapters
-    except ImportError:  # checks not available in this build
-        return []
-    findings = check_adapters([a.info for a in adapters], base=None, engine=None, labels=[a.label for a in adapters])
+def run_checks(adapters: Sequence[LoraAdapter], options: MergeOptions, bases: Sequence[Any] | None = None) -> list[str]:
+    """The same compatibility checks as ``loramgr check``, before any tensor is read.
+
+    ``bases`` are the base fingerprints the adapters were installed for (None where unknown); when all
+    share one, every module is checked against it too.
+    """
+    from .check import check_adapters
+
+    bases = list(bases) if bases is not None else [None] * len(adapters)
+    known = [b for b in bases if b is not None]
+    common = known[0] if len(known) == len(bases) and len({b.structural for b in known}) == 1 else None
+    findings = check_adapters(
+        [a.info for a in adapters], base=common, engine=None, labels=[a.label for a in adapters], adapter_bases=bases
+    )
     errors = [f for f in findings if f.severity == "error"]
     if options.allow_different_bases:
         errors = [f for f in errors if "base" not in f.message]
@@ -66,13 +73,13 @@ def run_checks(adapters: Sequence[LoraAdapter], options: MergeOptions) -> list[s
     return [f"{f.adapter}: {f.message}" for f in findings if f.severity == "warning"]
 
 
-def merge_adapters(adapters: Sequence[LoraAdapter], options: MergeOptions, *,
+def merge_adapters(adapters: Sequence[LoraAdapter], options: MergeOptions, *, bases: Sequence[Any] | None = None,
                    progress: Progress | None = None) -> CombineResult:
     """Check, merge, and describe the result with its recipe (kept on ``merged.provenance``)."""
     from .merge import combine
 
     adapters = list(adapters)
-    notes = run_checks(adapters, options)
+    notes = run_checks(adapters, options, bases)
     merged = combine(adapters, options, progress=progress)
     weights = merged.options.weights or (1.0,) * len(adapters)
     recipe = Recipe(
@@ -104,7 +111,8 @@ def combine_sources(
         raise ConflictError(f"{output} exists and is not empty", hint="choose a new or empty folder")
     adapters = open_sources(registry, sources)
     options = replace(options, weights=tuple(s.weight for s in sources))
-    result = merge_adapters(adapters, options, progress=progress)
+    bases = [registry.base_of(a.label) for a in adapters]
+    result = merge_adapters(adapters, options, bases=bases, progress=progress)
     if output is not None:
         result.output = result.merged.save_pretrained(output)
         return result

@@ -32,7 +32,8 @@ def render() -> str:
         "",
     ]
     for path, command in all_commands():
-        with click.Context(command, info_name=path, max_content_width=100, terminal_width=100) as ctx:
+        with click.Context(command, info_name=path, max_content_width=100, terminal_width=100,
+                           help_option_names=["-h", "--help"]) as ctx:
             help_text = command.get_help(ctx)
         parts += [f"## `{path}`", "", "```", help_text.rstrip(), "```", ""]
     return "\n".join(parts)

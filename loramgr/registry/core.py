@@ -7,6 +7,7 @@ leaves ``list`` unchanged and at most orphan blobs or temporary files, which ``g
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -32,6 +33,12 @@ from .records import InstallResult, ManifestEntry, Parent, VersionRow, manifest_
 from .sources import read_local
 
 Progress = Callable[[str, int, int], None]
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_version(text: str) -> Version:
+    # list sorts every version; most registries repeat the same few strings (0.1.0, 1.0.0, ...)
+    return Version(text)
 
 
 def _now() -> datetime:
@@ -101,6 +108,7 @@ class Registry:
         source_details: dict[str, Any] | None = None,
         parents: list[Parent] | None = None,
         recipe: dict[str, Any] | None = None,
+        base_model_id: int | None = None,
         progress: Progress | None = None,
     ) -> InstallResult:
         """Store validated adapter files and register them as a version (the step every install ends in)."""
@@ -139,6 +147,7 @@ class Registry:
                     source_details=source_details or {},
                     parents=parents or [],
                     recipe=recipe,
+                    base_model_id=base_model_id,
                 )
 
     def _existing_digest(self, canonical: str, version: Version) -> str | None:
@@ -164,6 +173,7 @@ class Registry:
         source_details: dict[str, Any],
         parents: list[Parent],
         recipe: dict[str, Any] | None,
+        base_model_id: int | None = None,
     ) -> InstallResult:
         size = sum(e.size for e in entries)
         adapter = session.scalar(select(Adapter).where(Adapter.name == canonical))
@@ -197,6 +207,7 @@ class Registry:
             use_dora=info.use_dora,
             base_model_name=info.base_model,
             base_model_revision=info.base_model_revision,
+            base_model_id=base_model_id,
             task_type=info.task_type,
             n_modules=len(info.modules),
             n_params=info.n_params,
@@ -305,7 +316,7 @@ class Registry:
             )
             for r in rows
         ]
-        result.sort(key=lambda v: (v.name, Version(v.version)))
+        result.sort(key=lambda v: (v.name, _parsed_version(v.version)))
         return result
 
     def show(self, reference: str) -> dict[str, Any]:
@@ -372,6 +383,28 @@ class Registry:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return destination
+
+    # -- base models (see registry/bases.py) ------------------------------------------------------
+
+    def add_base(self, fingerprint: Any) -> bool:
+        from .bases import add_base
+
+        return add_base(self, fingerprint)
+
+    def list_bases(self) -> list[Any]:
+        from .bases import list_bases
+
+        return list_bases(self)
+
+    def get_base(self, name: str) -> Any:
+        from .bases import get_base
+
+        return get_base(self, name)
+
+    def base_of(self, reference: str) -> Any:
+        from .bases import base_of
+
+        return base_of(self, reference)
 
     def _tmp(self) -> Path:
         self.store.tmp_dir.mkdir(parents=True, exist_ok=True)
