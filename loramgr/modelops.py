@@ -73,6 +73,10 @@ class InMemoryAdapter(LoraAdapter):
             for key, t in tensors.items()
         }
         header = SafetensorsHeader(path=Path(label), tensors=entries)
+        for key in ("r", "lora_alpha"):  # describe() relies on these, as read_peft_folder checks them
+            value = config.get(key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise InvalidAdapterError(f"{label}: config {key} must be a positive number, found {value!r}")
         super().__init__(describe(dict(config), header, weights_file=""), label, label=label)
         self._tensors = tensors
 
@@ -97,9 +101,7 @@ def as_lora_adapter(adapter: AdapterLike) -> LoraAdapter:
         config = {k: (getattr(v, "value", v) if k == "peft_type" else v) for k, v in dict(config).items()}
         label = getattr(adapter, "label", None) or f"<{type(adapter).__name__}>"
         return InMemoryAdapter(config, adapter.tensors, label=str(label))
-    raise TypeError(
-        f"expected a LoraAdapter or an object with .config and .tensors, got {type(adapter).__name__}"
-    )
+    raise TypeError(f"expected a LoraAdapter or an object with .config and .tensors, got {type(adapter).__name__}")
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,9 @@ class Mismatch:
     """One reason an adapter does not fit a model: the adapter's module name and what is wrong."""
 
     module: str
-    problem: str  # "missing" | "ambiguous" | "duplicate" | "not a weight layer" | "kind" | "shape" | "rank"
+    # "missing" | "ambiguous" | "duplicate" | "not a weight layer" | "kind" | "shape"; fuse adds
+    # "tied", hotswap "rank" | "not loaded"
+    problem: str
     detail: str
 
     def __str__(self) -> str:
@@ -136,11 +140,7 @@ class ModelMismatchError(IncompatibleError):
 
 
 def _candidate_paths(model: torch.nn.Module) -> set[str]:
-    return {
-        path
-        for path, _ in model.named_modules()
-        if path and not _PEFT_INTERNALS.intersection(path.split("."))
-    }
+    return {path for path, _ in model.named_modules() if path and not _PEFT_INTERNALS.intersection(path.split("."))}
 
 
 def resolve_names(model: torch.nn.Module, names: Iterable[str]) -> tuple[dict[str, str], list[Mismatch]]:
@@ -261,19 +261,19 @@ def layout_of(module: torch.nn.Module) -> _Layout | None:
 
 
 def _spec_problem(spec: ModuleSpec, path: str, layout: _Layout | None) -> Mismatch | None:
+    # name the model's path only where it differs from the adapter's name: the message stays short
+    where = "the model's layer" if path == spec.name else f"the model's {path}"
     if layout is None:
-        return Mismatch(spec.name, "not a weight layer", f"{path} has no weight matrix to adapt")
+        return Mismatch(spec.name, "not a weight layer", f"{where} has no weight matrix to adapt")
     if (spec.kind == "embedding") != (layout.kind == "embedding"):
-        return Mismatch(
-            spec.name, "kind", f"the adapter has a {spec.kind} LoRA, {path} is a {layout.kind} layer"
-        )
+        return Mismatch(spec.name, "kind", f"the adapter has a {spec.kind} LoRA, {where} is {layout.kind}")
     if (spec.out_features, spec.in_features) != (layout.out_features, layout.in_features):
         what = "dim x num_embeddings" if spec.kind == "embedding" else "out x in"
         return Mismatch(
             spec.name,
             "shape",
             f"the adapter's delta is {spec.out_features} x {spec.in_features} ({what}), "
-            f"{path} needs {layout.out_features} x {layout.in_features}",
+            f"{where} needs {layout.out_features} x {layout.in_features}",
         )
     return None
 
@@ -320,43 +320,72 @@ def refuse_non_additive(lora: LoraAdapter, operation: str) -> None:
         )
 
 
-def fuse(model: torch.nn.Module, adapter: AdapterLike, scale: float = 1.0) -> None:
+def fuse(model: torch.nn.Module, adapter: AdapterLike, scale: float = 1.0, *, allow_tied: bool = False) -> None:
     """Add ``scale`` · ΔW of every adapter module to the model's weights, in place.
 
     The delta is computed in float32 on the weight's device and the sum cast back to the weight's
     dtype, so a bfloat16 model loses no more precision than one rounding. The whole adapter is
     checked first: a model is never left half-fused by a mismatch found halfway.
+
+    A weight shared by several modules (GPT-2's ``wte`` and ``lm_head``) is refused unless
+    ``allow_tied``: fusing would change the other module too, which the adapter never did.
     """
-    _add_deltas(model, adapter, scale, "fuse")
+    _add_deltas(model, adapter, scale, "fuse", allow_tied)
 
 
-def unfuse(model: torch.nn.Module, adapter: AdapterLike, scale: float = 1.0) -> None:
+def unfuse(model: torch.nn.Module, adapter: AdapterLike, scale: float = 1.0, *, allow_tied: bool = False) -> None:
     """Subtract ``scale`` · ΔW: the exact inverse of :func:`fuse` up to float rounding.
 
     A float32 model gets its weights back within about 1e-6; in half precision each fuse and unfuse
     rounds once, so keep a copy of the weights if they must come back bit for bit.
     """
-    _add_deltas(model, adapter, -scale, "unfuse")
+    _add_deltas(model, adapter, -scale, "unfuse", allow_tied)
 
 
-def _add_deltas(model: torch.nn.Module, adapter: AdapterLike, factor: float, operation: str) -> None:
+def _refuse_tied(model: torch.nn.Module, lora: LoraAdapter, mapping: dict[str, str], operation: str) -> None:
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name.removesuffix(".weight"))
+    problems = []
+    for name, path in mapping.items():
+        sharing = owners.get(id(base_layer(model.get_submodule(path)).weight), [])
+        if len(sharing) > 1:
+            others = ", ".join(s for s in sharing if s != path and not s.startswith(path + "."))
+            problems.append(Mismatch(name, "tied", f"its weight is shared with {others}"))
+    if problems:
+        raise ModelMismatchError(
+            lora.label,
+            problems,
+            n_modules=len(mapping),
+            hint=f"untie the weights first, or pass allow_tied=True to {operation} into the shared weight",
+        )
+
+
+def _add_deltas(model: torch.nn.Module, adapter: AdapterLike, factor: float, operation: str, allow_tied: bool) -> None:
     import torch
 
     lora, mapping = checked_mapping(model, adapter)
     refuse_non_additive(lora, operation)
     if not math.isfinite(factor):
         raise InvalidAdapterError(f"cannot {operation} with scale {factor}", path=lora.label)
+    if not allow_tied:
+        _refuse_tied(model, lora, mapping, operation)
     with torch.no_grad():
         for name, path in mapping.items():
             module = base_layer(model.get_submodule(path))
             layout = layout_of(module)
-            if layout is None:  # checked_mapping refused these; keeps type checkers informed
+            weight = module.weight
+            if layout is None or not isinstance(weight, torch.Tensor):  # checked_mapping refused these
                 raise IncompatibleError(f"{path} has no weight matrix")
-            weight: torch.Tensor = module.weight
             a, b = lora.factors(name, torch.float32)
-            delta = (b.to(weight.device) @ a.to(weight.device)) * (lora.spec(name).scale * factor)
-            delta = layout.to_weight(delta, weight)
-            if weight.dtype == torch.float32:
-                weight.add_(delta)
+            a, b = a.to(weight.device), b.to(weight.device)
+            scale = lora.spec(name).scale * factor
+            if weight.dtype == torch.float32 and weight.is_contiguous():
+                # accumulate in place: no out x in temporary (180 MB for a 7B MLP weight)
+                if layout.transposed:  # W holds (B·A)^T = A^T · B^T
+                    weight.addmm_(a.T, b.T, alpha=scale)
+                else:
+                    weight.view(layout.out_features, -1).addmm_(b, a, alpha=scale)
             else:
+                delta = layout.to_weight((b @ a) * scale, weight)
                 weight.copy_((weight.float() + delta).to(weight.dtype))

@@ -12,6 +12,7 @@ place, like ``peft.utils.hotswap``, but checks the whole new adapter before chan
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from .errors import ConflictError, IncompatibleError, LoramgrError, NotFoundErro
 from .modelops import (
     PEFT_PREFIX,
     AdapterLike,
+    InMemoryAdapter,
     Mismatch,
     ModelMismatchError,
     checked_mapping,
@@ -75,7 +77,8 @@ def apply(model: torch.nn.Module, adapter: AdapterLike, adapter_name: str = "def
 
     folder_config = lora.folder / "adapter_config.json"
     as_is = all(name == path for name, path in mapping.items())
-    if lora.info.format == "peft" and folder_config.is_file() and as_is:
+    on_disk = not isinstance(lora, InMemoryAdapter) and lora.info.format == "peft" and folder_config.is_file()
+    if on_disk and as_is:
         if is_peft:
             model.load_adapter(str(lora.folder), adapter_name=adapter_name)  # type: ignore[operator]
             return model  # type: ignore[return-value]
@@ -88,7 +91,7 @@ def apply(model: torch.nn.Module, adapter: AdapterLike, adapter_name: str = "def
         peft_model: PeftModel = model  # type: ignore[assignment]
     else:
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    result = set_peft_model_state_dict(peft_model, state_dict, adapter_name=adapter_name)
+    result: Any = set_peft_model_state_dict(peft_model, state_dict, adapter_name=adapter_name)
     missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}" in k]
     if result.unexpected_keys or missing:
         raise IncompatibleError(
@@ -104,7 +107,9 @@ def _peft_payload(
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """A LoraConfig targeting exactly the resolved paths, and the state dict PEFT loads into it.
 
-    rank_pattern / alpha_pattern keys are full module paths, so each matches its own module only.
+    PEFT reads rank_pattern / alpha_pattern keys as regexes matching the end of a module path
+    (``layers.1.q_proj`` would also hit ``vision.layers.1.q_proj``), so keys are anchored, escaped
+    full paths, as loramgr.merge writes them: each matches its own module only.
     When modules disagree on rsLoRA, alphas are rewritten as plain alpha = scale · r (same outputs).
     """
     import torch
@@ -122,10 +127,10 @@ def _peft_payload(
     fan_in_fan_out = all(t is not None and t.transposed and t.kind == "linear" for t in transposed)
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT types it int, reads floats fine
         target_modules=sorted(specs),
-        rank_pattern={p: s.rank for p, s in specs.items() if s.rank != rank},
-        alpha_pattern={p: a for p, a in alphas.items() if a != alpha},
+        rank_pattern={_only(p): s.rank for p, s in specs.items() if s.rank != rank},
+        alpha_pattern={_only(p): a for p, a in alphas.items() if a != alpha},
         use_rslora=use_rslora,
         fan_in_fan_out=fan_in_fan_out,
         lora_dropout=0.0,
@@ -149,6 +154,10 @@ def _peft_payload(
     return config, {k: torch.as_tensor(v) for k, v in state_dict.items()}
 
 
+def _only(path: str) -> str:
+    return "^" + re.escape(path)
+
+
 def _factor_params(layer: Any, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(A, B) parameters of one PEFT LoRA layer for ``adapter_name``, in PEFT's storage layout."""
     if adapter_name in getattr(layer, "lora_A", {}):
@@ -167,6 +176,9 @@ def hotswap(peft_model: PeftModel, adapter_name: str, new_adapter: AdapterLike) 
     get zero factors, so the model computes exactly what a fresh load of the new adapter would.
     Refused, with every offending module listed and the model untouched: modules that carry no
     loaded LoRA layer, a rank larger than the loaded one, a DoRA adapter, a merged adapter.
+
+    As with PEFT's hotswap, ``peft_model.peft_config[adapter_name]`` stays the first adapter's (rank,
+    alpha): save the new adapter from its own source, not with ``peft_model.save_pretrained``.
     """
     require_peft()
     import torch
@@ -186,6 +198,11 @@ def hotswap(peft_model: PeftModel, adapter_name: str, new_adapter: AdapterLike) 
     loaded: dict[str, Any] = {}
     for path, module in base.named_modules():
         if isinstance(module, LoraLayer) and _factor_params(module, adapter_name) is not None:
+            if getattr(module, "use_dora", {}).get(adapter_name):
+                raise IncompatibleError(
+                    f"adapter {adapter_name!r} is a DoRA adapter: its magnitudes belong to its own weights",
+                    hint="load the new adapter with apply() under another name",
+                )
             if adapter_name in module.merged_adapters:
                 raise ConflictError(
                     f"adapter {adapter_name!r} is merged into the base weights",
@@ -199,16 +216,13 @@ def hotswap(peft_model: PeftModel, adapter_name: str, new_adapter: AdapterLike) 
     for name, path in mapping.items():
         layer = loaded.get(path)
         if layer is None:
-            problems.append(Mismatch(name, "not loaded", f"{path} carries no LoRA layer of {adapter_name!r}"))
+            where = "the model's layer" if path == name else f"the model's {path}"
+            problems.append(Mismatch(name, "not loaded", f"{where} has no LoRA layer of {adapter_name!r}"))
             continue
         params = _factor_params(layer, adapter_name)
         loaded_rank = params[0].shape[0] if params else 0
         if lora.spec(name).rank > loaded_rank:
-            problems.append(
-                Mismatch(
-                    name, "rank", f"rank {lora.spec(name).rank} > the loaded rank {loaded_rank} of {path}"
-                )
-            )
+            problems.append(Mismatch(name, "rank", f"rank {lora.spec(name).rank} > the loaded rank {loaded_rank}"))
     if problems:
         raise ModelMismatchError(
             lora.label,
@@ -221,16 +235,18 @@ def hotswap(peft_model: PeftModel, adapter_name: str, new_adapter: AdapterLike) 
     with torch.no_grad():
         for path, layer in loaded.items():
             a_param, b_param = _factor_params(layer, adapter_name)  # type: ignore[misc]
-            name = by_path.get(path)
-            a_param.zero_()
-            b_param.zero_()
-            if name is None:
+            new_name = by_path.get(path)
+            if new_name is None:  # not targeted by the new adapter: contributes nothing
+                a_param.zero_()
+                b_param.zero_()
                 continue
-            spec = lora.spec(name)
-            a, b = lora.factors(name)
+            spec = lora.spec(new_name)
+            a, b = lora.factors(new_name)
             r = spec.rank
             a_param[:r].copy_(a.reshape(a_param[:r].shape))
             b_param[:, :r].copy_(b.reshape(b_param[:, :r].shape))
+            a_param[r:].zero_()  # the padding PEFT's hotswap also leaves: zero rows and columns
+            b_param[:, r:].zero_()
             _set_scaling(layer, adapter_name, spec.scale)
 
 
