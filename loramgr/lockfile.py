@@ -100,18 +100,17 @@ def read_requirements(path: str | Path) -> list[Requirement]:
 
 def lock(registry: Registry, requirements: list[Requirement], *, progress: Progress | None = None) -> list[Locked]:
     """Resolve every requirement to an exact version; Hub entries are installed (or found) first."""
-    from .hub_install import install_from_hub
+    from .hub_install import install_hub_reference
 
     locked = []
     for req in requirements:
         if req.hub:
-            result = install_from_hub(registry, req.hub_reference, name=req.name, progress=progress)
-            reference = result.ref
+            result, hub = install_hub_reference(registry, req.hub_reference, name=req.name, progress=progress)
+            shown = registry.show(result.ref)
         else:
-            reference = req.name + (req.spec if req.spec not in ("", "*") else "")
-        shown = registry.show(reference)
-        # a registry entry installed from the Hub keeps its source, so sync can fetch it elsewhere
-        hub = (shown.get("source_details") or {}).get("hub") or {}
+            shown = registry.show(req.name + (req.spec if req.spec not in ("", "*") else ""))
+            # a registry entry installed from the Hub keeps its source, so sync can fetch it elsewhere
+            hub = (shown.get("source_details") or {}).get("hub") or {}
         locked.append(Locked(
             name=shown["name"], version=shown["version"], digest=shown["digest"], files=shown["files"],
             hub=hub.get("repo"), revision=hub.get("revision"), commit=hub.get("commit"),
@@ -205,7 +204,7 @@ def _fetch(entry: Locked, *, offline: bool | None, progress: Progress | None) ->
                                  digest=entry.digest, hint="the lock and the repository disagree; re-lock")
         entries.append(ManifestEntry(f["path"], sha256_file(path), path.stat().st_size))
     if manifest_digest(entries) != entry.digest:
-        raise IntegrityError(f"{entry.name}=={entry.version}: the files at {entry.hub}@{entry.commit[:12]} do not "
+        raise IntegrityError(f"{entry.name}=={entry.version}: the files at {entry.hub}@{download.commit[:12]} do not "
                              f"match the lock's digest {entry.digest[:19]}", digest=entry.digest,
                              hint="nothing was installed; check the cache or re-lock")
     details = {"hub": {"repo": entry.hub, "revision": entry.revision, "commit": entry.commit,

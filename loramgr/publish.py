@@ -34,7 +34,7 @@ def prepare_push(registry: Registry, reference: str, *, repo_id: str, private: b
         if shown.get("parents"):
             lineage = {"method": (shown.get("recipe") or {}).get("method"), "sources": shown["parents"]}
         card = render_model_card(
-            shown,
+            {**shown, "format": fmt} if fmt != "peft" else shown,  # the card describes the files uploaded
             name=shown["name"],
             version=shown["version"],
             repo_id=repo_id,

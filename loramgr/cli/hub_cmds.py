@@ -30,8 +30,12 @@ def push(reference: str, repo_id: str, private: bool, fmt: str, dry_run: bool) -
             click.echo(f"  README.md  {human_size(len(plan.card.encode()))}\n")
             click.echo(plan.card, nl=False)
             return
-        commit = run_push(plan, folder, notify=click.echo)
-    click.echo(f"pushed {reference} to {repo_id}@{plan.tag} (commit {commit[:12]})")
+        said: list[str] = []  # push only speaks when the tag already holds these files
+        commit = run_push(plan, folder, notify=said.append)
+    for line in said:
+        click.echo(line)
+    if not said:
+        click.echo(f"pushed {reference} to {repo_id}@{plan.tag} (commit {commit[:12]})")
 
 
 @click.command(name="lock")
