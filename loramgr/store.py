@@ -5,7 +5,7 @@ adapters or versions contain it. Writes go to ``tmp/`` in the same file system, 
 streaming, fsynced and renamed into place, so a reader never sees half a blob and an interrupted
 write leaves at most a temporary file that ``gc`` removes.
 
-Installs hold a shared lock on ``<home>/store.lock`` from their first blob to their database commit;
+Installs hold a shared lock on ``<home>/store.lock`` from their first file read to their database commit;
 ``gc`` holds it exclusively, so it never deletes a blob that an install is about to reference.
 """
 

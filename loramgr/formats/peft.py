@@ -7,6 +7,7 @@ and with the config (r, rank_pattern), and, with ``check_values``, no tensor hol
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -231,30 +232,38 @@ def describe(config: dict[str, Any], header: SafetensorsHeader, weights_file: st
 
 
 def check_tensor_values(path: str | Path, *, progress: Any = None) -> None:
-    """Load every tensor once (this also proves the data section is readable) and refuse NaN / Inf."""
-    import torch
-    from safetensors import SafetensorError, safe_open
+    """Read every tensor's bytes once (this also proves the data section is readable) and refuse NaN / Inf."""
+    from ..safetensors_io import find_non_finite
 
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-            for i, key in enumerate(keys):
-                tensor = handle.get_tensor(key)
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
-                    raise InvalidAdapterError(
-                        f"{path}: tensor {key} contains {bad}",
-                        path=str(path),
-                        module=key,
-                        hint="the training run diverged or the file is corrupt; use another checkpoint",
-                    )
-                if progress:
-                    progress("checking", i + 1, len(keys))
-    except SafetensorError as exc:
+        if importlib.util.find_spec("numpy") is not None:
+            found = find_non_finite(read_header(path), progress)
+        else:  # numpy is not among loramgr's hard requirements: the slower torch path
+            found = _find_non_finite_torch(path)
+    except OSError as exc:
+        raise InvalidAdapterError(f"{path}: cannot read ({exc.strerror})", path=str(path)) from exc
+    if found is not None:
+        key, bad = found
         raise InvalidAdapterError(
-            f"{path}: corrupt safetensors file ({exc})", path=str(path), hint="re-download or re-save it"
-        ) from exc
+            f"{path}: tensor {key} contains {bad}",
+            path=str(path),
+            module=key,
+            hint="the training run diverged or the file is corrupt; use another checkpoint",
+        )
+
+
+def _find_non_finite_torch(path: Path) -> tuple[str, str] | None:
+    import torch
+    from safetensors import safe_open
+
+    read_header(path)  # the strict checks first: safe_open's own errors are less helpful
+    with safe_open(str(path), framework="pt") as handle:
+        for key in sorted(handle.keys()):
+            tensor = handle.get_tensor(key)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return key, "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+    return None
 
 
 def convert_pickle(bin_path: str | Path, out_path: str | Path) -> None:

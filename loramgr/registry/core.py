@@ -85,7 +85,8 @@ class Registry:
     ) -> InstallResult:
         """Install an adapter folder or file under ``name`` (default: the folder or file name)."""
         path = Path(source)
-        with tempfile.TemporaryDirectory(dir=self._tmp()) as scratch:
+        # the shared lock keeps gc (which empties tmp/) away from the scratch folder of a pickle conversion
+        with self.store.lock(exclusive=False), tempfile.TemporaryDirectory(dir=self._tmp()) as scratch:
             local = read_local(path, allow_pickle=allow_pickle, scratch=Path(scratch), progress=progress)
             return self.add(
                 local.info,

@@ -27,19 +27,17 @@ def plan_remove(registry: Registry, reference: str, *, all_versions: bool = Fals
     parsed = refs.parse_reference(reference)
     plan = Plan("remove")
     with registry.session() as session:
-        if parsed.kind in ("name", "specifier") and not all_versions:
-            adapter = session.scalar(select(Adapter).where(Adapter.name == parsed.name))
-            if adapter is not None and len(adapter.versions) > 1:
+        if parsed.kind in ("name", "specifier"):
+            newest = registry.resolve(reference, session)  # NotFoundError when nothing matches
+            by_version = {Version(r.version): r for r in newest.adapter.versions}
+            matching = list(parsed.specifier.filter(by_version)) if parsed.specifier is not None else list(by_version)
+            if len(matching) > 1 and not all_versions:
                 raise InvalidReferenceError(
-                    f"{reference!r} matches {len(adapter.versions)} versions of {adapter.name}",
+                    f"{reference!r} matches {len(matching)} versions of {newest.adapter.name}",
                     reference=reference,
-                    hint="name one version (name==1.0.0, name@tag) or pass --all to remove every version",
+                    hint="name one version (name==1.0.0, name@tag) or pass --all to remove every one of them",
                 )
-        if parsed.kind in ("name", "specifier") and all_versions:
-            row = registry.resolve(parsed.name or reference, session)
-            rows = list(row.adapter.versions)
-            if parsed.specifier is not None:
-                rows = [r for r in rows if Version(r.version) in parsed.specifier]
+            rows = [by_version[v] for v in matching]
         else:
             rows = [registry.resolve(reference, session)]
         for row in sorted(rows, key=lambda r: Version(r.version)):
