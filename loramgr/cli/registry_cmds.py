@@ -50,7 +50,12 @@ def install(source: str, name: str | None, version: str | None, allow_pickle: bo
 @click.option("--digests", is_flag=True, help="Show full digests.")
 def list_(name: str | None, as_json: bool, digests: bool) -> None:
     """List installed adapter versions (all, or one adapter's)."""
-    rows = open_registry().list_versions(name)
+    from .. import paths
+    from ..registry.quicklist import quick_list
+
+    rows = quick_list(paths.home(), name)
+    if rows is None:
+        rows = open_registry().list_versions(name)
     if as_json:
         echo_json([r.to_dict() for r in rows])
         return

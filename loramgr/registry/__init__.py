@@ -1,9 +1,35 @@
-"""The local registry: versioned adapters in a database over a content-addressed blob store."""
+"""The local registry: versioned adapters in a database over a content-addressed blob store.
 
-from .core import Registry, describe_version
-from .maintenance import execute_gc, execute_remove, plan_gc, plan_remove, verify
-from .records import InstallResult, Parent, Plan, VerifyReport, VersionRow
-from .refs import Reference, parse_reference
+Names are imported on first use, so a caller that needs only ``records`` or ``quicklist`` (``loramgr
+list``) does not pay for SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .core import Registry, describe_version
+    from .maintenance import execute_gc, execute_remove, plan_gc, plan_remove, verify
+    from .records import InstallResult, Parent, Plan, VerifyReport, VersionRow
+    from .refs import Reference, parse_reference
+
+_LAZY = {
+    "Registry": "core",
+    "describe_version": "core",
+    "execute_gc": "maintenance",
+    "execute_remove": "maintenance",
+    "plan_gc": "maintenance",
+    "plan_remove": "maintenance",
+    "verify": "maintenance",
+    "InstallResult": "records",
+    "Parent": "records",
+    "Plan": "records",
+    "VerifyReport": "records",
+    "VersionRow": "records",
+    "Reference": "refs",
+    "parse_reference": "refs",
+}
 
 __all__ = [
     "InstallResult",
@@ -21,3 +47,13 @@ __all__ = [
     "plan_remove",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'loramgr.registry' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"loramgr.registry.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value

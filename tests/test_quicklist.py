@@ -1,0 +1,49 @@
+"""`loramgr list`'s sqlite3 fast path answers exactly what the SQLAlchemy path answers."""
+
+from __future__ import annotations
+
+import os
+
+from factories import write_peft_adapter
+
+from loramgr import paths
+from loramgr.registry import Registry
+from loramgr.registry.quicklist import quick_list
+
+MODULES = {"model.layers.0.self_attn.q_proj": (16, 16, 4)}
+
+
+def _populate(tmp_path) -> Registry:
+    registry = Registry.open()
+    for i, (name, version) in enumerate([("b-adapter", "1.10.0"), ("b-adapter", "1.9.0"), ("A_Adapter", "2.0rc1"),
+                                         ("a-adapter", "1.0.0"), ("b-adapter", "1.9.1")]):
+        folder = write_peft_adapter(tmp_path / f"ad{i}", MODULES, seed=i)
+        registry.install(folder, name=name, version=version)
+    registry.tag("b-adapter==1.9.0", "stable")
+    registry.tag("b-adapter==1.9.0", "Beta")
+    return registry
+
+
+def test_quick_list_equals_the_registry(tmp_path) -> None:
+    registry = _populate(tmp_path)
+    fast = quick_list(paths.home())
+    assert fast is not None
+    assert [r.to_dict() for r in fast] == [r.to_dict() for r in registry.list_versions()]
+    assert [(r.name, r.version) for r in fast][:3] == [("a-adapter", "1.0.0"), ("a-adapter", "2.0rc1"),
+                                                        ("b-adapter", "1.9.0")]
+    assert fast[2].tags == ["Beta", "stable"]
+    one = quick_list(paths.home(), "B_Adapter")
+    assert [r.version for r in one or []] == ["1.9.0", "1.9.1", "1.10.0"]
+
+
+def test_quick_list_steps_aside_when_it_does_not_apply(tmp_path, monkeypatch) -> None:
+    assert quick_list(paths.home()) is None  # no database yet: the full path creates and migrates it
+    _populate(tmp_path)
+    monkeypatch.setenv("LORAMGR_DATABASE_URL", f"sqlite:///{os.fspath(paths.home() / 'registry.db')}")
+    assert quick_list(paths.home()) is None  # another URL: only SQLAlchemy speaks it
+    monkeypatch.delenv("LORAMGR_DATABASE_URL")
+    import sqlite3
+
+    with sqlite3.connect(paths.home() / "registry.db") as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '9999_future'")
+    assert quick_list(paths.home()) is None  # the full path refuses a newer schema with its message
