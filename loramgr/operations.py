@@ -88,10 +88,21 @@ def merge_adapters(adapters: Sequence[LoraAdapter], options: MergeOptions, *, ba
         loramgr_version=__version__,
     )
     merged.provenance = Provenance(recipe, adapters)
-    notes += [
-        f"{m.name}: not in {', '.join(m.missing_in)} (counted as zero there)" for m in merged.modules if m.missing_in
-    ]
+    notes += missing_notes(merged)
     return CombineResult(merged, recipe, notes=notes)
+
+
+def missing_notes(merged: MergedAdapter) -> list[str]:
+    """One line per group of modules that some sources lack (a 7B merge can have hundreds of them)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for module in merged.modules:
+        if module.missing_in:
+            groups.setdefault(tuple(module.missing_in), []).append(module.name)
+    notes = []
+    for missing, names in groups.items():
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        notes.append(f"{len(names)} module(s) ({', '.join(leaves)}) not in {', '.join(missing)}: counted as zero there")
+    return notes
 
 
 def combine_sources(
