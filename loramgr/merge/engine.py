@@ -8,6 +8,7 @@ Every refusal happens before any tensor is read, so a bad recipe fails in millis
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from loramgr.errors import IncompatibleError, MergeError, UnsupportedAdapterErro
 from loramgr.merge.elementwise import module_seed
 from loramgr.merge.lowrank import Factors, rerank_dense
 from loramgr.merge.methods import METHODS, MergeMethod, ModuleJob
-from loramgr.merge.options import MergeOptions, check_common
+from loramgr.merge.options import DTYPES, MergeOptions, check_common
 from loramgr.merge.result import (
     MergedAdapter,
     ModuleReport,
@@ -26,6 +27,7 @@ from loramgr.merge.result import (
     shape_factors,
     tensor_keys,
 )
+from loramgr.merge.threads import single_threaded
 
 Progress = Callable[[str, int, int], None]
 
@@ -58,28 +60,18 @@ def combine(
 
     tensors: dict[str, torch.Tensor] = {}
     reports: list[ModuleReport] = []
-    for done, planned in enumerate(plan, start=1):
-        layout = planned.layout
-        job = _load_job(adapters, weights, planned)
-        factors = _merge_module(method, job, options, layout)
-        a, b = shape_factors(factors.a.to(dtype), factors.b.to(dtype), layout)
-        key_a, key_b = tensor_keys(layout.name, layout.kind)
-        tensors[key_a], tensors[key_b] = a, b
-        reports.append(
-            ModuleReport(
-                name=layout.name,
-                rank=factors.rank,
-                kept_energy=factors.kept_energy,
-                sources=tuple(adapters[i].label for i in planned.present),
-                missing_in=tuple(adapters[i].label for i in range(len(adapters)) if i not in planned.present),
-                in_features=layout.in_features,
-                out_features=layout.out_features,
-                kind=layout.kind,
-            )
-        )
-        del job, factors
-        if progress is not None:
-            progress(layout.name, done, len(plan))
+    with single_threaded() if method.factored else nullcontext():
+        for done, planned in enumerate(plan, start=1):
+            layout = planned.layout
+            job = _load_job(adapters, weights, planned)
+            factors = _merge_module(method, job, options, layout)
+            a, b = shape_factors(factors.a.to(dtype), factors.b.to(dtype), layout)
+            key_a, key_b = tensor_keys(layout.name, layout.kind)
+            tensors[key_a], tensors[key_b] = a, b
+            reports.append(_report(adapters, planned, factors))
+            del job, factors
+            if progress is not None:
+                progress(layout.name, done, len(plan))
 
     first = adapters[0].info
     config = build_config(
@@ -160,10 +152,18 @@ def _check_adapters(adapters: list[LoraAdapter], options: MergeOptions) -> None:
                 hint="merge plain LoRA adapters only",
             )
         if info.adapter_type != "lora":
+            from loramgr.formats.lycoris import TYPE_NAMES
+
+            kind = TYPE_NAMES.get(info.adapter_type, info.adapter_type)
             raise UnsupportedAdapterError(
-                f"{adapter.label}: a {info.adapter_type} adapter is not a LoRA and cannot be merged",
+                f"{adapter.label}: a {kind} adapter is not a LoRA and cannot be merged",
                 adapter_type=info.adapter_type,
                 hint="merge plain LoRA adapters only",
+            )
+        if info.config.get("module_names") == "kohya":
+            raise IncompatibleError(
+                f"{adapter.label}: its module names are kohya names, not module paths of a base model",
+                hint="install it with --base BASE (see 'loramgr base add') so the names resolve",
             )
         if info.config.get("bias", "none") not in (None, "none"):
             raise UnsupportedAdapterError(
@@ -231,6 +231,20 @@ def _plan(adapters: list[LoraAdapter], options: MergeOptions) -> list[PlannedMod
     return plan
 
 
+def _report(adapters: list[LoraAdapter], planned: PlannedModule, factors: Factors) -> ModuleReport:
+    layout = planned.layout
+    return ModuleReport(
+        name=layout.name,
+        rank=factors.rank,
+        kept_energy=factors.kept_energy,
+        sources=tuple(adapters[i].label for i in planned.present),
+        missing_in=tuple(a.label for i, a in enumerate(adapters) if i not in planned.present),
+        in_features=layout.in_features,
+        out_features=layout.out_features,
+        kind=layout.kind,
+    )
+
+
 def _load_job(adapters: list[LoraAdapter], weights: tuple[float, ...], planned: PlannedModule) -> ModuleJob:
     name = planned.layout.name
     coefs, used_weights, scales, factors = [], [], [], []
@@ -258,5 +272,5 @@ def _merge_module(
 def _source_dtype(adapters: list[LoraAdapter]) -> str:
     """The sources' common dtype; float32 when they disagree (no source loses precision)."""
     found = {spec.dtype for adapter in adapters for spec in adapter.info.modules}
-    return found.pop() if len(found) == 1 else "float32"
+    return found.pop() if len(found) == 1 and found <= set(DTYPES) else "float32"
 

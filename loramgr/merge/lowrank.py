@@ -59,8 +59,10 @@ def choose_rank(energies: torch.Tensor, total: float, rank: int | None, energy: 
     """
     available = int(energies.numel())
     cap = available if rank is None else min(rank, available)
-    if energy is None or total <= 0.0:
+    if energy is None:
         return max(1, cap)
+    if total <= 0.0:  # a zero delta: any fraction of nothing is kept by one (zero) component
+        return 1
     cumulative = torch.cumsum(energies.to(torch.float64), dim=0)
     # a relative slack of 1e-12 so that energy=1.0 does not demand rounding noise
     reached = (cumulative >= energy * total * (1.0 - 1e-12)).nonzero()
@@ -81,21 +83,21 @@ def rerank_factors(
     """Optimal rank-r approximation of ``b_cat @ a_cat`` without forming it.
 
     b_cat = Q_B R_B and a_cat^T = Q_A R_A, so ΔW = Q_B (R_B R_A^T) Q_A^T; the SVD U S V^T of the small
-    core gives ΔW's SVD (Q_B U) S (Q_A V)^T. Everything runs in float64: the QRs are thin (d x R)
-    and cost nothing next to loading the factors, and float64 keeps small singular values accurate.
+    core gives ΔW's SVD (Q_B U) S (Q_A V)^T. The thin QRs run in float32 (Householder QR is backward
+    stable: errors of order eps32 · ||B||, below the float32 output's own rounding); the core and its
+    SVD in float64, where the singular values and the energy split are decided.
     """
-    q_b, r_b = torch.linalg.qr(b_cat.to(torch.float64))
-    q_a, r_a = torch.linalg.qr(a_cat.to(torch.float64).T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    q_b, r_b = torch.linalg.qr(b_cat)
+    q_a, r_a = torch.linalg.qr(a_cat.T)
+    u, s, vh = torch.linalg.svd(r_b.double() @ r_a.double().T, full_matrices=False)
     energies = s * s
     total = float(energies.sum())
     keep = choose_rank(energies, total, rank, energy)
     kept = float(energies[:keep].sum()) / total if total > 0 else 1.0
     b_small, a_small = _split_sqrt(u[:, :keep], s[:keep], vh[:keep])
-    b = q_b @ b_small
-    a = (q_a @ a_small.T).T
-    return Factors(a=a.to(torch.float32).contiguous(), b=b.to(torch.float32).contiguous(),
-                   kept_energy=min(kept, 1.0))
+    b = q_b @ b_small.to(q_b.dtype)
+    a = (q_a @ a_small.T.to(q_a.dtype)).T
+    return Factors(a=a.contiguous(), b=b.contiguous(), kept_energy=min(kept, 1.0))
 
 
 def randomized_svd(
@@ -120,13 +122,13 @@ def rerank_dense(matrix: torch.Tensor, *, rank: int, energy: float | None, seed:
     projection U U^T ΔW, whose residual is exactly ||ΔW||^2 - Σ S^2, so the figure is not optimistic.
     """
     matrix = matrix.to(torch.float32)
-    total = float(matrix.to(torch.float64).square().sum())
+    total = float(torch.linalg.vector_norm(matrix)) ** 2
     small_side = min(matrix.shape)
     q = min(rank + OVERSAMPLE, small_side)
     if small_side <= EXACT_SVD_MAX_DIM or 2 * q >= small_side:
         u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
     else:
-        u, s, v = randomized_svd(matrix, q, seed=seed)
+        u, s, v = randomized_svd(matrix, q, seed=seed, niter=POWER_ITERATIONS)
         u, s, vh = u.to(torch.float64), s.to(torch.float64), v.to(torch.float64).T
     energies = s * s
     keep = choose_rank(energies, total, rank, energy)

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from loramgr.merge import elementwise
+from loramgr.merge import dense, elementwise
 from loramgr.merge.lowrank import Factors, concat_factors, rerank_factors
 from loramgr.merge.options import MergeOptions
 
@@ -33,12 +33,9 @@ class ModuleJob:
     scales: list[float]  # s_i of those sources
     factors: list[tuple[torch.Tensor, torch.Tensor]]  # (A_i, B_i) in float32
 
-    def dense_deltas(self) -> list[torch.Tensor]:
-        """ΔW_i = s_i B_i A_i (unweighted: element-wise methods weight after pruning, as PEFT does).
-
-        The scale multiplies the small factor B, not the d_out x d_in product (one pass less).
-        """
-        return [(scale * b) @ a for scale, (a, b) in zip(self.scales, self.factors, strict=True)]
+    def deltas(self) -> dense.ModuleDeltas:
+        """ΔW_i = s_i B_i A_i, unweighted: element-wise methods weight after pruning, as PEFT does."""
+        return dense.ModuleDeltas(self.scales, self.factors)
 
 
 class MergeMethod:
@@ -111,7 +108,8 @@ class Ties(MergeMethod):
     uses_majority_sign = True
 
     def merge_dense(self, job: ModuleJob, options: MergeOptions) -> torch.Tensor:
-        return elementwise.ties(job.dense_deltas(), job.weights, _density(options), options.majority_sign)
+        seed = elementwise.module_seed(0, job.name, "threshold")
+        return dense.ties(job.deltas(), job.weights, _density(options), options.majority_sign, seed)
 
 
 @register
@@ -121,7 +119,8 @@ class MagnitudePrune(MergeMethod):
     uses_density = True
 
     def merge_dense(self, job: ModuleJob, options: MergeOptions) -> torch.Tensor:
-        return elementwise.magnitude_prune(job.dense_deltas(), job.weights, _density(options))
+        seed = elementwise.module_seed(0, job.name, "threshold")
+        return dense.magnitude_prune(job.deltas(), job.weights, _density(options), seed)
 
 
 @register
@@ -133,7 +132,7 @@ class DareLinear(MergeMethod):
 
     def merge_dense(self, job: ModuleJob, options: MergeOptions) -> torch.Tensor:
         generator = dare_generator(options, job.name)
-        return elementwise.dare_linear(job.dense_deltas(), job.weights, _density(options), generator)
+        return dense.dare(job.deltas(), job.weights, _density(options), None, generator)
 
 
 @register
@@ -146,9 +145,7 @@ class DareTies(MergeMethod):
 
     def merge_dense(self, job: ModuleJob, options: MergeOptions) -> torch.Tensor:
         generator = dare_generator(options, job.name)
-        return elementwise.dare_ties(
-            job.dense_deltas(), job.weights, _density(options), options.majority_sign, generator
-        )
+        return dense.dare(job.deltas(), job.weights, _density(options), options.majority_sign, generator)
 
 
 def dare_generator(options: MergeOptions, module: str) -> torch.Generator:
