@@ -200,6 +200,21 @@ def _copy(src: BinaryIO, out: BinaryIO, total: int, report: Callable[[int], obje
         raise OSError(f"{getattr(src, 'name', 'source')} changed size while being copied")
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a whole file so that a reader never sees half of it: temporary file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)

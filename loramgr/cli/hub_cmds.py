@@ -51,9 +51,9 @@ def lock_cmd(requirements: Path, output: Path) -> None:
     with progress_bars() as progress:
         locked = lock(open_registry(), reqs, progress=progress)
     text = render_lock(locked)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(output)
+    from ..store import write_atomic
+
+    write_atomic(output, text.encode("utf-8"))
     for entry in locked:
         click.echo(f"locked {entry.name}=={entry.version} {entry.digest[:19]}")
     click.echo(f"wrote {output}")

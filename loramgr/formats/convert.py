@@ -19,8 +19,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -92,18 +90,9 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     """Write a safetensors file so that a reader never sees half of it."""
     from safetensors.torch import save
 
-    data = save({k: tensors[k].contiguous() for k in sorted(tensors)}, metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..store import write_atomic
+
+    write_atomic(path, save({k: tensors[k].contiguous() for k in sorted(tensors)}, metadata=metadata))
 
 
 def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:

@@ -12,9 +12,7 @@ matching a suffix of the module name: ``layers.1.q_proj`` would also match
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 
 from loramgr.adapter import AdapterInfo, ModuleSpec
 from loramgr.merge.options import MergeOptions
+from loramgr.store import write_atomic
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -185,19 +184,6 @@ class MergedAdapter:
         tensors = {key: self.tensors[key].contiguous() for key in sorted(self.tensors)}
         weights = save(tensors, metadata={"format": "pt"})
         config = json.dumps(self.config, indent=2, sort_keys=True) + "\n"
-        _write_atomic(folder / WEIGHTS_NAME, weights)
-        _write_atomic(folder / CONFIG_NAME, config.encode())
+        write_atomic(folder / WEIGHTS_NAME, weights)
+        write_atomic(folder / CONFIG_NAME, config.encode())
         return folder
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
