@@ -147,6 +147,24 @@ def peft_adapter_from_model(
     return Path(folder)
 
 
+def run_cli(*args: str, code: int = 0) -> Any:
+    """Invoke the loramgr CLI in-process and check its exit code; returns click's Result."""
+    from click.testing import CliRunner
+
+    from loramgr.cli.main import cli
+
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == code, (result.output, result.exception)
+    return result
+
+
+def one_line_error(*args: str) -> str:
+    """Run a command that must fail the way a user can act on: exit 1, one line on the terminal."""
+    output = run_cli(*args, code=1).output.strip()
+    assert output.startswith("Error: ") and "\n" not in output, output
+    return output
+
+
 def sample_input(seed: int = 0, vocab: int = 128, length: int = 8) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (1, length), generator=gen)

@@ -7,23 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from factories import write_peft_adapter
+from factories import run_cli, write_peft_adapter
 from safetensors.torch import load_file, save_file
 from test_kohya import TARGETS, TinyPipeline, kohya_delta, kohya_key, write_kohya_file
 from test_lycoris import write as write_lycoris
 
 import loramgr
-from loramgr.cli.main import cli
 from loramgr.registry import Registry
 
 Q, V, K = (f"model.layers.0.self_attn.{p}" for p in ("q_proj", "v_proj", "k_proj"))
 
 
 def run(*args: str, code: int = 0) -> str:
-    result = CliRunner().invoke(cli, list(args))
-    assert result.exit_code == code, result.output
-    return result.output
+    return run_cli(*args, code=code).output
 
 
 def dense(folder: Path, module: str) -> torch.Tensor:

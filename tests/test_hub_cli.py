@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner, Result
-from factories import write_peft_adapter
+from factories import one_line_error, write_peft_adapter
+from factories import run_cli as run
 from hubserver import TEST_TOKEN, HubServer
-
-from loramgr.cli.main import cli
 
 MODULES = {"model.layers.0.self_attn.q_proj": (16, 16, 4), "model.layers.0.self_attn.v_proj": (16, 16, 4)}
 CARD = "---\nlicense: mit\ntags:\n- sql\n---\n# ad\n\nWrites SQL for the tiny base.\n"
@@ -31,19 +29,6 @@ def online(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> HubServer:
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
     return hub
-
-
-def run(*args: str, code: int = 0) -> Result:
-    result = CliRunner().invoke(cli, list(args))
-    assert result.exit_code == code, (result.output, result.exception)
-    return result
-
-
-def one_line_error(*args: str) -> str:
-    """Run a command that must fail the way a user can act on: exit 1, one line on the terminal."""
-    output = run(*args, code=1).output.strip()
-    assert output.startswith("Error: ") and "\n" not in output, output
-    return output
 
 
 def show(reference: str) -> dict:

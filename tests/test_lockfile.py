@@ -12,25 +12,11 @@ import re
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
-from factories import write_peft_adapter
+from factories import one_line_error, write_peft_adapter
+from factories import run_cli as run
 from hubserver import TEST_TOKEN, HubServer
 
-from loramgr.cli.main import cli
-
 MODULES = {"model.layers.0.self_attn.q_proj": (16, 16, 4), "model.layers.0.self_attn.v_proj": (16, 16, 4)}
-
-
-def run(*args: str, code: int = 0) -> Result:
-    result = CliRunner().invoke(cli, list(args))
-    assert result.exit_code == code, (result.output, result.exception)
-    return result
-
-
-def one_line_error(*args: str) -> str:
-    output = run(*args, code=1).output.strip()
-    assert output.startswith("Error: ") and "\n" not in output, output
-    return output
 
 
 def installed() -> list[tuple[str, str, str]]:
