@@ -7,7 +7,6 @@ whose recipe reproduces it bit for bit (``loramgr show REF --recipe``, ``loramgr
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,7 +41,7 @@ def open_sources(registry: Registry, sources: Sequence[RecipeSource]) -> list[Lo
         adapter = registry.open_adapter(source.ref if source.ref else str(source.digest))
         if source.digest and adapter.digest != source.digest:
             raise IntegrityError(
-                f"{source.ref} is now {adapter.digest[:19]}, but the recipe was made from {source.digest[:19]}",
+                f"{source.ref} is now {(adapter.digest or '')[:19]}, but the recipe was made from {source.digest[:19]}",
                 digest=source.digest,
                 hint=f"install the recorded version or edit the recipe to use ref = \"{source.digest}\"",
             )
@@ -112,7 +111,7 @@ def combine_sources(
     *,
     name: str | None = None,
     version: str | None = None,
-    output: str | os.PathLike[str] | None = None,
+    output: str | Path | None = None,
     progress: Progress | None = None,
 ) -> CombineResult:
     """Merge registered adapters; register the result as ``name`` or write it to ``output``."""
@@ -162,17 +161,18 @@ def register_result(registry: Registry, merged: MergedAdapter, *, name: str, ver
             version=version,
             source=f"combine:{recipe.merge.get('method')}",
             parents=lineage,
-            recipe=recipe.to_record(),
+            recipe=recipe.to_record()
+            | {"report": [{"module": m.name, "rank": m.rank, "kept_energy": m.kept_energy} for m in merged.modules]},
         )
 
 
 def combine_from_recipe(
     registry: Registry,
-    path: str | os.PathLike[str],
+    path: str | Path,
     *,
     name: str | None = None,
     version: str | None = None,
-    output: str | os.PathLike[str] | None = None,
+    output: str | Path | None = None,
     progress: Progress | None = None,
 ) -> CombineResult:
     from .merge import MergeOptions

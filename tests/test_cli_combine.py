@@ -102,6 +102,9 @@ def test_compress_by_energy_gives_per_module_ranks(tmp_path: Path) -> None:
         energy = float((kept.norm() / exact.norm()) ** 2)
         rank = next(m["rank"] for m in small["modules"] if m["name"] == module)
         assert energy >= 0.8 - 1e-6
+        # the recorded per-module report states the energy actually kept
+        report = {r["module"]: r["kept_energy"] for r in small["recipe"]["report"]}
+        assert abs(report[module] - energy) < 1e-4
         # the smallest such rank: one less would not reach 80%
         assert float((s[: rank - 1] ** 2).sum() / (s**2).sum()) < 0.8
 

@@ -81,6 +81,15 @@ def _report(result: Any) -> None:
         f"{merged.options.method}: {len(merged.modules)} module(s), rank {', '.join(map(str, ranks))}, "
         + ("exact" if exact else f"lowest kept energy {kept:.2%}")
     )
+    lossy = [m for m in merged.modules if m.kept_energy < 1.0 - 1e-9]
+    if lossy and len(lossy) <= 12:
+        for m in lossy:
+            click.echo(f"  {m.name}: rank {m.rank}, keeps {m.kept_energy:.2%} of the energy")
+    elif lossy:
+        energies = sorted(m.kept_energy for m in lossy)
+        click.echo(f"  {len(lossy)} re-ranked modules keep {energies[0]:.2%} (lowest), "
+                   f"{energies[len(energies) // 2]:.2%} (median) of their energy; 'loramgr show NAME --json' "
+                   "lists every module")
     for note in result.notes:
         click.echo(f"  note: {note}")
     if result.installed is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from packaging.version import Version
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, selectinload
 
 from registry_schema.models import Adapter, AdapterVersion, File, Lineage, Module, Tag
@@ -357,7 +357,7 @@ class Registry:
     def untag(self, name: str, tag: str) -> str:
         with self.session() as session:
             row = self.resolve(f"{name}@{tag}", session)
-            session.execute(Tag.__table__.delete().where(Tag.adapter_id == row.adapter_id, Tag.tag == tag))
+            session.execute(delete(Tag).where(Tag.adapter_id == row.adapter_id, Tag.tag == tag))
             return row.version
 
     def export(self, reference: str, destination: str | Path, *, progress: Progress | None = None) -> Path:

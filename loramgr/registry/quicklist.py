@@ -14,7 +14,7 @@ import sqlite3
 from functools import cache
 from pathlib import Path
 
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
 
 from registry_schema import HEAD_REVISION
 
@@ -29,11 +29,8 @@ FROM versions JOIN adapters ON adapters.id = versions.adapter_id
 
 
 @cache
-def _version_key(text: str) -> Version | tuple[()]:
-    try:
-        return Version(text)
-    except InvalidVersion:
-        return ()
+def _version_key(text: str) -> Version:
+    return Version(text)  # stored versions are normalised PEP 440 strings
 
 
 def quick_list(root: Path, name: str | None = None) -> list[VersionRow] | None:
@@ -48,7 +45,8 @@ def quick_list(root: Path, name: str | None = None) -> list[VersionRow] | None:
         revision = connection.execute("SELECT version_num FROM alembic_version").fetchone()
         if revision is None or revision[0] != HEAD_REVISION:
             return None
-        query, params = _QUERY, ()
+        query: str = _QUERY
+        params: tuple[str, ...] = ()
         if name is not None:
             from .refs import check_name
 
