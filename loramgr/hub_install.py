@@ -120,6 +120,7 @@ def install_hub_reference(
         source_label=f"hf://{source.repo_id}@{download.commit}" + (f":{source.subfolder}" if source.subfolder else ""),
         source_details=details,
         base=base,
+        share_files=True,  # huggingface_hub never rewrites a cached blob: link it instead of copying
         progress=progress,
     )
     return result, details["hub"]

@@ -52,6 +52,7 @@ def install_path(
     base: str | None = None,
     source_label: str | None = None,
     source_details: dict[str, Any] | None = None,
+    share_files: bool = False,
     progress: Progress | None = None,
 ) -> InstallResult:
     """Validate, match a base model, store and register an adapter on disk.
@@ -90,6 +91,7 @@ def install_path(
             source=source_label or str(path.resolve()),
             source_details=source_details,
             base_model_id=base_id,
+            share_files=share_files,
             progress=progress,
         )
 

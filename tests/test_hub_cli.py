@@ -346,3 +346,24 @@ def test_push_in_kohya_format_uploads_one_file_described_by_its_card(online: Hub
     got = show("k==1.0.0")
     assert got["format"] == "kohya" and [f["path"] for f in got["files"]] == ["ad.safetensors"]
     assert payload(got)["ad.safetensors"] == "sha256:" + hashlib.sha256(files["ad.safetensors"]).hexdigest()
+
+
+# -- disk: one copy of a Hub adapter's bytes -----------------------------------------------------------
+
+
+def test_hub_blobs_are_links_to_the_cache_and_local_installs_are_copies(online: HubServer, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    shown = install_local(tmp_path, "linked", "1.0.0", seed=11)
+    source = tmp_path / "src-linked-1.0.0" / "adapter_model.safetensors"
+    weights = next(f for f in shown["files"] if f["path"] == "adapter_model.safetensors")
+    blob = Path(os.environ["LORAMGR_HOME"]) / "blobs" / "sha256" / weights["digest"][7:9] / weights["digest"][7:]
+    assert not os.path.samefile(blob, source)  # a user's own folder may be edited later: always a copy
+    run("push", "linked==1.0.0", "--repo", "tester/linked")
+    home = new_home(tmp_path, monkeypatch, "second-home")
+    run("install", "hf://tester/linked@v1.0.0")
+    cached = next(Path(os.environ["HF_HUB_CACHE"]).glob("models--tester--linked/snapshots/*/adapter_model.safetensors"))
+    stored = home / "blobs" / "sha256" / weights["digest"][7:9] / weights["digest"][7:]
+    assert os.path.samefile(stored, cached)  # huggingface_hub never rewrites a cached blob: shared, not copied
+    assert run("verify").output.strip().endswith("all intact")
+    cached.resolve().unlink()  # cleaning the Hub cache leaves the store whole
+    assert run("verify").output.strip().endswith("all intact")

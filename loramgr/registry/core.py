@@ -110,9 +110,14 @@ class Registry:
         parents: list[Parent] | None = None,
         recipe: dict[str, Any] | None = None,
         base_model_id: int | None = None,
+        share_files: bool = False,
         progress: Progress | None = None,
     ) -> InstallResult:
-        """Store validated adapter files and register them as a version (the step every install ends in)."""
+        """Store validated adapter files and register them as a version (the step every install ends in).
+
+        ``share_files``: the files are never rewritten in place (huggingface_hub's cache), so blobs may
+        be hard links to them rather than copies (see :meth:`BlobStore.put_file`).
+        """
         display = name
         canonical = refs.check_name(name)
         wanted = refs.parse_version(version) if version is not None else None
@@ -132,7 +137,7 @@ class Registry:
         with self.store.lock(exclusive=False):
             entries = []
             for rel, file in sorted(files.items()):
-                blob = self.store.put_file(file, progress)
+                blob = self.store.put_file(file, progress, share=share_files)
                 entries.append(ManifestEntry(rel, blob.digest, blob.size))
             digest = manifest_digest(entries)
             with self.session() as session:
