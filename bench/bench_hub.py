@@ -76,14 +76,17 @@ def timed(fn: Callable[[], T]) -> tuple[float, T]:
     return time.perf_counter() - start, value
 
 
-def disk_bytes(root: Path) -> int:
-    """Bytes allocated on disk under ``root``: regular files only (the cache's snapshot links are free)."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            st = os.lstat(os.path.join(dirpath, name))
-            if not os.path.islink(os.path.join(dirpath, name)):
-                total += st.st_blocks * 512
+def disk_bytes(*roots: Path) -> int:
+    """Bytes allocated on disk under ``roots``: regular files only (the cache's snapshot links are
+    free), each inode once (a store blob hard-linked to a cache blob is one copy of the bytes)."""
+    total, seen = 0, set()
+    for root in roots:
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                st = os.lstat(os.path.join(dirpath, name))
+                if not os.path.islink(os.path.join(dirpath, name)) and (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
     return total
 
 
@@ -138,7 +141,8 @@ def install_once(url: str, cache: Path, home: Path) -> tuple[float, dict[str, fl
         registry.close()
     assert result.created, result
     store, hf_cache = disk_bytes(home / "blobs"), disk_bytes(cache)
-    disk = {"store": store, "cache": hf_cache, "other": disk_bytes(home) - store, "payload": result.size}
+    disk = {"store": store, "cache": hf_cache, "other": disk_bytes(home) - store, "payload": result.size,
+            "all": disk_bytes(home, cache)}
     return seconds, phases.seconds, disk
 
 
@@ -213,7 +217,7 @@ def main() -> None:
         ("  transfer (huggingface_hub)", "phase-transfer", False),
         ("  verification against the Hub's hashes", "phase-verify", False),
         ("  validation (every tensor read, NaN / Inf check)", "phase-validate", False),
-        ("  copy into the store (sha256 while writing, fsync)", "phase-copy", False),
+        ("  into the store (hard link + sha256; across file systems: copy, fsync, sha256)", "phase-copy", False),
         ("  the rest (config parsing, database)", "phase-other", False),
     ]
     table = ["| step | median s | min-max s | MB/s |", "|---|---|---|---|"]
@@ -252,20 +256,22 @@ def main() -> None:
             "",
             f"After one install of the {mbs(disk['payload'])} adapter: store {mbs(disk['store'])},",
             f"huggingface_hub cache {mbs(disk['cache'])}, everything else in LORAMGR_HOME (database, temporary",
-            f"files) {mbs(disk['other'])}: {mbs(disk['store'] + disk['cache'] + disk['other'])} in all "
+            f"files) {mbs(disk['other'])}: {mbs(disk['all'])} in all, each file counted once "
             "(allocated blocks, snapshot links not counted).",
-            "The store holds one copy of the adapter, the huggingface_hub cache keeps its own (that is what",
-            "makes a re-install or an offline install free), and there is no copy beyond those two: the",
-            "download's temporary files are renamed into the cache, the store's into the store.",
+            "With the cache and LORAMGR_HOME on one file system, as here, the store's blobs are hard links to",
+            "the verified cache blobs (huggingface_hub never rewrites a cached blob in place), so the bytes",
+            "are on disk once; on two file systems the store copies them and they are on disk twice, never",
+            "more: the download's temporary files are renamed into the cache, the store's into the store.",
             "",
             "## How to read the phases",
             "",
             "What `download_adapter` adds is verification: huggingface_hub only checks a download's",
             "size, loramgr re-hashes every byte against the blob id the Hub served (git sha1 for regular",
             "files, sha256 for LFS) and computes the sha256 digests the content-addressed store keys on.",
-            "`loramgr install` then validates the adapter (reads every tensor, refuses NaN / Inf) and copies",
-            "its files into the store: one more read of the bytes and one write, hashed while streaming and",
-            "fsynced. The phase rows add up the time spent inside each function during the install.",
+            "`loramgr install` then validates the adapter (scans every tensor's bytes, refuses NaN / Inf) and",
+            "puts its files into the store: a hard link to the cache blob plus one sha256 pass over it (a",
+            "kernel copy, fsync and sha256 across file systems). The phase rows add up the time spent inside",
+            "each function during the install.",
             "",
         ]
     )
