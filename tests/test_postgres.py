@@ -1,0 +1,98 @@
+"""The registry on PostgreSQL (LORAMGR_DATABASE_URL): migrations, installs, combine, tags, remove, gc.
+
+A throwaway cluster is started on 127.0.0.1 from Debian's postgresql binaries, which .ci/run installs;
+where they are absent (a developer machine without PostgreSQL) these tests are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from factories import run_cli, write_peft_adapter
+from sqlalchemy import create_engine
+
+MODULES = {"model.layers.0.self_attn.q_proj": (16, 16, 4), "model.layers.0.self_attn.v_proj": (16, 16, 4)}
+
+
+def _as_postgres(*command: str) -> None:
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run([*prefix, *command], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not binaries or psycopg_missing():
+        pytest.skip("PostgreSQL server or psycopg not installed (.ci/run installs both)")
+    bindir = binaries[-1].parent
+    root = Path(tempfile.mkdtemp(prefix="loramgr-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _as_postgres(str(bindir / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U", "postgres")
+    _as_postgres(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-w", "-l", str(root / "log"),
+                 "-o", f"-h 127.0.0.1 -p {port} -k {root}", "start")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        _as_postgres(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def psycopg_missing() -> bool:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+@pytest.fixture
+def on_postgres(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    engine = create_engine(postgres_url)
+    with engine.begin() as connection:  # a clean database for each test
+        connection.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    engine.dispose()
+    monkeypatch.setenv("LORAMGR_DATABASE_URL", postgres_url)
+    yield postgres_url
+
+
+def test_migrations_give_exactly_the_models_schema_on_postgres(on_postgres: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from loramgr.registry import Registry
+    from registry_schema import HEAD_REVISION
+    from registry_schema.models import Base
+
+    registry = Registry.open()
+    with registry.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+        assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == HEAD_REVISION
+
+
+def test_the_registry_works_on_postgres(on_postgres: str, tmp_path: Path) -> None:
+    a = write_peft_adapter(tmp_path / "a", MODULES, seed=1)
+    b = write_peft_adapter(tmp_path / "b", MODULES, seed=2)
+    run_cli("install", str(a), "--name", "sql", "--version", "1.0.0")
+    run_cli("install", str(b), "--name", "sql")
+    assert "already installed as sql==1.0.0" in run_cli("install", str(a), "--name", "sql").output
+    run_cli("combine", "sql==1.0.0", "sql==1.1.0", "--weights", "0.5,0.5", "--name", "mix", "--version", "2.0.0")
+    run_cli("tag", "mix==2.0.0", "stable")
+    listing = run_cli("list").output
+    assert "sql " in listing and "1.1.0" in listing and "stable" in listing
+    assert "+0.5 x sql==1.0.0" in run_cli("show", "mix@stable").output
+    run_cli("remove", "sql==1.1.0")
+    assert "1.1.0" not in run_cli("list").output
+    run_cli("remove", "mix==2.0.0")
+    assert "freed" in run_cli("gc").output
+    assert run_cli("verify").output.strip().endswith("all intact")
