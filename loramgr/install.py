@@ -37,7 +37,7 @@ def install_any(
 
         return install_from_hub(
             registry, source, name=name, version=version, allow_pickle=allow_pickle, base=base, progress=progress
-        )
+        )[0]
     return install_path(registry, Path(source), name=name, version=version, allow_pickle=allow_pickle, base=base,
                         progress=progress)
 
@@ -69,7 +69,8 @@ def install_path(
 
         get_base(registry, base)  # raises the not-found error with its hint
     registry.store.tmp_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=registry.store.tmp_dir) as scratch:
+    # the shared lock keeps gc (which empties tmp/) away from the scratch folder of a pickle conversion
+    with registry.store.lock(exclusive=False), tempfile.TemporaryDirectory(dir=registry.store.tmp_dir) as scratch:
         local = read_local(path, allow_pickle=allow_pickle, scratch=Path(scratch), progress=progress)
         info, base_id = local.info, None
         if explicit is not None:

@@ -30,7 +30,6 @@ from ..store import BlobStore, sha256_file
 from . import refs
 from .database import open_database
 from .records import InstallResult, ManifestEntry, Parent, VersionRow, manifest_digest
-from .sources import read_local
 
 Progress = Callable[[str, int, int], None]
 
@@ -83,20 +82,15 @@ class Registry:
         source_details: dict[str, Any] | None = None,
         progress: Progress | None = None,
     ) -> InstallResult:
-        """Install an adapter folder or file under ``name`` (default: the folder or file name)."""
-        path = Path(source)
-        # the shared lock keeps gc (which empties tmp/) away from the scratch folder of a pickle conversion
-        with self.store.lock(exclusive=False), tempfile.TemporaryDirectory(dir=self._tmp()) as scratch:
-            local = read_local(path, allow_pickle=allow_pickle, scratch=Path(scratch), progress=progress)
-            return self.add(
-                local.info,
-                local.files,
-                name=name or local.default_name,
-                version=version,
-                source=source_label or str(path.resolve()),
-                source_details=source_details,
-                progress=progress,
-            )
+        """Install an adapter folder or file under ``name`` (default: the folder or file name).
+
+        The same path as ``loramgr install`` (:func:`loramgr.install.install_path`): validated, matched
+        to a registered base model it declares, stored, registered.
+        """
+        from ..install import install_path
+
+        return install_path(self, Path(source), name=name, version=version, allow_pickle=allow_pickle,
+                            source_label=source_label, source_details=source_details, progress=progress)
 
     def add(
         self,
