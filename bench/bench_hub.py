@@ -135,7 +135,7 @@ def install_once(url: str, cache: Path, home: Path) -> tuple[float, dict[str, fl
     phases.wrap(peft_format, "check_tensor_values", "validate")
     phases.wrap(store_module.BlobStore, "put_file", "copy")
     try:
-        seconds, result = timed(partial(install_from_hub, registry, f"hf://{REPO_ID}@v1.0.0"))
+        seconds, (result, _hub) = timed(partial(install_from_hub, registry, f"hf://{REPO_ID}@v1.0.0"))
     finally:
         phases.restore()
         registry.close()

@@ -59,26 +59,11 @@ def install_from_hub(
     base: str | None = None,
     progress: Progress | None = None,
     offline: bool | None = None,
-) -> InstallResult:
-    return install_hub_reference(registry, text, name=name, version=version, allow_pickle=allow_pickle, base=base,
-                                 progress=progress, offline=offline)[0]
-
-
-def install_hub_reference(
-    registry: Registry,
-    text: str,
-    *,
-    name: str | None = None,
-    version: str | None = None,
-    allow_pickle: bool = False,
-    base: str | None = None,
-    progress: Progress | None = None,
-    offline: bool | None = None,
 ) -> tuple[InstallResult, dict[str, Any]]:
-    """:func:`install_from_hub`, also returning the Hub facts of this request (repo, revision, commit,
-    subfolder, card). They are what ``lock`` pins: when the registry already held the same bytes from
-    elsewhere (a local folder, another repository), the stored version's own source says nothing
-    about this Hub repository."""
+    """Install an adapter from the Hub; returns the result and the Hub facts of this request (repo,
+    revision, commit, subfolder, card). They are what ``lock`` pins: when the registry already held the
+    same bytes from elsewhere (a local folder, another repository), the stored version's own source
+    says nothing about this Hub repository."""
     from .hub import download_adapter, parse_hub_reference
     from .install import install_path
 

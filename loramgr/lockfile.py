@@ -100,12 +100,12 @@ def read_requirements(path: str | Path) -> list[Requirement]:
 
 def lock(registry: Registry, requirements: list[Requirement], *, progress: Progress | None = None) -> list[Locked]:
     """Resolve every requirement to an exact version; Hub entries are installed (or found) first."""
-    from .hub_install import install_hub_reference
+    from .hub_install import install_from_hub
 
     locked = []
     for req in requirements:
         if req.hub:
-            result, hub = install_hub_reference(registry, req.hub_reference, name=req.name, progress=progress)
+            result, hub = install_from_hub(registry, req.hub_reference, name=req.name, progress=progress)
             shown = registry.show(result.ref)
         else:
             shown = registry.show(req.name + (req.spec if req.spec not in ("", "*") else ""))
