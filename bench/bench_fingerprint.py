@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loramgr.basemodel import add_content_digests, fingerprint_base_model
+from loramgr.compat.basemodel import add_content_digests, fingerprint_base_model
 
 CHUNK = bytes(64 << 20)
 

@@ -3,10 +3,10 @@
 A 2-layer model with Llama-2-7B's layer shapes (hidden 4096, intermediate 11008, 32 heads, small
 vocabulary) and two rank-16 adapters on q, k, v, o, gate, up and down (14 modules each):
 
-- fuse: ``loramgr.modelops.fuse`` (reads the factors, adds s·B·A in float32) against PEFT's way to
+- fuse: ``loramgr.model.weights.fuse`` (reads the factors, adds s·B·A in float32) against PEFT's way to
   fuse a folder, ``PeftModel.from_pretrained`` + ``merge_and_unload``; unfuse is timed too, and the
   fused weights of both are compared.
-- hot-swap: ``loramgr.peftops.hotswap`` of the second adapter into a model holding the first,
+- hot-swap: ``loramgr.model.peftmodel.hotswap`` of the second adapter into a model holding the first,
   against a fresh ``PeftModel.from_pretrained`` of the second and PEFT's own ``hotswap_adapter``.
 
 Each figure is the median and the best of ``--repeat`` runs on ``--threads`` CPU threads. The
@@ -115,8 +115,8 @@ def main() -> None:
 
     from loramgr.adapter import LoraAdapter
     from loramgr.formats.peft import read_peft_folder
-    from loramgr.modelops import fuse, unfuse
-    from loramgr.peftops import hotswap
+    from loramgr.model.peftmodel import hotswap
+    from loramgr.model.weights import fuse, unfuse
 
     load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-fuse-"))

@@ -1,4 +1,4 @@
-"""Downloading a 500 MB adapter: ``loramgr.hub.download_adapter`` against a plain ``snapshot_download``.
+"""Downloading a 500 MB adapter: ``loramgr.hub.client.download_adapter`` against a plain ``snapshot_download``.
 
 The repository lives on the local test Hub (tests/hubserver.py), run in a child process so that the
 server and the client do not share one interpreter lock. It holds adapter_config.json, README.md and a
@@ -119,10 +119,10 @@ class PhaseTimer:
 def install_once(url: str, cache: Path, home: Path) -> tuple[float, dict[str, float], dict[str, int]]:
     """``loramgr install hf://REPO@v1.0.0`` into an empty registry at ``home`` with the cache ``cache``."""
     import loramgr.formats.peft as peft_format
-    import loramgr.hub as hub_module
+    import loramgr.hub.client as hub_module
     import loramgr.install as install_module
     import loramgr.store as store_module
-    from loramgr.hub_install import install_from_hub
+    from loramgr.hub.install import install_from_hub
     from loramgr.registry import Registry
 
     os.environ["HF_ENDPOINT"] = url  # read by loramgr when the install runs, as the CLI does
@@ -159,7 +159,7 @@ def main() -> None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import disable_progress_bars
 
-    from loramgr.hub import HubSource, _verify, download_adapter
+    from loramgr.hub.client import HubSource, _verify, download_adapter
 
     disable_progress_bars()  # neither side draws; bars would only add noise to the timings
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp_name:

@@ -75,7 +75,7 @@ def combine(
     """Combine adapters in memory; keyword arguments are :class:`loramgr.merge.MergeOptions` fields
     (rank, energy, density, majority_sign, seed, strict, allow_different_bases, dtype)."""
     from .merge import MergeOptions
-    from .operations import merge_adapters
+    from .merge.operations import merge_adapters
 
     known = {f.name for f in fields(MergeOptions)} - {"weights", "method"}
     unknown = sorted(set(options) - known)
@@ -116,6 +116,6 @@ def compress(source: Source, *, rank: int | None = None, energy: float | None = 
 def register(merged: MergedAdapter, *, name: str, version: str | None = None,
              registry_: Registry | None = None) -> InstallResult:
     """Register a combined adapter with its lineage and recipe (as ``loramgr combine --name`` does)."""
-    from .operations import register_result
+    from .merge.operations import register_result
 
     return register_result(registry_ or registry(), merged, name=name, version=version)

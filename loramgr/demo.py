@@ -79,10 +79,10 @@ def run(home: Path | None = None, echo: Callable[[str], None] = print) -> DemoRe
     import torch
 
     from .merge import MergeOptions
-    from .modelops import fuse
-    from .operations import combine_sources
-    from .peftops import apply
-    from .recipes import RecipeSource
+    from .merge.operations import combine_sources
+    from .merge.recipes import RecipeSource
+    from .model.peftmodel import apply
+    from .model.weights import fuse
     from .registry import Registry
 
     warnings.filterwarnings("ignore", module="peft")

@@ -33,7 +33,7 @@ def install_any(
 ) -> InstallResult:
     """Install ``source`` (folder, file or hf:// reference) into ``registry``."""
     if source.startswith(HUB_SCHEME):
-        from .hub_install import install_from_hub
+        from .hub.install import install_from_hub
 
         return install_from_hub(
             registry, source, name=name, version=version, allow_pickle=allow_pickle, base=base, progress=progress
@@ -104,8 +104,8 @@ def _declared_base(info: AdapterInfo) -> str | None:
 
 def fit_to_base(info: AdapterInfo, fingerprint: Any, *, label: str) -> AdapterInfo:
     """Resolve kohya names against the base and refuse an adapter whose modules do not fit it."""
-    from .basemodel import module_shapes
-    from .check import check_adapters
+    from .compat.basemodel import module_shapes
+    from .compat.check import check_adapters
     from .formats.kohya import resolve_kohya_info
 
     info = resolve_kohya_info(info, module_shapes(fingerprint))

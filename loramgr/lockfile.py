@@ -100,7 +100,7 @@ def read_requirements(path: str | Path) -> list[Requirement]:
 
 def lock(registry: Registry, requirements: list[Requirement], *, progress: Progress | None = None) -> list[Locked]:
     """Resolve every requirement to an exact version; Hub entries are installed (or found) first."""
-    from .hub_install import install_from_hub
+    from .hub.install import install_from_hub
 
     locked = []
     for req in requirements:
@@ -191,8 +191,8 @@ def _present(registry: Registry, entry: Locked) -> bool:
 
 
 def _fetch(entry: Locked, *, offline: bool | None, progress: Progress | None) -> tuple[Locked, Path, dict[str, Any]]:
-    from .hub import HubSource, download_adapter
-    from .hub_install import hub_cache_dir, hub_endpoint
+    from .hub.client import HubSource, download_adapter
+    from .hub.install import hub_cache_dir, hub_endpoint
 
     source = HubSource(str(entry.hub), entry.commit, entry.subfolder)
     download = download_adapter(source, cache_dir=hub_cache_dir(), endpoint=hub_endpoint(), offline=offline)

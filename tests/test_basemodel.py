@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from test_kohya import TinyPipeline
 
-from loramgr.basemodel import (
+from loramgr.compat.basemodel import (
     BaseFingerprint,
     add_content_digests,
     fingerprint_base_model,

@@ -9,8 +9,8 @@ import torch
 from factories import peft_adapter_from_model, tiny_llama, write_peft_adapter
 from test_kohya import TARGETS, TinyPipeline, write_kohya_file
 
-from loramgr.basemodel import fingerprint_from_state_dict, fingerprint_from_tensors
-from loramgr.check import check_adapters, parse_engine, safetensors_reader
+from loramgr.compat.basemodel import fingerprint_from_state_dict, fingerprint_from_tensors
+from loramgr.compat.check import check_adapters, parse_engine, safetensors_reader
 from loramgr.errors import LoramgrError
 from loramgr.formats.detect import read_adapter_file
 from loramgr.formats.peft import read_peft_folder
@@ -178,7 +178,7 @@ def test_kohya_base_hash_compared_with_a_single_file_base(tmp_path: Path) -> Non
 
     from safetensors.torch import save_file
 
-    from loramgr.basemodel import fingerprint_base_model
+    from loramgr.compat.basemodel import fingerprint_base_model
 
     pipe = TinyPipeline()
     base_file = tmp_path / "base.safetensors"

@@ -1,6 +1,6 @@
 """loramgr's Hub layer against the local test Hub, through the real huggingface_hub client.
 
-Nothing of loramgr.hub is mocked; the only patch is ``huggingface_hub.get_token`` so that a login
+Nothing of loramgr.hub.client is mocked; the only patch is ``huggingface_hub.get_token`` so that a login
 stored on the developer's machine cannot leak into a test.
 """
 
@@ -15,14 +15,14 @@ from factories import write_peft_adapter
 from hubserver import OTHER_TOKEN, TEST_TOKEN, HubServer
 
 from loramgr.errors import ConflictError, HubError, IntegrityError, InvalidReferenceError
-from loramgr.hub import (
+from loramgr.hub.client import (
     HubSource,
     download_adapter,
     parse_hub_reference,
     plan_push,
     push,
 )
-from loramgr.modelcard import parse_card, render_model_card
+from loramgr.hub.modelcard import parse_card, render_model_card
 
 MODULES = {"model.layers.0.self_attn.q_proj": (16, 16, 4), "model.layers.0.self_attn.v_proj": (16, 16, 4)}
 

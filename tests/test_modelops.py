@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from loramgr.adapter import LoraAdapter
 from loramgr.errors import IncompatibleError, UnsupportedAdapterError
 from loramgr.formats.peft import read_peft_folder
-from loramgr.modelops import (
+from loramgr.model.weights import (
     ModelMismatchError,
     check_against_model,
     fuse,
@@ -304,7 +304,7 @@ def write_kohya_file(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, 
 
 def test_kohya_file_fuses_and_applies_by_resolving_underscore_names(tmp_path):
     from loramgr.formats.detect import read_adapter_file
-    from loramgr.peftops import apply
+    from loramgr.model.peftmodel import apply
 
     expected_deltas = write_kohya_file(tmp_path / "style.safetensors")
     adapter = LoraAdapter(read_adapter_file(tmp_path / "style.safetensors"), tmp_path)

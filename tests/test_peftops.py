@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 from loramgr.adapter import LoraAdapter
 from loramgr.errors import ConflictError, IncompatibleError, LoramgrError
 from loramgr.formats.peft import read_peft_folder, write_peft_folder
-from loramgr.modelops import ModelMismatchError
+from loramgr.model.weights import ModelMismatchError
 
 peft = pytest.importorskip("peft")
-from loramgr.peftops import apply, hotswap  # noqa: E402
+from loramgr.model.peftmodel import apply, hotswap  # noqa: E402
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CASES = {

@@ -41,7 +41,7 @@ def add(path: str, name: str | None, revision: str | None, content: bool, as_jso
     """Fingerprint a base model folder or .safetensors file (sharded and diffusers folders too) and register it."""
     from pathlib import Path
 
-    from ..basemodel import fingerprint_base_model
+    from ..compat.basemodel import fingerprint_base_model
 
     with progress_bars() as progress:
         fingerprint = fingerprint_base_model(path, revision=revision, content=content, progress=progress)
@@ -79,7 +79,7 @@ def list_(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the fingerprint as JSON.")
 def show(name: str, modules: bool, as_json: bool) -> None:
     """Show a registered base model's fingerprint (and, with --modules, its adaptable modules)."""
-    from ..basemodel import module_shapes
+    from ..compat.basemodel import module_shapes
 
     fingerprint = _registry().get_base(name)
     if as_json:

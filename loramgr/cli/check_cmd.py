@@ -1,6 +1,6 @@
 """``loramgr check``: does an adapter fit a base model and a serving engine?
 
-Parses arguments, makes the library calls (:func:`loramgr.check.check_adapters`) and prints the
+Parses arguments, makes the library calls (:func:`loramgr.compat.check.check_adapters`) and prints the
 findings; exit 1 when any is an error, 2 for a malformed ``--engine``.
 """
 
@@ -30,7 +30,7 @@ def _load_adapter(source: str, registry: Any) -> tuple[Any, Any]:
 def _load_base(spec: str, registry: Any) -> Any:
     """A base fingerprint from a path (read now, headers only) or a registered base model's name."""
     if os.path.exists(spec):
-        from ..basemodel import fingerprint_base_model
+        from ..compat.basemodel import fingerprint_base_model
 
         return fingerprint_base_model(spec)
     get_base = getattr(registry(), "get_base", None)
@@ -50,7 +50,7 @@ def _load_base(spec: str, registry: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 def check(adapters: tuple[str, ...], base: str | None, engine: str | None, values: bool, as_json: bool) -> None:
     """Check adapters (references or paths) against a base model, each other and an engine."""
-    from ..check import check_adapters, parse_engine, safetensors_reader
+    from ..compat.check import check_adapters, parse_engine, safetensors_reader
     from ..errors import LoramgrError
 
     try:

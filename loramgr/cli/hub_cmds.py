@@ -19,7 +19,7 @@ from .render import human_size, progress_bars
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded and show the model card; upload nothing.")
 def push(reference: str, repo_id: str, private: bool, fmt: str, dry_run: bool) -> None:
     """Publish an adapter version to the Hub in one commit, tagged v<version>."""
-    from ..publish import prepare_push, run_push
+    from ..hub.publish import prepare_push, run_push
 
     registry = open_registry()
     with prepare_push(registry, reference, repo_id=repo_id, private=private, fmt=fmt) as (plan, folder):

@@ -116,8 +116,8 @@ def combine(references: tuple[str, ...], weights_text: str | None, name: str | N
 
     Every method works on each adapter's delta s*B*A; see docs/merge-methods.md.
     """
-    from ..operations import combine_from_recipe, combine_sources
-    from ..recipes import RecipeSource
+    from ..merge.operations import combine_from_recipe, combine_sources
+    from ..merge.recipes import RecipeSource
 
     registry = open_registry()
     with progress_bars() as progress:
@@ -148,8 +148,8 @@ def combine(references: tuple[str, ...], weights_text: str | None, name: str | N
 def compress(reference: str, rank: int | None, energy: float | None, dtype: str | None, name: str | None,
              version: str | None, output: str | None) -> None:
     """Re-rank one adapter to a smaller rank: the optimal approximation, computed from its factors."""
-    from ..operations import combine_sources
-    from ..recipes import RecipeSource
+    from ..merge.operations import combine_sources
+    from ..merge.recipes import RecipeSource
 
     if rank is None and energy is None:
         raise click.UsageError("give --rank or --energy")

@@ -81,7 +81,7 @@ def show(reference: str, as_json: bool, as_recipe: bool) -> None:
     """Show one adapter version: NAME, NAME==VERSION, 'NAME>=1,<2', NAME@TAG or sha256:PREFIX."""
     data = open_registry().show(reference)
     if as_recipe:
-        from ..recipes import recipe_toml
+        from ..merge.recipes import recipe_toml
 
         click.echo(recipe_toml(data), nl=False)
         return

@@ -34,7 +34,7 @@ from .peft import PEFT_PREFIX, write_peft_folder
 if TYPE_CHECKING:
     import torch
 
-    from ..basemodel import BaseFingerprint
+    from ..compat.basemodel import BaseFingerprint
 
 FORMATS = ("peft", "kohya", "diffusers")
 
@@ -329,7 +329,7 @@ def export_converted(
     """:func:`export_adapter` for the CLI: a base fingerprint (``install --base``) supplies the module
     paths that kohya names need for PEFT and diffusers output."""
     if base is not None and fmt in ("peft", "diffusers") and "module_paths" not in options:
-        from ..basemodel import module_shapes
+        from ..compat.basemodel import module_shapes
 
         options["module_paths"] = list(module_shapes(base))
     return export_adapter(adapter, destination, fmt, **options)

@@ -5,7 +5,7 @@ Keys are PEFT-style module paths under a pipeline component: ``unet.<path>.lora_
 ``lora.up.weight`` and ``lora_linear_layer.down/up`` forms, with prefixes ``unet.``, ``transformer.``,
 ``text_encoder.``, ``text_encoder_2.``, ``text_encoder_3.``. loramgr keeps the component in the module
 name ("unet.down_blocks.0...") so names are unique across the pipeline and match the module paths of
-a pipeline fingerprint (:mod:`loramgr.basemodel`).
+a pipeline fingerprint (:mod:`loramgr.compat.basemodel`).
 
 Scale: diffusers stores the PEFT config as JSON in the ``lora_adapter_metadata`` metadata key, either
 unprefixed (``save_lora_adapter`` of one model) or flattened per component ("unet.r",

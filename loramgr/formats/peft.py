@@ -285,8 +285,8 @@ def convert_pickle(bin_path: str | Path, out_path: str | Path) -> None:
 
 
 def read_card(path: Path) -> dict[str, Any]:
-    """license / description / tags / base_model from a model card (see :func:`loramgr.modelcard.parse_card`)."""
-    from ..modelcard import parse_card
+    """license / description / tags / base_model from a model card (see :func:`loramgr.hub.modelcard.parse_card`)."""
+    from ..hub.modelcard import parse_card
 
     card = parse_card(path.read_text(encoding="utf-8", errors="replace"))
     return {k: v for k, v in card.items() if v is not None or k in ("license", "description")}

@@ -121,7 +121,7 @@ class MergedAdapter:
     modules: list[ModuleReport]
     options: MergeOptions
     sources: list[str] = field(default_factory=list)  # labels of the input adapters, in order
-    #: how it was made (recipe and parent adapters), set by loramgr.operations for registering it
+    #: how it was made (recipe and parent adapters), set by loramgr.merge.operations for registering it
     provenance: Any = field(default=None, repr=False, compare=False)
 
     @property

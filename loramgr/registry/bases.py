@@ -17,7 +17,7 @@ from registry_schema.models import AdapterVersion, BaseModel
 from ..errors import ConflictError, NotFoundError
 
 if TYPE_CHECKING:
-    from ..basemodel import BaseFingerprint
+    from ..compat.basemodel import BaseFingerprint
     from .core import Registry
 
 
@@ -56,7 +56,7 @@ def add_base(registry: Registry, fingerprint: BaseFingerprint) -> bool:
 
 
 def list_bases(registry: Registry) -> list[BaseFingerprint]:
-    from ..basemodel import BaseFingerprint
+    from ..compat.basemodel import BaseFingerprint
 
     with registry.session() as session:
         rows = session.scalars(select(BaseModel).order_by(BaseModel.name)).all()
@@ -64,7 +64,7 @@ def list_bases(registry: Registry) -> list[BaseFingerprint]:
 
 
 def find_base(registry: Registry, name: str) -> tuple[int, BaseFingerprint] | None:
-    from ..basemodel import BaseFingerprint
+    from ..compat.basemodel import BaseFingerprint
 
     with registry.session() as session:
         row = session.scalar(select(BaseModel).where(BaseModel.name == name))
@@ -81,7 +81,7 @@ def get_base(registry: Registry, name: str) -> BaseFingerprint:
 
 def base_of(registry: Registry, reference: str) -> BaseFingerprint | None:
     """The base model a version was linked to at install, if any."""
-    from ..basemodel import BaseFingerprint
+    from ..compat.basemodel import BaseFingerprint
 
     with registry.session() as session:
         version = registry.resolve(reference, session)

@@ -1,7 +1,7 @@
 """Adapters against a model's modules: name resolution, compatibility check, fuse and unfuse.
 
 Everything here works on any ``torch.nn.Module`` and needs torch only (no PEFT, no transformers), so
-a user can fuse an adapter into a model from any library, and :mod:`loramgr.peftops` builds on the
+a user can fuse an adapter into a model from any library, and :mod:`loramgr.model.peftmodel` builds on the
 same checks. An adapter is a :class:`~loramgr.adapter.LoraAdapter` (read from files) or anything with
 a PEFT ``config`` and a state dict ``tensors`` (:class:`PeftAdapterLike`, e.g. a merge result).
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from .adapter import LoraAdapter, ModuleSpec
-from .errors import IncompatibleError, InvalidAdapterError, UnsupportedAdapterError
+from ..adapter import LoraAdapter, ModuleSpec
+from ..errors import IncompatibleError, InvalidAdapterError, UnsupportedAdapterError
 
 if TYPE_CHECKING:
     import torch
@@ -62,8 +62,8 @@ class InMemoryAdapter(LoraAdapter):
     """A :class:`LoraAdapter` whose factors live in a dict instead of a safetensors file."""
 
     def __init__(self, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, label: str) -> None:
-        from .formats.peft import describe
-        from .safetensors_io import TORCH_DTYPE_NAMES, SafetensorsHeader, TensorEntry
+        from ..formats.peft import describe
+        from ..safetensors_io import TORCH_DTYPE_NAMES, SafetensorsHeader, TensorEntry
 
         # describe() validates a PEFT state dict from its header; build that header from the tensors
         # so in-memory adapters get exactly the checks and ModuleSpecs of files read from disk.

@@ -24,11 +24,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .adapter import AdapterInfo, ModuleSpec
+from ..adapter import AdapterInfo, ModuleSpec
+from ..errors import LoramgrError
+from ..formats.kohya import resolve_kohya_names
+from ..formats.lycoris import TYPE_NAMES
 from .basemodel import BaseFingerprint, ModuleShape, module_shapes
-from .errors import LoramgrError
-from .formats.kohya import resolve_kohya_names
-from .formats.lycoris import TYPE_NAMES
 
 if TYPE_CHECKING:
     import torch

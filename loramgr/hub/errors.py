@@ -13,10 +13,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import HubError
+from ..errors import HubError
 
 if TYPE_CHECKING:
-    from .hub import HubSource
+    from .client import HubSource
 
 
 def download_error(

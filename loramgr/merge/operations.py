@@ -13,14 +13,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .adapter import LoraAdapter
-from .errors import ConflictError, IntegrityError, MergeError
+from .. import __version__
+from ..adapter import LoraAdapter
+from ..errors import ConflictError, IntegrityError, MergeError
+from ..registry import InstallResult, Parent, Registry
 from .recipes import Recipe, RecipeSource, load_recipe
-from .registry import InstallResult, Parent, Registry
 
 if TYPE_CHECKING:
-    from .merge import MergedAdapter, MergeOptions
+    from . import MergedAdapter, MergeOptions
 
 Progress = Callable[[str, int, int], None]
 
@@ -55,7 +55,7 @@ def run_checks(adapters: Sequence[LoraAdapter], options: MergeOptions, bases: Se
     ``bases`` are the base fingerprints the adapters were installed for (None where unknown); when all
     share one, every module is checked against it too.
     """
-    from .check import check_adapters
+    from ..compat.check import check_adapters
 
     bases = list(bases) if bases is not None else [None] * len(adapters)
     known = [b for b in bases if b is not None]
@@ -75,7 +75,7 @@ def run_checks(adapters: Sequence[LoraAdapter], options: MergeOptions, bases: Se
 def merge_adapters(adapters: Sequence[LoraAdapter], options: MergeOptions, *, bases: Sequence[Any] | None = None,
                    progress: Progress | None = None) -> CombineResult:
     """Check, merge, and describe the result with its recipe (kept on ``merged.provenance``)."""
-    from .merge import combine
+    from . import combine
 
     adapters = list(adapters)
     notes = run_checks(adapters, options, bases)
@@ -140,7 +140,7 @@ class Provenance:
 
 def register_result(registry: Registry, merged: MergedAdapter, *, name: str, version: str | None) -> InstallResult:
     """Register a merge result with lineage (parents by digest) and its recipe."""
-    from .formats.peft import CONFIG_NAME, WEIGHTS_NAME, read_peft_folder
+    from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME, read_peft_folder
 
     provenance: Provenance | None = getattr(merged, "provenance", None)
     if provenance is None:
@@ -175,7 +175,7 @@ def combine_from_recipe(
     output: str | Path | None = None,
     progress: Progress | None = None,
 ) -> CombineResult:
-    from .merge import MergeOptions
+    from . import MergeOptions
 
     recipe = load_recipe(path)
     options = options_from_dict(MergeOptions, recipe.merge)

@@ -16,9 +16,9 @@ import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from .adapter import LoraAdapter
-from .errors import ConflictError, IncompatibleError, LoramgrError, NotFoundError
-from .modelops import (
+from ..adapter import LoraAdapter
+from ..errors import ConflictError, IncompatibleError, LoramgrError, NotFoundError
+from .weights import (
     PEFT_PREFIX,
     AdapterLike,
     InMemoryAdapter,
@@ -187,7 +187,7 @@ def hotswap(peft_model: PeftModel, adapter_name: str, new_adapter: AdapterLike) 
     if not _is_peft_model(peft_model):
         raise IncompatibleError(
             f"hotswap needs a PeftModel, got {type(peft_model).__name__}",
-            hint="load a first adapter with loramgr.peftops.apply()",
+            hint="load a first adapter with loramgr.model.peftmodel.apply()",
         )
     if adapter_name not in peft_model.peft_config:
         raise NotFoundError(

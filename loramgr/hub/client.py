@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConflictError, HubError, IntegrityError, InvalidReferenceError
-from .hub_errors import download_error, no_adapter_files, push_error
+from ..errors import ConflictError, HubError, IntegrityError, InvalidReferenceError
+from .errors import download_error, no_adapter_files, push_error
 from .modelcard import parse_card
 
 logger = logging.getLogger(__name__)

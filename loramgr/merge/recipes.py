@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidReferenceError, MergeError
+from ..errors import InvalidReferenceError, MergeError
 
 
 @dataclass

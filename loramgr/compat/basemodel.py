@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import LoramgrError
-from .safetensors_io import read_header
+from ..errors import LoramgrError
+from ..safetensors_io import read_header
 
 Progress = Callable[[str, int, int], None]
 

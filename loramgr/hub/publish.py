@@ -8,17 +8,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .registry import Registry
+from ..registry import Registry
 
 
 @contextmanager
 def prepare_push(registry: Registry, reference: str, *, repo_id: str, private: bool = False,
                  fmt: str = "peft") -> Iterator[tuple[Any, Path]]:
     """Export ``reference`` to a scratch folder and plan its push; yields (PushPlan, folder)."""
-    from .hub import plan_push
-    from .install import export_any
+    from ..install import export_any
+    from ..merge.recipes import recipe_toml
+    from .client import plan_push
     from .modelcard import render_model_card
-    from .recipes import recipe_toml
 
     shown = registry.show(reference)
     registry.store.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +45,7 @@ def prepare_push(registry: Registry, reference: str, *, repo_id: str, private: b
 
 
 def run_push(plan: Any, folder: Path, *, notify: Callable[[str], None] | None = None) -> str:
-    from .hub import push
-    from .hub_install import hub_endpoint
+    from .client import push
+    from .install import hub_endpoint
 
     return push(plan, folder, endpoint=hub_endpoint(), notify=notify)

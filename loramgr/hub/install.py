@@ -15,7 +15,7 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from .registry import InstallResult, Registry
+from ..registry import InstallResult, Registry
 
 Progress = Callable[[str, int, int], None]
 
@@ -64,8 +64,8 @@ def install_from_hub(
     revision, commit, subfolder, card). They are what ``lock`` pins: when the registry already held the
     same bytes from elsewhere (a local folder, another repository), the stored version's own source
     says nothing about this Hub repository."""
-    from .hub import download_adapter, parse_hub_reference
-    from .install import install_path
+    from ..install import install_path
+    from .client import download_adapter, parse_hub_reference
 
     source = parse_hub_reference(text)
 

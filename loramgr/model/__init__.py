@@ -1,0 +1,1 @@
+"""Operations on a live model: resolve adapter modules to layers, fuse, unfuse, apply, hotswap."""
