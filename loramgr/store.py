@@ -186,6 +186,15 @@ class BlobStore:
                 path.unlink()
 
     @contextlib.contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A private temporary folder under ``tmp/``, removed afterwards, with the shared store lock held
+        throughout: ``gc`` (which empties ``tmp/`` under the exclusive lock) waits until it is gone."""
+        with self.lock(exclusive=False):
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=self.tmp_dir, prefix="scratch-") as folder:
+                yield Path(folder)
+
+    @contextlib.contextmanager
     def lock(self, *, exclusive: bool) -> Iterator[None]:
         """Shared (installs) or exclusive (gc) advisory lock; a no-op where fcntl is unavailable."""
         try:
@@ -224,21 +233,6 @@ def _copy(src: BinaryIO, out: BinaryIO, total: int, report: Callable[[int], obje
             report(done)
     if done != total:
         raise OSError(f"{getattr(src, 'name', 'source')} changed size while being copied")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a whole file so that a reader never sees half of it: temporary file, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fsync_dir(path: Path) -> None:

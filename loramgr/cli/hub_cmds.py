@@ -51,7 +51,7 @@ def lock_cmd(requirements: Path, output: Path) -> None:
     with progress_bars() as progress:
         locked = lock(open_registry(), reqs, progress=progress)
     text = render_lock(locked)
-    from ..store import write_atomic
+    from ..fileio import write_atomic
 
     write_atomic(output, text.encode("utf-8"))
     for entry in locked:

@@ -90,7 +90,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     """Write a safetensors file so that a reader never sees half of it."""
     from safetensors.torch import save
 
-    from ..store import write_atomic
+    from ..fileio import write_atomic
 
     write_atomic(path, save({k: tensors[k].contiguous() for k in sorted(tensors)}, metadata=metadata))
 

@@ -22,7 +22,7 @@ import torch
 
 from loramgr.adapter import AdapterInfo, ModuleSpec
 from loramgr.merge.options import MergeOptions
-from loramgr.store import write_atomic
+from loramgr.fileio import write_atomic
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
