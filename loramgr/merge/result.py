@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from loramgr.adapter import AdapterInfo, ModuleSpec
-from loramgr.merge.options import MergeOptions
 from loramgr.fileio import write_atomic
+from loramgr.merge.options import MergeOptions
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
