@@ -1,6 +1,14 @@
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# huggingface_hub reads its settings once, at import: whatever the caller's shell has set (HF_HUB_OFFLINE=1,
+# a HF_HOME with a login, another endpoint) must not reach the tests, so it goes before anything imports it
+for _name in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN", "HF_HOME", "HF_HUB_CACHE", "LORAMGR_HOME",
+              "LORAMGR_DATABASE_URL", "LORAMGR_DEBUG", "TRANSFORMERS_OFFLINE"):
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture(autouse=True)
@@ -17,6 +25,9 @@ def loramgr_home(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # in case a plugin imported it first
     # a login stored on a developer's machine must never reach the test Hub
     import huggingface_hub
 
