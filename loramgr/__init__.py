@@ -11,6 +11,7 @@ The public API, imported lazily so that ``import loramgr`` (and the CLI) stay fa
     loramgr.apply(model, adapter)         a PeftModel (needs the peft extra)
     loramgr.fuse(model, adapter) / loramgr.unfuse(model, adapter)
     loramgr.hotswap(peft_model, name, adapter)
+    loramgr.check([ref_or_path, ...], base=..., engine=...)   findings, as ``loramgr check``
     loramgr.Registry, loramgr.MergeOptions
 """
 
@@ -32,6 +33,7 @@ _EXPORTS = {
     "fuse": "loramgr.model.weights",
     "unfuse": "loramgr.model.weights",
     "check_against_model": "loramgr.model.weights",
+    "check": "loramgr.compat.check",
     "Registry": "loramgr.registry",
     "MergeOptions": "loramgr.merge.options",
     "LoraAdapter": "loramgr.adapter",

@@ -5,7 +5,7 @@ An adapter file is read into an :class:`AdapterInfo` (metadata only, no tensors 
 which tensor keys of the weights file hold its factors. :class:`LoraAdapter` pairs that description
 with the weights file and loads the factors of one module at a time, so merges stream.
 
-Conventions (DOMAIN.md section 1): for every module ΔW = scale · B · A with A: rank x in_features and
+Conventions: for every module ΔW = scale · B · A with A: rank x in_features and
 B: out_features x rank. Convolution factors are flattened (A to rank x in·kh·kw, B to out x rank);
 ``kernel`` keeps the original shape of A. PEFT embedding LoRA stores ``lora_embedding_A`` as
 rank x num_embeddings and ``lora_embedding_B`` as dim x rank, so for ``kind == "embedding"``
@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 
 #: adapter types loramgr recognises; only "lora" can be summed and converted freely
 ADAPTER_TYPES = ("lora", "dora", "loha", "lokr", "full", "ia3", "glora", "oft", "boft", "lora_tucker")
+
+
+def factors_fit(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> bool:
+    """Whether A [r, in(, kh, kw)] and B [out, r(, 1, 1)] are the two factors of one delta."""
+    return len(shape_a) >= 2 and len(shape_b) >= 2 and shape_b[1] == shape_a[0] and all(d == 1 for d in shape_b[2:])
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,22 @@ class ModuleSpec:
     @property
     def n_params(self) -> int:
         return self.rank * (self.in_features + self.out_features)
+
+    @classmethod
+    def from_factors(
+        cls, name: str, a: tuple[str, tuple[int, ...]], b: tuple[str, tuple[int, ...]], **fields: Any
+    ) -> ModuleSpec:
+        """A linear or convolution module from its factors' (key, shape): A [r, in(, kh, kw)], B [out, r(, 1, 1)].
+
+        The caller has checked the shapes (:func:`factors_fit`); ``fields`` are the other ModuleSpec
+        fields (alpha, dtype, use_rslora, key_alpha, extra_keys); alpha defaults to the rank.
+        """
+        (key_a, shape_a), (key_b, shape_b) = a, b
+        conv = len(shape_a) > 2
+        fields.setdefault("alpha", float(shape_a[0]))
+        return cls(name=name, rank=shape_a[0], in_features=math.prod(shape_a[1:]), out_features=shape_b[0],
+                   key_a=key_a, key_b=key_b, kind="conv" if conv else "linear",
+                   kernel=tuple(shape_a) if conv else None, **fields)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

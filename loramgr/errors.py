@@ -114,3 +114,31 @@ class RegistryError(LoramgrError):
 
 class HubError(LoramgrError):
     """A Hugging Face Hub repository, revision, authentication or download problem."""
+
+
+class InvalidBaseModelError(LoramgrError):
+    """A base model whose files cannot be fingerprinted: names the path (and the tensor) at fault."""
+
+    def __init__(self, message: str, *, path: str, tensor: str | None = None, hint: str | None = None) -> None:
+        self.path = path
+        self.tensor = tensor
+        super().__init__(message, hint=hint)
+
+
+class EngineSpecError(LoramgrError, ValueError):
+    """An ``--engine`` value that does not parse: the engine named, and the option at fault if any."""
+
+    def __init__(self, message: str, *, engine: str, option: str | None = None, hint: str | None = None) -> None:
+        self.engine = engine
+        self.option = option
+        super().__init__(message, hint=hint)
+
+
+class MissingDependencyError(LoramgrError, ImportError):
+    """An optional package that an operation needs is not installed; the hint says how to install it."""
+
+    def __init__(self, message: str, *, package: str, hint: str) -> None:
+        self.package = package
+        super().__init__(message, hint=hint)
+
+    __str__ = LoramgrError.__str__

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from factories import peft_adapter_from_model, tiny_llama, write_peft_adapter
+from factories import one_line_error, peft_adapter_from_model, run_cli, tiny_llama, write_peft_adapter
 from test_kohya import TARGETS, TinyPipeline, write_kohya_file
 
 from loramgr.compat.basemodel import fingerprint_from_state_dict, fingerprint_from_tensors
@@ -193,3 +194,126 @@ def test_kohya_base_hash_compared_with_a_single_file_base(tmp_path: Path) -> Non
     assert not [f for f in check_adapters([same], base=base) if "another fine-tune" in f.message]
     assert [f for f in check_adapters([other], base=base) if "another fine-tune" in f.message]
     assert any("different base files" in f.message for f in check_adapters([same, other]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# machine-readable codes, the override that filters on them, and one check for the CLI and Python
+
+
+def test_findings_carry_codes_and_json_prints_them(tmp_path: Path, llama_base) -> None:
+    from click.testing import CliRunner
+
+    from loramgr.cli.main import cli
+    from loramgr.compat.findings import CODES
+
+    big = {**GOOD, "model.layers.0.self_attn.q_proj": (32, 32, 24), "model.layers.0.self_attn.qkv": (32, 96, 8)}
+    info = read_peft_folder(write_peft_adapter(tmp_path / "a", big))
+    findings = check_adapters([info], base=llama_base, engine="vllm")
+    assert {(f.code, f.module) for f in findings if f.severity == "error"} == {
+        ("missing-module", "model.layers.0.self_attn.qkv"),
+        ("engine-rank", "model.layers.0.self_attn.q_proj"),
+    }
+    assert all(f.code in CODES for f in findings)
+    result = CliRunner().invoke(cli, ["check", str(tmp_path / "a"), "--engine", "vllm", "--json"])
+    assert result.exit_code == 1
+    printed = json.loads(result.output)
+    assert [(f["severity"], f["code"]) for f in printed] == [("error", "engine-rank"), ("info", "no-base")]
+
+
+def test_allow_different_bases_drops_base_mismatches_only(tmp_path: Path, llama_base) -> None:
+    """'no such module in base' mentions a base but is no base mismatch: the override keeps it."""
+    from loramgr.adapter import LoraAdapter
+    from loramgr.errors import MergeError
+    from loramgr.merge import MergeOptions
+    from loramgr.merge.operations import run_checks
+
+    def adapter(name: str, modules: dict) -> LoraAdapter:
+        folder = write_peft_adapter(tmp_path / name, modules)
+        return LoraAdapter(read_peft_folder(folder), folder, label=name)
+
+    good, odd = adapter("good", GOOD), adapter("odd", {**GOOD, "model.layers.0.self_attn.qkv": (32, 96, 8)})
+    lenient = MergeOptions(allow_different_bases=True)
+    with pytest.raises(MergeError, match="odd: no such module in base tiny-base"):
+        run_checks([good, odd], lenient, bases=[llama_base, llama_base])
+    other = fingerprint_from_tensors({"x.weight": ((4, 4), "F32")}, name="other")
+    with pytest.raises(MergeError, match="another structure"):
+        run_checks([good, good], MergeOptions(), bases=[llama_base, other])
+    assert run_checks([good, good], lenient, bases=[llama_base, other]) == []
+
+
+def test_plain_lora_guard_comes_before_every_other_check(tmp_path: Path, llama_base) -> None:
+    from test_lycoris import write as write_lycoris
+
+    from loramgr.adapter import LoraAdapter
+    from loramgr.errors import UnsupportedAdapterError
+    from loramgr.merge import MergeOptions
+    from loramgr.merge.operations import run_checks
+
+    good = write_peft_adapter(tmp_path / "good", GOOD)
+    loha = write_lycoris(tmp_path, "loha")  # its module is not in the base either
+    adapters = [LoraAdapter(read_peft_folder(good), good, label="good"),
+                LoraAdapter(read_adapter_file(loha), tmp_path, label="loha", weights_path=loha)]
+    with pytest.raises(UnsupportedAdapterError, match="combine is not possible for loha: a LoHa adapter"):
+        run_checks(adapters, MergeOptions(), bases=[llama_base, llama_base])
+
+
+@pytest.fixture()
+def check_inputs(tmp_path: Path) -> dict[str, str]:
+    """A base model folder, adapters on disk, and one adapter installed for a registered base."""
+    from safetensors.torch import save_file
+
+    model_dir = tmp_path / "base"
+    model_dir.mkdir()
+    save_file({k: v.clone().contiguous() for k, v in tiny_llama().state_dict().items()},
+              str(model_dir / "model.safetensors"))
+    paths = {
+        "base": str(model_dir),
+        "good": str(write_peft_adapter(tmp_path / "good", GOOD)),
+        "big": str(write_peft_adapter(tmp_path / "big", {**GOOD, "model.layers.0.self_attn.q_proj": (32, 32, 24)})),
+        "kohya": str(write_kohya_file(tmp_path / "k.safetensors", TinyPipeline())),
+    }
+    run_cli("base", "add", paths["base"], "--name", "tiny-base")
+    run_cli("install", paths["big"], "--name", "big", "--base", "tiny-base")
+    return paths
+
+
+CHECK_CASES = {  # adapters ("@name": a registry reference), options, the codes of the errors expected
+    "folder-for-vllm": (["good"], {"base": "base", "engine": "vllm"}, set()),
+    "rank-above-vllm": (["big"], {"base": "base", "engine": "vllm:max-rank=16"}, {"engine-rank"}),
+    "two-with-values": (["good", "big"], {"values": True}, set()),
+    "registered-base-by-name": (["good"], {"base": "tiny-base", "engine": "llama.cpp"}, set()),
+    "linked-at-install": (["@big"], {"engine": "vllm"}, {"engine-rank"}),
+    "kohya-on-a-llama": (["kohya"], {"base": "base", "engine": "peft"}, {"engine-format", "missing-module"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECK_CASES))
+def test_cli_and_python_api_give_the_same_findings(check_inputs: dict[str, str], case: str) -> None:
+    import dataclasses
+
+    import loramgr
+
+    names, options, expected = CHECK_CASES[case]
+    sources = [n[1:] if n.startswith("@") else check_inputs[n] for n in names]  # "@x": registry reference
+    base = options.get("base")
+    base = check_inputs.get(base, base)
+    args = ["check", *sources, "--json"] + (["--base", base] if base else [])
+    args += ["--engine", options["engine"]] if "engine" in options else []
+    args += ["--values"] if "values" in options else []
+    report = loramgr.check(sources, base=base, engine=options.get("engine"), values=options.get("values", False))
+    result = run_cli(*args, code=1 if report.errors else 0)
+    assert json.loads(result.output) == [dataclasses.asdict(f) for f in report.findings]
+    assert {f.code for f in report.errors} == expected
+
+
+def test_cli_and_python_api_give_the_same_error(check_inputs: dict[str, str]) -> None:
+    import loramgr
+    from loramgr.errors import EngineSpecError, LoramgrError
+
+    with pytest.raises(LoramgrError) as caught:
+        loramgr.check(["no-such-adapter"])
+    assert one_line_error("check", "no-such-adapter") == f"Error: {caught.value}"
+    with pytest.raises(EngineSpecError) as bad_engine:
+        loramgr.check([check_inputs["good"]], engine="vllm:max-rank=17")
+    usage = run_cli("check", check_inputs["good"], "--engine", "vllm:max-rank=17", code=2)
+    assert str(bad_engine.value) in usage.output.replace("\n", " ")

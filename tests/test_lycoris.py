@@ -94,3 +94,34 @@ def test_lycoris_file_exports_to_kohya_verbatim(tmp_path: Path) -> None:
 def test_plain_lora_passes_the_guard(tmp_path: Path) -> None:
     save_file({f"{M}.lora_down.weight": t(2, 8), f"{M}.lora_up.weight": t(16, 2)}, str(tmp_path / "l.safetensors"))
     require_plain_lora(read_adapter_file(tmp_path / "l.safetensors"), "combine")
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+def test_fuse_refusal_names_type_and_operation_with_a_true_hint(tmp_path: Path, kind: str) -> None:
+    """One guard, one message; PEFT cannot read kohya files, so the hint must not send the user there."""
+    from test_kohya import TinyUNet
+
+    from loramgr.model.weights import fuse
+
+    path = write(tmp_path, kind)
+    adapter = LoraAdapter(read_adapter_file(path), tmp_path, label="style", weights_path=path)
+    model = TinyUNet()  # has down_blocks.0.attentions.0.proj_in, the module the file targets
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedAdapterError) as caught:
+        fuse(model, adapter)
+    message = str(caught.value)
+    assert message.startswith(f"fuse is not possible for style: a {TYPES[kind][0]} adapter (kohya format)")
+    assert "PeftModel" not in message and "LyCORIS" in message and "\n" not in message
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_peft_dora_refusal_points_at_peft(tmp_path: Path) -> None:
+    from factories import peft_adapter_from_model, tiny_llama
+
+    from loramgr.formats.peft import read_peft_folder
+    from loramgr.model.weights import unfuse
+
+    model = tiny_llama()
+    folder = peft_adapter_from_model(model, tmp_path / "d", use_dora=True)
+    with pytest.raises(UnsupportedAdapterError, match="unfuse is not possible .* DoRA .*PeftModel.from_pretrained"):
+        unfuse(model, LoraAdapter(read_peft_folder(folder), folder))

@@ -237,13 +237,13 @@ def test_resolves_kohya_underscore_names():
 def test_ambiguous_suffix_is_an_error_not_a_guess():
     mapping, problems = resolve_names(tiny_llama(), ["self_attn.q_proj"])
     assert mapping == {}
-    assert problems[0].problem == "ambiguous" and "2 model modules" in problems[0].detail
+    assert problems[0].problem == "ambiguous" and "matches 2 modules of the model" in problems[0].detail
 
 
 def test_dora_cannot_be_fused(tmp_path):
     model = tiny_llama()
     folder = peft_adapter_from_model(model, tmp_path / "a", use_dora=True)
-    with pytest.raises(UnsupportedAdapterError, match="dora"):
+    with pytest.raises(UnsupportedAdapterError, match="fuse is not possible .*: a DoRA adapter"):
         fuse(model, load(folder))
 
 

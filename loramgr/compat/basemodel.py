@@ -1,6 +1,6 @@
 """Base-model identity: fingerprints read from safetensors headers, and the module shapes checks need.
 
-Three levels (DOMAIN.md section 3), each cheaper to get than the next is to trust:
+Three levels, each cheaper to get than the next is to trust:
 
 - declared: the name and revision a config or the user gives (breaks on renames and local paths);
 - structural: sha256 of the sorted (tensor name, shape) list, read from the safetensors *headers only*
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import LoramgrError
+from ..errors import InvalidBaseModelError
 from ..safetensors_io import read_header
 
 Progress = Callable[[str, int, int], None]
@@ -150,12 +150,15 @@ def _weight_files(folder: Path) -> list[Path]:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise LoramgrError(f"{index}: not a valid safetensors index (no weight_map)") from exc
+                raise InvalidBaseModelError(
+                    f"{index}: not a valid safetensors index (no weight_map)", path=str(index)
+                ) from exc
             shards.update(weight_map.values())
         missing = sorted(s for s in shards if not (folder / s).is_file())
         if missing:
-            raise LoramgrError(
+            raise InvalidBaseModelError(
                 f"{folder}: shard {missing[0]} named in the index is missing ({len(missing)} missing)",
+                path=str(folder / missing[0]),
                 hint="download the complete checkpoint",
             )
         return [folder / s for s in sorted(shards)]
@@ -169,7 +172,9 @@ def _collect(path: Path) -> list[tuple[str, Path]]:
     if path.is_file():
         return [("", path)]
     if not path.is_dir():
-        raise LoramgrError(f"{path}: no such file or folder", hint="pass a base model folder or .safetensors file")
+        raise InvalidBaseModelError(
+            f"{path}: no such file or folder", path=str(path), hint="pass a base model folder or .safetensors file"
+        )
     if (path / "model_index.json").is_file():
         pairs = []
         for sub in sorted(p for p in path.iterdir() if p.is_dir()):
@@ -186,7 +191,7 @@ def _read_config(path: Path) -> dict[str, Any]:
             try:
                 data = json.loads(candidate.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
-                raise LoramgrError(f"{candidate}: broken JSON ({exc.msg})") from exc
+                raise InvalidBaseModelError(f"{candidate}: broken JSON ({exc.msg})", path=str(candidate)) from exc
             return data if isinstance(data, dict) else {}
     return {}
 
@@ -206,7 +211,9 @@ def fingerprint_base_model(
     path = Path(path)
     pairs = _collect(path)
     if not pairs:
-        raise LoramgrError(f"{path}: no .safetensors weight files found", hint="pass a safetensors checkpoint")
+        raise InvalidBaseModelError(
+            f"{path}: no .safetensors weight files found", path=str(path), hint="pass a safetensors checkpoint"
+        )
     root = path if path.is_dir() else path.parent
     tensors: dict[str, tuple[tuple[int, ...], str]] = {}
     files: dict[str, int] = {}
@@ -216,7 +223,9 @@ def fingerprint_base_model(
         for key, entry in header.tensors.items():
             full = prefix + key
             if full in tensors:
-                raise LoramgrError(f"{file}: tensor {full} also appears in another weight file")
+                raise InvalidBaseModelError(
+                    f"{file}: tensor {full} also appears in another weight file", path=str(file), tensor=full
+                )
             tensors[full] = (entry.shape, entry.dtype)
         if progress:
             progress("reading headers", i + 1, len(pairs))

@@ -1,18 +1,20 @@
 """Does an adapter fit a base model and a serving engine? Findings, not exceptions.
 
-:func:`check_adapters` returns every problem at once (a user fixing an adapter wants the whole list),
-each a :class:`Finding` with a severity: "error" (it will not load, or loads wrong), "warning" (it
-loads, but probably not as meant) and "info" (what could not be checked). Callers that must refuse
-(combine, install --base) raise on errors; ``loramgr check`` prints them and exits 1.
+:func:`check` is the ``loramgr check`` step, for the CLI and for Python (``loramgr.check``): it opens
+adapters and base models from paths or the registry and returns a :class:`CheckReport`.
+:func:`check_adapters` is the same check on what is already open. Both return every problem at once
+(a user fixing an adapter wants the whole list), each a :class:`~loramgr.compat.findings.Finding` with a
+severity ("error": it will not load, or loads wrong; "warning": it loads, but probably not as meant;
+"info": what could not be checked) and a machine-readable code. Callers that must refuse (combine,
+install --base) raise on errors; ``loramgr check`` prints them and exits 1.
 
-What is checked and why (DOMAIN.md section 3, docs/check.md):
-- against a base fingerprint: every module exists (PEFT's ``base_model.model.`` stripped, kohya names
-  resolved against the base's module paths) and its factors fit (A: r x in, B: out x r), rank is not
-  above min(d_in, d_out);
+What is checked (docs/check.md):
+- against a base fingerprint: every module resolves to one base module (:mod:`loramgr.compat.names`,
+  the resolver fuse and apply use too) and its factors fit (A: r x in, B: out x r); a rank above
+  min(d_in, d_out) is flagged;
 - adapters checked together share a base: structural fingerprints equal (error), content digests
   (warning), declared names (warning);
-- the engine's documented rules: vLLM (max_lora_rank, no DoRA, no modules_to_save, bias "none", linear
-  modules only), LoRAX / TGI (architecture), llama.cpp (architecture, every tensor in the base), PEFT;
+- the engine's rules (:mod:`loramgr.compat.engines`);
 - with a tensor reader: NaN / Inf, and adapters whose ΔW is zero.
 
 Imports no torch at module level: tensors only come through the caller's reader.
@@ -20,93 +22,38 @@ Imports no torch at module level: tensors only come through the caller's reader.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..adapter import AdapterInfo, ModuleSpec
-from ..errors import LoramgrError
-from ..formats.kohya import resolve_kohya_names
-from ..formats.lycoris import TYPE_NAMES
-from .basemodel import BaseFingerprint, ModuleShape, module_shapes
+from ..adapter import AdapterInfo, LoraAdapter, ModuleSpec
+from ..errors import InvalidAdapterError
+from .basemodel import BaseFingerprint, ModuleShape, fingerprint_base_model, module_shapes
+from .engines import EngineSpec, Subject, engine_findings, parse_engine, same_name
+from .findings import BASE_MISMATCH_CODES, CODES, Finding
+from .names import ModuleIndex
 
 if TYPE_CHECKING:
     import torch
 
+    from ..registry import Registry
+
+__all__ = [
+    "BASE_MISMATCH_CODES", "CODES", "CheckReport", "EngineSpec", "Finding", "TensorReader", "check",
+    "check_adapters", "parse_engine", "safetensors_reader",
+]  # fmt: skip
+
 #: (adapter index, info) -> (tensor key, tensor) pairs; lets checks read values without knowing storage
 TensorReader = Callable[[int, AdapterInfo], Iterable[tuple[str, "torch.Tensor"]]]
+#: an adapter to check: a registry reference, a path (a path-like, or a string naming a file or folder
+#: that exists), or an adapter already open
+Source = str | os.PathLike[str] | LoraAdapter
+#: a base model: a registered base's name, a path, or a fingerprint
+BaseSource = str | os.PathLike[str] | BaseFingerprint
 
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-ENGINES: dict[str, dict[str, type]] = {
-    "vllm": {"max-rank": int},
-    "lorax": {},
-    "tgi": {},
-    "llama.cpp": {},
-    "peft": {},
-}
-_PEFT_PREFIX = "base_model.model."
-
-
-@dataclass(frozen=True)
-class Finding:
-    severity: str  # "error" | "warning" | "info"
-    adapter: str
-    module: str | None
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.adapter}" + (f" [{self.module}]" if self.module else "")
-        return f"{self.severity}: {where}: {self.message}"
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """A parsed ``--engine`` value such as ``vllm:max-rank=64``."""
-
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
-        return self.name + (f":{opts}" if opts else "")
-
-
-def parse_engine(spec: str) -> EngineSpec:
-    """Parse ``name[:key=value,...]``; unknown engines, options or values raise a LoramgrError."""
-    name, _, rest = spec.strip().partition(":")
-    name = name.lower()
-    if name not in ENGINES:
-        raise LoramgrError(f"unknown engine {name!r}", hint=f"use one of {', '.join(ENGINES)}")
-    allowed = ENGINES[name]
-    options: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or key not in allowed:
-            known = ", ".join(f"{k}=N" for k in allowed) or "no options"
-            raise LoramgrError(f"engine {name}: bad option {item!r}", hint=f"{name} takes {known}")
-        try:
-            options[key] = allowed[key](value)
-        except ValueError as exc:
-            raise LoramgrError(f"engine {name}: {key} must be a number, not {value!r}") from exc
-    if name == "vllm":
-        rank = options.setdefault("max-rank", 16)
-        if rank not in VLLM_RANKS:
-            raise LoramgrError(
-                f"engine vllm: max-rank {rank} is not one of vLLM's max_lora_rank choices",
-                hint=f"use one of {', '.join(map(str, VLLM_RANKS))}",
-            )
-    return EngineSpec(name, options)
-
-
-def find_module(name: str, shapes: dict[str, ModuleShape]) -> str | None:
-    """The base module an adapter module name refers to: exact, without ``base_model.model.``, or the
-    one base path that ends with it (LlamaModel vs LlamaForCausalLM "model." prefix), or vice versa."""
-    for candidate in (name, name.removeprefix(_PEFT_PREFIX)):
-        if candidate in shapes:
-            return candidate
-    stripped = name.removeprefix(_PEFT_PREFIX)
-    matches = [p for p in shapes if p.endswith("." + stripped) or stripped.endswith("." + p)]
-    return matches[0] if len(matches) == 1 else None
+_PROBLEM_CODES = {"missing": "missing-module", "ambiguous": "ambiguous-module", "duplicate": "duplicate-module"}
 
 
 def _fits(spec: ModuleSpec, shape: ModuleShape, fan_in_fan_out: bool) -> str | None:
@@ -129,26 +76,22 @@ def _fits(spec: ModuleSpec, shape: ModuleShape, fan_in_fan_out: bool) -> str | N
 def _check_against_base(info: AdapterInfo, label: str, base: BaseFingerprint) -> list[Finding]:
     findings: list[Finding] = []
     shapes = module_shapes(base)
-    names = {m.name: m.name for m in info.modules}
-    if info.config.get("module_names") == "kohya":
-        resolved = resolve_kohya_names(names, shapes)
-        names = {k: v for k, v in resolved.items() if v is not None} | {
-            k: k for k, v in resolved.items() if v is None
-        }
+    mapping, unresolved = ModuleIndex(shapes).resolve(
+        [m.name for m in info.modules], where=f"base {base.name or base.source}"
+    )
+    for problem in unresolved:
+        findings.append(Finding("error", _PROBLEM_CODES[problem.problem], label, problem.module, problem.detail))
     fan_in_fan_out = bool(info.config.get("fan_in_fan_out"))
     for spec in info.modules:
-        path = find_module(names[spec.name], shapes)
-        if path is None:
-            findings.append(Finding("error", label, spec.name, f"no such module in base {base.name or base.source}"))
+        path = mapping.get(spec.name)
+        if path is None or info.adapter_type == "ia3":
             continue
-        if info.adapter_type == "ia3":
-            continue
-        problem = _fits(spec, shapes[path], fan_in_fan_out)
-        if problem:
-            findings.append(Finding("error", label, spec.name, problem))
+        problem_text = _fits(spec, shapes[path], fan_in_fan_out)
+        if problem_text:
+            findings.append(Finding("error", "shape", label, spec.name, problem_text))
         elif spec.kind != "embedding" and spec.rank > min(spec.in_features, spec.out_features) > 0:
             findings.append(
-                Finding("warning", label, spec.name, f"rank {spec.rank} exceeds min(d_in, d_out) = "
+                Finding("warning", "rank-above-dims", label, spec.name, f"rank {spec.rank} exceeds min(d_in, d_out) = "
                         f"{min(spec.in_features, spec.out_features)}: the extra rank adds parameters, not capacity")
             )
     # kohya records the sha256 of the base checkpoint file; a single-file base with content digests can be compared
@@ -156,18 +99,11 @@ def _check_against_base(info: AdapterInfo, label: str, base: BaseFingerprint) ->
     file_digests = list((base.content_digests or {}).values())
     if declared_hash and len(file_digests) == 1 and file_digests[0] != f"sha256:{declared_hash}":
         message = f"trained on a base file with sha256 {declared_hash[:12]}, not this one (another fine-tune?)"
-        findings.append(Finding("warning", label, None, message))
-    if info.base_model and base.name and not _same_name(info.base_model, base.name):
+        findings.append(Finding("warning", "base-content", label, None, message))
+    if info.base_model and base.name and not same_name(info.base_model, base.name):
         message = f"adapter declares base {info.base_model!r}, checking against {base.name!r}"
-        findings.append(Finding("warning", label, None, message))
+        findings.append(Finding("warning", "base-declared", label, None, message))
     return findings
-
-
-def _same_name(a: str, b: str) -> bool:
-    def norm(x: str) -> str:
-        return x.rstrip("/").lower()
-
-    return norm(a) == norm(b) or norm(a).rsplit("/", 1)[-1] == norm(b).rsplit("/", 1)[-1]
 
 
 def _check_shared_base(
@@ -184,66 +120,20 @@ def _check_shared_base(
         if fp.structural != ref.structural:
             theirs, ours = fp.name or fp.structural[:19], ref.name or ref.structural[:19]
             message = f"made for a base of another structure ({theirs} vs {ours}): its modules do not fit"
-            findings.append(Finding("error", label, None, message))
+            findings.append(Finding("error", "base-structure", label, None, message))
         elif fp.content and ref.content and fp.content != ref.content:
-            findings.append(Finding("warning", label, None, "made for another fine-tune of the same architecture "
-                                    "(content digests differ)"))
+            findings.append(Finding("warning", "base-content", label, None, "made for another fine-tune of the same "
+                                    "architecture (content digests differ)"))
+    everyone = ", ".join(labels)
     hashes = {(i.config.get("kohya") or {}).get("base_model_hash") for i in infos} - {None}
     if len(hashes) > 1:
-        findings.append(Finding("warning", ", ".join(labels), None,
+        findings.append(Finding("warning", "base-content", everyone, None,
                                 "kohya adapters were trained on different base files (ss_new_sd_model_hash differs)"))
     declared = {i.base_model for i in infos if i.base_model}
     if len(declared) > 1:
-        findings.append(Finding("warning", ", ".join(labels), None,
+        findings.append(Finding("warning", "base-declared", everyone, None,
                                 f"adapters declare different base models: {', '.join(sorted(declared))}"))
     return findings
-
-
-def _check_engine(info: AdapterInfo, label: str, engine: EngineSpec, base: BaseFingerprint | None,
-                  own_base: BaseFingerprint | None) -> list[Finding]:
-    f: list[Finding] = []
-    kind = "dora" if info.use_dora else info.adapter_type
-    type_name = TYPE_NAMES.get(kind, kind)
-
-    def err(message: str, module: str | None = None) -> None:
-        f.append(Finding("error", label, module, f"{engine.name}: {message}"))
-
-    if engine.name != "peft" and info.format != "peft":
-        err(f"serves PEFT adapter folders, this is a {info.format} file (export it with --format peft)")
-    if engine.name == "peft" and info.format == "kohya":
-        err("PEFT does not load kohya files; export with --format peft --base <model>")
-    if kind != "lora" and not (engine.name == "peft" and kind == "dora" and info.format != "kohya"):
-        err(f"{type_name} adapters are not supported")
-    if engine.name == "vllm":
-        limit = engine.options["max-rank"]
-        pattern = info.config.get("rank_pattern") or {}
-        ranks = [m.rank for m in info.modules] + [int(v) for v in pattern.values()] + [info.rank or 0]
-        top = max(ranks)
-        if top > limit:
-            need = next((r for r in VLLM_RANKS if r >= top), None)
-            hint = f"serve with --max-lora-rank {need}" if need else "vLLM has no max_lora_rank that large"
-            worst = max(info.modules, key=lambda m: m.rank).name
-            err(f"rank {top} exceeds max_lora_rank {limit} ({hint})", worst)
-        if info.config.get("modules_to_save"):
-            err(f"modules_to_save {info.config['modules_to_save']} is not supported")
-        bias = info.config.get("bias", "none")
-        if bias not in (None, "none"):
-            err(f"bias {bias!r} is not supported (needs \"none\")")
-        for spec in info.modules:
-            if spec.kind == "conv":
-                err("LoRA on convolutions is not supported (linear layers only)", spec.name)
-        if info.base_model and base and base.name and not _same_name(info.base_model, base.name):
-            f.append(Finding("warning", label, None, "vllm: its filesystem resolver compares "
-                             f"base_model_name_or_path {info.base_model!r} with the served name {base.name!r}"))
-    if engine.name in ("lorax", "tgi", "llama.cpp") and own_base and base:
-        if own_base.architecture and base.architecture and own_base.architecture != base.architecture:
-            err(f"adapter base architecture {own_base.architecture} differs from {base.architecture}")
-        elif engine.name != "llama.cpp" and own_base.name and base.name and own_base.name != base.name:
-            f.append(Finding("warning", label, None, f"{engine.name}: same architecture, other base name "
-                             f"({own_base.name} vs {base.name})"))
-    if engine.name == "llama.cpp" and base is None:
-        f.append(Finding("info", label, None, "llama.cpp: pass a base model to verify every tensor exists in it"))
-    return f
 
 
 def _check_values(info: AdapterInfo, label: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> list[Finding]:
@@ -256,11 +146,12 @@ def _check_values(info: AdapterInfo, label: str, tensors: Iterable[tuple[str, to
     for key, tensor in tensors:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
-            findings.append(Finding("error", label, owner.get(key, key), f"tensor {key} contains {bad}"))
+            findings.append(Finding("error", "non-finite", label, owner.get(key, key), f"tensor {key} contains {bad}"))
         if key in b_keys and bool(tensor.any()):
             nonzero_b = True
     if info.adapter_type == "lora" and not nonzero_b:
-        findings.append(Finding("warning", label, None, "every lora_B is zero: ΔW = 0 (an untrained adapter?)"))
+        findings.append(Finding("warning", "zero-delta", label, None, "every lora_B is zero: ΔW = 0 (an untrained "
+                                "adapter?)"))
     return findings
 
 
@@ -287,17 +178,18 @@ def check_adapters(
     findings: list[Finding] = []
     for i, (info, label) in enumerate(zip(adapters, labels, strict=True)):
         if not info.modules:
-            findings.append(Finding("error", label, None, "the adapter has no modules (empty)"))
+            findings.append(Finding("error", "empty", label, None, "the adapter has no modules (empty)"))
             continue
         if base is not None:
             findings += _check_against_base(info, label, base)
         if spec is not None:
-            findings += _check_engine(info, label, spec, base, bases[i])
+            findings += engine_findings(Subject(info, label, spec, base, bases[i]))
         if tensor_reader is not None:
             findings += _check_values(info, label, tensor_reader(i, info))
     findings += _check_shared_base(labels, adapters, bases, base)
     if base is None:
-        findings.append(Finding("info", ", ".join(labels), None, "no base model given: modules and shapes not checked"))
+        findings.append(Finding("info", "no-base", ", ".join(labels), None,
+                                "no base model given: modules and shapes not checked"))
     order = {"error": 0, "warning": 1, "info": 2}
     return sorted(findings, key=lambda x: order[x.severity])
 
@@ -313,3 +205,97 @@ def safetensors_reader(paths: list[str]) -> TensorReader:
                 yield key, handle.get_tensor(key)
 
     return read
+
+
+# ---------------------------------------------------------------------------------------------------
+# the check step: sources in, report out
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """Every finding of one check, errors first, with the adapters' labels and the engine checked for."""
+
+    findings: list[Finding]
+    labels: list[str]
+    engine: EngineSpec | None
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class _Registry:
+    """The registry, opened the first time a reference needs it."""
+
+    def __init__(self, registry: Registry | None) -> None:
+        self._registry = registry
+
+    def __call__(self) -> Registry:
+        if self._registry is None:
+            from ..api import registry
+
+            self._registry = registry()
+        return self._registry
+
+
+def _open_adapter(source: Source, registry: _Registry) -> tuple[str, LoraAdapter, BaseFingerprint | None]:
+    """(label, adapter, the base it was installed for: known for references only) for one source."""
+    if isinstance(source, LoraAdapter):
+        return source.label, source, None
+    if isinstance(source, os.PathLike) or os.path.exists(source):
+        from ..api import load
+
+        return str(source), load(Path(source)), None
+    adapter = registry().open_adapter(source)
+    linked: BaseFingerprint | None = registry().base_of(source)
+    return source, adapter, linked
+
+
+def _open_base(source: BaseSource, registry: _Registry) -> BaseFingerprint:
+    if isinstance(source, BaseFingerprint):
+        return source
+    if isinstance(source, os.PathLike) or os.path.exists(source):
+        return fingerprint_base_model(Path(source))
+    found: BaseFingerprint = registry().get_base(source)
+    return found
+
+
+def check(
+    adapters: Sequence[Source],
+    *,
+    base: BaseSource | None = None,
+    engine: str | EngineSpec | None = None,
+    values: bool = False,
+    registry: Registry | None = None,
+) -> CheckReport:
+    """Check adapters (references, paths or open adapters) against a base model, each other and an engine.
+
+    ``base`` is a registered base's name, a base model's path (fingerprinted now, headers only) or a
+    fingerprint. Without one, adapters given by reference that were all installed for the same
+    registered base (``install --base``) are checked against it. ``values`` also reads every tensor (NaN / Inf, ΔW = 0).
+    A malformed ``engine`` raises :class:`~loramgr.errors.EngineSpecError` before anything is opened.
+    """
+    spec = parse_engine(engine) if isinstance(engine, str) else engine
+    if not adapters:
+        raise InvalidAdapterError("no adapters to check", hint="give at least one adapter reference or path")
+    opener = _Registry(registry)
+    opened = [_open_adapter(source, opener) for source in adapters]
+    labels = [label for label, _, _ in opened]
+    linked = [b for _, _, b in opened]
+    base_fp = _open_base(base, opener) if base is not None else None
+    if base_fp is None and all(b is not None for b in linked) and len({b.structural for b in linked if b}) == 1:
+        base_fp = linked[0]  # every adapter was installed for the same registered base: check against it
+    reader = safetensors_reader([str(a.weights_path) for _, a, _ in opened]) if values else None
+    findings = check_adapters(
+        [a.info for _, a, _ in opened],
+        base=base_fp,
+        engine=spec,
+        labels=labels,
+        adapter_bases=linked,
+        tensor_reader=reader,
+    )
+    return CheckReport(findings, labels, spec)

@@ -1,9 +1,10 @@
 """Export an adapter as a PEFT folder, a kohya file or a diffusers file, with ΔW unchanged.
 
-Scale is the trap (DOMAIN.md section 2): diffusers' ``convert_state_dict_to_kohya`` writes alpha = rank,
+Scale is the trap: diffusers' ``convert_state_dict_to_kohya`` writes alpha = rank,
 which changes ΔW = (alpha / r)·B·A whenever alpha != r. loramgr never rescales silently: factors are
 copied bit for bit and the true per-module alpha is written where the format has a place for it
-(kohya ``.alpha`` tensors; PEFT ``lora_alpha`` + ``alpha_pattern``; diffusers ``lora_adapter_metadata``).
+(kohya ``.alpha`` tensors; PEFT ``lora_alpha`` + ``alpha_pattern``; diffusers ``lora_adapter_metadata``),
+the PEFT fields by the one config writer, :mod:`loramgr.formats.peftconfig`.
 Only ``fold_scale=True`` (diffusers) multiplies B by the scale and declares alpha = rank, for readers
 that ignore the metadata; ΔW is then equal up to one float rounding of B.
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -30,6 +30,7 @@ from .diffusers import COMPONENTS, METADATA_KEY
 from .kohya import kohya_name, resolve_kohya_info
 from .lycoris import require_plain_lora
 from .peft import PEFT_PREFIX, write_peft_folder
+from .peftconfig import alpha_for, lora_config, module_scales
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
     from ..compat.basemodel import BaseFingerprint
 
 FORMATS = ("peft", "kohya", "diffusers")
+#: the LoraConfig fields written per component into diffusers' lora_adapter_metadata
+_DIFFUSERS_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_dropout",
+                   "target_modules")
 
 
 def _load(adapter: LoraAdapter, keys: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -77,13 +81,6 @@ def _with_paths(info: AdapterInfo, module_paths: Iterable[str] | None, target: s
             hint="pass the base model (--base / module_paths=) so the names can be resolved",
         )
     return resolve_kohya_info(info, module_paths, strict=True)
-
-
-def _effective_alpha(spec: ModuleSpec, rslora: bool) -> float:
-    """The alpha that gives this module's scale under the target's (rs)LoRA convention."""
-    if spec.use_rslora == rslora:
-        return spec.alpha
-    return spec.scale * (math.sqrt(spec.rank) if rslora else spec.rank)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -167,12 +164,12 @@ def to_kohya_file(
             if same_format and spec.key_alpha:
                 tensors[f"{name}.alpha"] = loaded[spec.key_alpha]  # the original tensor, same dtype
             elif not (same_format and spec.alpha == spec.rank):
-                tensors[f"{name}.alpha"] = torch.tensor(_effective_alpha(spec, False), dtype=torch.float32)
+                tensors[f"{name}.alpha"] = torch.tensor(alpha_for(spec, False), dtype=torch.float32)
     metadata = dict(info.file_metadata) if same_format else {"ss_network_module": "networks.lora"}
     metadata.pop("format", None)
     if not same_format:
         metadata["ss_network_dim"] = str(info.rank or Counter(m.rank for m in info.modules).most_common(1)[0][0])
-        alphas = Counter(_effective_alpha(m, False) for m in info.modules)
+        alphas = Counter(alpha_for(m, False) for m in info.modules)
         metadata["ss_network_alpha"] = f"{alphas.most_common(1)[0][0]:g}"
         if info.base_model:
             metadata["ss_sd_model_name"] = info.base_model
@@ -185,16 +182,6 @@ def to_kohya_file(
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = kohya_hashes(tensors, metadata)
     _atomic_save(tensors, path, metadata)
     return path
-
-
-def _patterns(specs: list[ModuleSpec], strip: str, rslora: bool) -> tuple[int, float, dict, dict]:
-    """r, alpha and the rank/alpha patterns (full module names) that reproduce every module's scale."""
-    rank = Counter(m.rank for m in specs).most_common(1)[0][0]
-    alphas = {m.name: _effective_alpha(m, rslora) for m in specs}
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    rank_pattern = {m.name.removeprefix(strip): m.rank for m in specs if m.rank != rank}
-    alpha_pattern = {m.name.removeprefix(strip): alphas[m.name] for m in specs if alphas[m.name] != alpha}
-    return rank, alpha, rank_pattern, alpha_pattern
 
 
 def to_peft_folder(
@@ -225,33 +212,21 @@ def to_peft_folder(
         )
     all_in_component = components and all(m.name.partition(".")[0] in components for m in info.modules)
     strip = f"{next(iter(components))}." if all_in_component else ""
-    rslora = all(m.use_rslora for m in info.modules)
-    rank, alpha, rank_pattern, alpha_pattern = _patterns(info.modules, strip, rslora)
     tensors: dict[str, Any] = {}
     for spec in info.modules:
         loaded = _load(adapter, [spec.key_a, spec.key_b])
         name = spec.name.removeprefix(strip)
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = loaded[spec.key_a]
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = loaded[spec.key_b]
-    config: dict[str, Any] = {
-        "peft_type": "LORA",
-        "r": rank,
-        "lora_alpha": alpha,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "use_rslora": rslora,
-        "use_dora": False,
-        # full names, not leaves: "conv1" would also wrap every other conv1 of the model
-        "target_modules": sorted(m.name.removeprefix(strip) for m in info.modules),
-        "base_model_name_or_path": base_model or info.base_model,
-        "revision": info.base_model_revision,
-        "bias": "none",
-        "lora_dropout": 0.0,
-        "fan_in_fan_out": bool(info.config.get("fan_in_fan_out", False)),
-        "modules_to_save": None,
-        "task_type": info.task_type,
-        "init_lora_weights": True,
-    }
+    rslora, scales = module_scales((m.name.removeprefix(strip), m) for m in info.modules)
+    config = lora_config(
+        scales,
+        use_rslora=rslora,
+        fan_in_fan_out=bool(info.config.get("fan_in_fan_out", False)),
+        base_model=base_model or info.base_model,
+        revision=info.base_model_revision,
+        task_type=info.task_type,
+    )
     return write_peft_folder(folder, config, tensors)
 
 
@@ -293,19 +268,9 @@ def to_diffusers_file(
         by_component.setdefault(comp, []).append(dataclasses.replace(spec, name=name.partition(".")[2]))
     packed: dict[str, Any] = {}
     for comp, specs in sorted(by_component.items()):
-        rslora = all(m.use_rslora for m in specs)
-        rank, alpha, rank_pattern, alpha_pattern = _patterns(specs, "", rslora)
-        config = {
-            "r": rank,
-            "lora_alpha": alpha,
-            "rank_pattern": rank_pattern,
-            "alpha_pattern": alpha_pattern,
-            "use_rslora": rslora,
-            "use_dora": False,
-            "lora_dropout": 0.0,
-            "target_modules": sorted({m.name for m in specs}),
-        }
-        packed.update({f"{comp}.{k}": v for k, v in config.items()})
+        rslora, scales = module_scales((m.name, m) for m in specs)
+        config = lora_config(scales, use_rslora=rslora)
+        packed.update({f"{comp}.{k}": config[k] for k in _DIFFUSERS_KEYS})
     metadata = {"format": "pt", METADATA_KEY: json.dumps(packed, sort_keys=True)}
     _atomic_save(tensors, path, metadata)
     return path

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..adapter import AdapterInfo, ModuleSpec
+from ..adapter import AdapterInfo, ModuleSpec, factors_fit
 from ..errors import InvalidAdapterError
 from ..safetensors_io import SafetensorsHeader
 from .kohya import read_scalars
@@ -109,7 +109,7 @@ def read_diffusers(header: SafetensorsHeader) -> AdapterInfo:
         key_a, shape_a, dtype = found["a"]
         key_b, shape_b, _ = found["b"]
         rank = shape_a[0]
-        if len(shape_a) < 2 or len(shape_b) < 2 or shape_b[1] != rank:
+        if not factors_fit(shape_a, shape_b):
             raise InvalidAdapterError(
                 f"{path}: module {name}: A {list(shape_a)} and B {list(shape_b)} disagree on the rank",
                 path=path,
@@ -126,23 +126,14 @@ def read_diffusers(header: SafetensorsHeader) -> AdapterInfo:
             alpha = float(pattern_value(config.get("alpha_pattern") or {}, inner, config.get("lora_alpha", rank)))
         else:
             alpha = float(rank)
-        in_features = 1
-        for d in shape_a[1:]:
-            in_features *= d
-        conv = len(shape_a) > 2
         modules.append(
-            ModuleSpec(
-                name=name,
-                rank=rank,
+            ModuleSpec.from_factors(
+                name,
+                (key_a, shape_a),
+                (key_b, shape_b),
                 alpha=alpha,
-                in_features=in_features,
-                out_features=shape_b[0],
-                key_a=key_a,
-                key_b=key_b,
                 dtype=dtype,
-                kind="conv" if conv else "linear",
                 use_rslora=use_rslora,
-                kernel=tuple(shape_a) if conv else None,
                 key_alpha=found["alpha"][0] if "alpha" in found else None,
                 extra_keys=(found["magnitude"][0],) if "magnitude" in found else (),
             )

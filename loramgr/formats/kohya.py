@@ -1,6 +1,6 @@
 """kohya / Stable-Diffusion single-file adapters (``lora_unet_...``, ``lora_te1_...``).
 
-Layout (DOMAIN.md section 2): key = prefix + module path with "." replaced by "_", tensors
+Layout: key = prefix + module path with "." replaced by "_", tensors
 ``<name>.lora_down.weight`` (A), ``<name>.lora_up.weight`` (B) and ``<name>.alpha`` (a scalar;
 missing or 0 means alpha = rank). Convolutions keep 4-D factors: down [r, in, kh, kw], up [out, r, 1, 1].
 
@@ -8,7 +8,8 @@ Module names. "_" also occurs inside module names (``down_blocks``, ``to_q``), s
 turned back into a module path without the model's module list. loramgr therefore keeps the kohya name
 as ``ModuleSpec.name`` and marks the adapter as unresolved: ``info.config["module_names"] == "kohya"``
 plus a line in ``info.notes``. :func:`resolve_kohya_names` maps names against a base model's module
-paths; :func:`resolve_kohya_info` returns a copy whose names are module paths
+paths with the resolver every check uses (:class:`loramgr.compat.names.ModuleIndex`);
+:func:`resolve_kohya_info` returns a copy whose names are module paths
 (``config["module_names"] == "paths"``) and remembers the original names in ``config["kohya_names"]``
 so that an export back to kohya reproduces them exactly.
 """
@@ -22,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..adapter import AdapterInfo, ModuleSpec
+from ..adapter import AdapterInfo, ModuleSpec, factors_fit
 from ..errors import IncompatibleError, InvalidAdapterError
 from ..safetensors_io import SafetensorsHeader
 from .lycoris import describe_module, detect_adapter_type, split_key
@@ -227,57 +228,33 @@ def _lora_module(
         return describe_module(name, kind, parts, path=path)
     key_a, down, dtype = parts["lora_down.weight"]
     key_b, up, _ = parts["lora_up.weight"]
-    if len(down) < 2 or len(up) < 2 or up[1] != down[0] or any(d != 1 for d in up[2:]):
+    if not factors_fit(down, up):
         raise InvalidAdapterError(
             f"{path}: module {name}: lora_down {list(down)} and lora_up {list(up)} do not fit",
             path=path,
             module=name,
             hint="expected down [r, in(, kh, kw)] and up [out, r(, 1, 1)]",
         )
-    in_features = 1
-    for d in down[1:]:
-        in_features *= d
-    conv = len(down) > 2
-    return ModuleSpec(
-        name=name,
-        rank=down[0],
-        alpha=float(down[0]),
-        in_features=in_features,
-        out_features=up[0],
-        key_a=key_a,
-        key_b=key_b,
-        dtype=dtype,
-        kind="conv" if conv else "linear",
-        kernel=tuple(down) if conv else None,
-        key_alpha=parts["alpha"][0] if "alpha" in parts else None,
-    )
+    key_alpha = parts["alpha"][0] if "alpha" in parts else None
+    return ModuleSpec.from_factors(name, (key_a, down), (key_b, up), dtype=dtype, key_alpha=key_alpha)
 
 
 def resolve_kohya_names(names: Iterable[str], module_paths: Iterable[str]) -> dict[str, str | None]:
     """Map kohya module names to module paths of a known model; None for names that do not resolve.
 
     ``module_paths`` are dotted paths, either of a whole diffusers pipeline ("unet.down_blocks.0...",
-    "text_encoder.text_model...") or of one bare model. A name resolves when exactly one path
-    of a component its prefix stands for (or of the bare model) has that underscore form; two paths
-    with the same underscore form leave the name unresolved (ambiguous) rather than guess.
+    "text_encoder.text_model...") or of one bare model. A name resolves when exactly one path of a
+    component its prefix stands for (or of the bare model) has that underscore form; two paths with
+    the same underscore form leave the name unresolved (ambiguous) rather than guess. The rules are
+    :class:`loramgr.compat.names.ModuleIndex`'s, shared with ``loramgr check``, fuse and apply.
     """
-    index: dict[tuple[str, str], set[str]] = {}
-    for path in module_paths:
-        component, _, rest = path.partition(".")
-        if component in COMPONENT_PREFIXES and rest:
-            index.setdefault((component, rest.replace(".", "_")), set()).add(path)
-        index.setdefault(("", path.replace(".", "_")), set()).add(path)
+    from ..compat.names import ModuleIndex  # compat builds on this module's prefix tables
+
+    index = ModuleIndex(module_paths)
     result: dict[str, str | None] = {}
     for name in names:
-        prefix = kohya_prefix(name)
-        found: set[str] = set()
-        if prefix is not None:
-            rest = name[len(prefix) :]
-            for component in PREFIX_COMPONENTS[prefix]:
-                found |= index.get((component, rest), set())
-            if not found:
-                found = index.get(("", rest), set())
-        result[name] = next(iter(found)) if len(found) == 1 else None
+        found = index.candidates(name)
+        result[name] = found[0] if len(found) == 1 else None
     return result
 
 

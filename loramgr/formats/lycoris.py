@@ -107,22 +107,33 @@ def detect_adapter_type(keys: Iterable[str], shapes: dict[str, tuple[int, ...]] 
     return "lora"
 
 
-def require_plain_lora(info: AdapterInfo, operation: str) -> None:
-    """Refuse ``operation`` (e.g. "combine", "conversion to kohya") for anything but plain LoRA.
+def require_plain_lora(info: AdapterInfo, operation: str, *, label: str | None = None) -> None:
+    """Refuse ``operation`` ("fuse", "combine", "conversion from kohya to peft", ...) for anything but plain LoRA.
 
-    Raises UnsupportedAdapterError in one line naming the type, because summing or converting those
-    adapters as if they were B·A products gives a silently wrong model.
+    The one guard every operation that adds, sums or converts deltas runs first. Raises
+    UnsupportedAdapterError in one line naming the adapter type and the operation, because treating
+    those adapters as B·A products gives a silently wrong model. ``label`` names the adapter.
     """
-    if info.adapter_type == "lora" and not info.use_dora:
+    extra = next((k for m in info.modules for k in m.extra_keys), None)
+    if info.adapter_type == "lora" and not info.use_dora and extra is None:
         return
     kind = "dora" if info.use_dora else info.adapter_type
     name = TYPE_NAMES.get(kind, kind)
+    what = f"a {name} adapter" if kind != "lora" else f"a LoRA adapter with tensors besides A and B ({extra})"
+    where = f" for {label}" if label else ""
     raise UnsupportedAdapterError(
-        f"{operation} is not possible for a {name} adapter ({info.format} format): only plain LoRA "
-        "deltas B·A can be combined or converted",
+        f"{operation} is not possible{where}: {what} ({info.format} format) is not a plain LoRA delta s·B·A",
         adapter_type=kind,
-        hint="use the adapter as installed, with a tool that supports this type",
+        path=label,
+        hint=_TOOLS.get(info.format, "use the adapter as installed, with a tool that implements this type"),
     )
+
+
+#: where an adapter that loramgr will not add or convert can be used as it is
+_TOOLS = {
+    "peft": "PEFT loads it as saved: PeftModel.from_pretrained on the adapter's folder",
+    "kohya": "use the file as installed, with a tool that implements LyCORIS types (the LyCORIS library)",
+}
 
 
 def _dims(shape: tuple[int, ...]) -> tuple[int, int]:

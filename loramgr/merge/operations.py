@@ -20,6 +20,7 @@ from ..registry import InstallResult, Parent, Registry
 from .recipes import Recipe, RecipeSource, load_recipe
 
 if TYPE_CHECKING:
+    from ..compat.basemodel import BaseFingerprint
     from . import MergedAdapter, MergeOptions
 
 Progress = Callable[[str, int, int], None]
@@ -49,14 +50,20 @@ def open_sources(registry: Registry, sources: Sequence[RecipeSource]) -> list[Lo
     return adapters
 
 
-def run_checks(adapters: Sequence[LoraAdapter], options: MergeOptions, bases: Sequence[Any] | None = None) -> list[str]:
-    """The same compatibility checks as ``loramgr check``, before any tensor is read.
+def run_checks(
+    adapters: Sequence[LoraAdapter], options: MergeOptions, bases: Sequence[BaseFingerprint | None] | None = None
+) -> list[str]:
+    """The plain-LoRA guard, then the same compatibility checks as ``loramgr check``, before any tensor is read.
 
     ``bases`` are the base fingerprints the adapters were installed for (None where unknown); when all
-    share one, every module is checked against it too.
+    share one, every module is checked against it too. ``allow_different_bases`` accepts the findings
+    whose code says the bases differ (:data:`loramgr.compat.check.BASE_MISMATCH_CODES`), nothing else.
     """
-    from ..compat.check import check_adapters
+    from ..compat.check import BASE_MISMATCH_CODES, check_adapters
+    from ..formats.lycoris import require_plain_lora
 
+    for adapter in adapters:
+        require_plain_lora(adapter.info, "combine", label=adapter.label)
     bases = list(bases) if bases is not None else [None] * len(adapters)
     known = [b for b in bases if b is not None]
     common = known[0] if len(known) == len(bases) and len({b.structural for b in known}) == 1 else None
@@ -65,7 +72,7 @@ def run_checks(adapters: Sequence[LoraAdapter], options: MergeOptions, bases: Se
     )
     errors = [f for f in findings if f.severity == "error"]
     if options.allow_different_bases:
-        errors = [f for f in errors if "base" not in f.message]
+        errors = [f for f in errors if f.code not in BASE_MISMATCH_CODES]
     if errors:
         first = errors[0]
         raise MergeError(f"{first.adapter}: {first.message}", hint="run 'loramgr check' on the sources for details")

@@ -2,18 +2,12 @@
 
 Every output module has its scale baked into B (alpha == rank, scale 1), so the written config needs
 no rsLoRA and no per-module alpha arithmetic: ``r`` is the most common rank and every other module
-gets an entry in ``rank_pattern`` and ``alpha_pattern``. PEFT 0.21 looks pattern keys up with
-``re.match(rf"(.*\\.)?({key})$", module_name)`` (peft.utils.other.get_pattern_key), i.e. as a regex
-matching a suffix of the module name: ``layers.1.q_proj`` would also match
-``vision.layers.1.q_proj``, and the dots are wildcards. Keys are therefore written as
-``^`` + re.escape(full module name), which can only match that one module.
-"""
+gets an entry in ``rank_pattern`` and ``alpha_pattern``, written by
+:func:`loramgr.formats.peftconfig.lora_config` with keys that match that one module only."""
 
 from __future__ import annotations
 
 import json
-import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +16,8 @@ import torch
 
 from loramgr.adapter import AdapterInfo, ModuleSpec
 from loramgr.fileio import write_atomic
+from loramgr.formats.peftconfig import lora_config
+from loramgr.formats.peftconfig import pattern_key as pattern_key  # re-exported: merge callers import it from here
 from loramgr.merge.options import MergeOptions
 
 PEFT_PREFIX = "base_model.model."
@@ -54,11 +50,6 @@ class OutputModule:
     kernel: tuple[int, ...] | None
 
 
-def pattern_key(module: str) -> str:
-    """A rank_pattern / alpha_pattern key that PEFT matches to ``module`` and to nothing else."""
-    return "^" + re.escape(module)
-
-
 def tensor_keys(module: str, kind: str) -> tuple[str, str]:
     if kind == "embedding":
         return f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B"
@@ -85,31 +76,13 @@ def build_config(
     fan_in_fan_out: bool,
 ) -> dict[str, Any]:
     """A PEFT LoRA adapter_config.json for modules of scale 1 with the given ranks."""
-    counts = Counter(ranks.values())
-    # most common rank; ties broken by the smaller rank so the choice does not depend on module order
-    default_rank = min(counts, key=lambda r: (-counts[r], r))
-    others = {pattern_key(name): rank for name, rank in sorted(ranks.items()) if rank != default_rank}
-    return {
-        "alpha_pattern": {key: float(rank) for key, rank in others.items()},
-        "base_model_name_or_path": base_model,
-        "bias": "none",
-        "fan_in_fan_out": fan_in_fan_out,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "layers_pattern": None,
-        "layers_to_transform": None,
-        "lora_alpha": float(default_rank),
-        "lora_dropout": 0.0,
-        "modules_to_save": None,
-        "peft_type": "LORA",
-        "r": default_rank,
-        "rank_pattern": others,
-        "revision": revision,
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in ranks}),
-        "task_type": task_type,
-        "use_dora": False,
-        "use_rslora": False,
-    }
+    return lora_config(
+        {name: (rank, float(rank)) for name, rank in ranks.items()},
+        base_model=base_model,
+        revision=revision,
+        task_type=task_type,
+        fan_in_fan_out=fan_in_fan_out,
+    )
 
 
 @dataclass

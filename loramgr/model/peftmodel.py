@@ -12,21 +12,21 @@ place, like ``peft.utils.hotswap``, but checks the whole new adapter before chan
 from __future__ import annotations
 
 import math
-import re
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import LoraAdapter
-from ..errors import ConflictError, IncompatibleError, LoramgrError, NotFoundError
+from ..errors import ConflictError, IncompatibleError, MissingDependencyError, NotFoundError
+from ..formats.lycoris import require_plain_lora
+from ..formats.peft import PEFT_PREFIX
+from ..formats.peftconfig import lora_config, module_scales
 from .weights import (
-    PEFT_PREFIX,
     AdapterLike,
     InMemoryAdapter,
     Mismatch,
     ModelMismatchError,
+    as_lora_adapter,
     checked_mapping,
     layout_of,
-    refuse_non_additive,
 )
 
 if TYPE_CHECKING:
@@ -41,7 +41,9 @@ def require_peft() -> None:
     try:
         import peft  # noqa: F401
     except ImportError as exc:
-        raise LoramgrError("this operation needs PEFT, which is not installed", hint=PEFT_INSTALL) from exc
+        raise MissingDependencyError(
+            "this operation needs PEFT, which is not installed", package="peft", hint=PEFT_INSTALL
+        ) from exc
 
 
 def _is_peft_model(model: Any) -> bool:
@@ -84,7 +86,7 @@ def apply(model: torch.nn.Module, adapter: AdapterLike, adapter_name: str = "def
             return model  # type: ignore[return-value]
         return PeftModel.from_pretrained(model, str(lora.folder), adapter_name=adapter_name)
 
-    refuse_non_additive(lora, "apply")
+    require_plain_lora(lora.info, "apply", label=lora.label)
     config, state_dict = _peft_payload(base, lora, mapping)
     if is_peft:
         model.add_adapter(adapter_name, config)  # type: ignore[operator]
@@ -107,36 +109,18 @@ def _peft_payload(
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """A LoraConfig targeting exactly the resolved paths, and the state dict PEFT loads into it.
 
-    PEFT reads rank_pattern / alpha_pattern keys as regexes matching the end of a module path
-    (``layers.1.q_proj`` would also hit ``vision.layers.1.q_proj``), so keys are anchored, escaped
-    full paths, as loramgr.merge writes them: each matches its own module only.
-    When modules disagree on rsLoRA, alphas are rewritten as plain alpha = scale · r (same outputs).
+    The config comes from the one writer of PEFT configs (:func:`loramgr.formats.peftconfig.lora_config`):
+    per-module rank and alpha under anchored pattern keys, so each module gets its own scale.
     """
     import torch
     from peft import LoraConfig
 
     specs = {path: lora.spec(name) for name, path in mapping.items()}
-    use_rslora = all(s.use_rslora for s in specs.values())
-    alphas = {
-        p: s.alpha if s.use_rslora == use_rslora else s.scale * (math.sqrt(s.rank) if use_rslora else s.rank)
-        for p, s in specs.items()
-    }
-    rank = Counter(s.rank for s in specs.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    use_rslora, scales = module_scales(specs.items())
     transposed = [layout_of(base.get_submodule(p)) for p in specs]
     fan_in_fan_out = all(t is not None and t.transposed and t.kind == "linear" for t in transposed)
     config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT types it int, reads floats fine
-        target_modules=sorted(specs),
-        rank_pattern={_only(p): s.rank for p, s in specs.items() if s.rank != rank},
-        alpha_pattern={_only(p): a for p, a in alphas.items() if a != alpha},
-        use_rslora=use_rslora,
-        fan_in_fan_out=fan_in_fan_out,
-        lora_dropout=0.0,
-        bias="none",
-        task_type=lora.info.task_type,
-        inference_mode=True,
+        **lora_config(scales, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out, task_type=lora.info.task_type)
     )
     state_dict: dict[str, torch.Tensor] = {}
     for name, path in mapping.items():
@@ -152,10 +136,6 @@ def _peft_payload(
         state_dict[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a
         state_dict[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b
     return config, {k: torch.as_tensor(v) for k, v in state_dict.items()}
-
-
-def _only(path: str) -> str:
-    return "^" + re.escape(path)
 
 
 def _factor_params(layer: Any, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -209,8 +189,9 @@ def hotswap(peft_model: PeftModel, adapter_name: str, new_adapter: AdapterLike) 
                     hint="call unmerge_adapter() first; swapping merged weights would corrupt them",
                 )
             loaded[path] = module
-    lora, mapping = checked_mapping(base, new_adapter)
-    refuse_non_additive(lora, "hot-swap")
+    lora = as_lora_adapter(new_adapter)
+    require_plain_lora(lora.info, "hot-swap", label=lora.label)
+    lora, mapping = checked_mapping(base, lora)
 
     problems: list[Mismatch] = []
     for name, path in mapping.items():

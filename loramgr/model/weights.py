@@ -5,7 +5,7 @@ a user can fuse an adapter into a model from any library, and :mod:`loramgr.mode
 same checks. An adapter is a :class:`~loramgr.adapter.LoraAdapter` (read from files) or anything with
 a PEFT ``config`` and a state dict ``tensors`` (:class:`PeftAdapterLike`, e.g. a merge result).
 
-Layouts (DOMAIN.md section 1): ΔW = s · B · A with A: r x in, B: out x r. A model stores that delta
+Layouts: ΔW = s · B · A with A: r x in, B: out x r. A model stores that delta
 as ``nn.Linear`` weight (out x in), transformers' GPT-2 ``Conv1D`` weight (in x out: PEFT's
 ``fan_in_fan_out``), a convolution weight (out x in x kh x kw, the factors flattened) or an
 ``nn.Embedding`` weight (num_embeddings x dim, the transpose of B · A).
@@ -20,22 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..adapter import LoraAdapter, ModuleSpec
-from ..errors import IncompatibleError, InvalidAdapterError, UnsupportedAdapterError
+from ..compat.names import ModuleIndex
+from ..errors import IncompatibleError, InvalidAdapterError
+from ..formats.lycoris import require_plain_lora
 
 if TYPE_CHECKING:
     import torch
 
-PEFT_PREFIX = "base_model.model."
-#: kohya single-file key prefixes, longest first so "lora_te1_" wins over "lora_te_" / "lora_"
-KOHYA_PREFIXES = (
-    "lora_transformer_",
-    "lora_unet_",
-    "lora_te1_",
-    "lora_te2_",
-    "lora_te3_",
-    "lora_te_",
-    "lora_",
-)
 #: submodules PEFT adds inside an adapted layer; they are never targets themselves
 _PEFT_INTERNALS = frozenset(
     {"base_layer", "lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B",
@@ -146,62 +137,13 @@ def _candidate_paths(model: torch.nn.Module) -> set[str]:
 def resolve_names(model: torch.nn.Module, names: Iterable[str]) -> tuple[dict[str, str], list[Mismatch]]:
     """Map adapter module names to module paths of ``model``; unresolved names come back as mismatches.
 
-    Tried in order, the first that gives candidates wins: the name itself; the name found at the end
-    of exactly one module path (an adapter trained on ``LlamaModel`` used with ``LlamaForCausalLM``, or
-    any model wrapped in a ``PeftModel``); the name without leading wrapper components (``model.``,
-    ``transformer.``; never a layer index, which would silently retarget another layer); for kohya
-    names (``lora_unet_down_blocks_0_...``) the same against the model's paths with "." -> "_", which
-    is how kohya and diffusers resolve the ambiguity of "_" inside module names.
+    The rules are :class:`loramgr.compat.names.ModuleIndex`'s, the same ``loramgr check`` applies to a
+    base fingerprint: the name itself; the model paths that end with it (wrapper levels the model
+    adds, as ``LlamaForCausalLM`` around ``LlamaModel`` or a ``PeftModel``); the longest tail of it the
+    model has (wrapper levels the adapter has, never a layer index); kohya names by their "_" form.
     """
-    paths = _candidate_paths(model)
-    dotted = {p: p for p in paths}
-    underscored: dict[str, str] = {}
-    clashes: set[str] = set()
-    for p in paths:
-        key = p.replace(".", "_")
-        if key in underscored:
-            clashes.add(key)
-        underscored[key] = p
-    mapping: dict[str, str] = {}
-    problems: list[Mismatch] = []
-    for name in names:
-        stripped = name.removeprefix(PEFT_PREFIX)
-        if "." not in stripped and "_" in stripped and stripped not in paths:
-            tries = [stripped] + [stripped[len(p) :] for p in KOHYA_PREFIXES if stripped.startswith(p)]
-            found = _first_match(tries, underscored, "_", clashes)
-        else:
-            parts = stripped.split(".")
-            tries = []
-            for i in range(len(parts)):
-                if parts[i].isdigit():
-                    break
-                tries.append(".".join(parts[i:]))
-            found = _first_match(tries, dotted, ".", set())
-        if len(found) == 1:
-            mapping[name] = found[0]
-        elif found:
-            shown = ", ".join(sorted(found)[:3]) + (", ..." if len(found) > 3 else "")
-            problems.append(Mismatch(name, "ambiguous", f"matches {len(found)} model modules ({shown})"))
-        else:
-            problems.append(Mismatch(name, "missing", "no such module in the model"))
-    seen: dict[str, str] = {}
-    for name, path in mapping.items():
-        if path in seen:
-            problems.append(Mismatch(name, "duplicate", f"resolves to {path}, as does {seen[path]}"))
-        seen[path] = name
-    return mapping, problems
-
-
-def _first_match(tries: list[str], index: dict[str, str], sep: str, clashes: set[str]) -> list[str]:
-    for i, t in enumerate(tries):
-        if t in index and t not in clashes:
-            return [index[t]]
-        # a one-component remainder ("q_proj") would match every layer: only the full name may be a suffix
-        if i == 0 or sep in t:
-            hits = [path for key, path in index.items() if key.endswith(sep + t)]
-            if hits:
-                return hits
-    return []
+    mapping, unresolved = ModuleIndex(_candidate_paths(model)).resolve(names, where="the model")
+    return mapping, [Mismatch(u.module, u.problem, u.detail) for u in unresolved]
 
 
 def resolve_module_names(model: torch.nn.Module, adapter: AdapterLike) -> dict[str, str]:
@@ -307,19 +249,6 @@ def check_against_model(model: torch.nn.Module, adapter: AdapterLike) -> None:
 # fuse / unfuse
 
 
-def refuse_non_additive(lora: LoraAdapter, operation: str) -> None:
-    """Only plain LoRA deltas can be added to weights; DoRA and friends depend on the base weight."""
-    info = lora.info
-    if info.adapter_type != "lora" or info.use_dora or any(s.extra_keys for s in info.modules):
-        kind = "dora" if info.use_dora else info.adapter_type
-        raise UnsupportedAdapterError(
-            f"cannot {operation} {lora.label}: a {kind} adapter is not a sum of LoRA deltas",
-            adapter_type=kind,
-            path=lora.label,
-            hint="load it with PEFT (PeftModel.from_pretrained) instead",
-        )
-
-
 def fuse(model: torch.nn.Module, adapter: AdapterLike, scale: float = 1.0, *, allow_tied: bool = False) -> None:
     """Add ``scale`` · ΔW of every adapter module to the model's weights, in place.
 
@@ -364,8 +293,9 @@ def _refuse_tied(model: torch.nn.Module, lora: LoraAdapter, mapping: dict[str, s
 def _add_deltas(model: torch.nn.Module, adapter: AdapterLike, factor: float, operation: str, allow_tied: bool) -> None:
     import torch
 
-    lora, mapping = checked_mapping(model, adapter)
-    refuse_non_additive(lora, operation)
+    lora = as_lora_adapter(adapter)
+    require_plain_lora(lora.info, operation, label=lora.label)
+    lora, mapping = checked_mapping(model, lora)
     if not math.isfinite(factor):
         raise InvalidAdapterError(f"cannot {operation} with scale {factor}", path=lora.label)
     if not allow_tied:
