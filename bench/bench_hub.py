@@ -120,7 +120,7 @@ def install_once(url: str, cache: Path, home: Path) -> tuple[float, dict[str, fl
     """``loramgr install hf://REPO@v1.0.0`` into an empty registry at ``home`` with the cache ``cache``."""
     import loramgr.formats.peft as peft_format
     import loramgr.hub.client as hub_module
-    import loramgr.install as install_module
+    import loramgr.installer as install_module
     import loramgr.store as store_module
     from loramgr.hub.install import install_from_hub
     from loramgr.registry import Registry
@@ -135,7 +135,7 @@ def install_once(url: str, cache: Path, home: Path) -> tuple[float, dict[str, fl
     phases.wrap(peft_format, "check_tensor_values", "validate")
     phases.wrap(store_module.BlobStore, "put_file", "copy")
     try:
-        seconds, (result, _hub) = timed(partial(install_from_hub, registry, f"hf://{REPO_ID}@v1.0.0"))
+        seconds, result = timed(partial(install_from_hub, registry, f"hf://{REPO_ID}@v1.0.0"))
     finally:
         phases.restore()
         registry.close()

@@ -1,29 +1,33 @@
-"""Install from anywhere and export to any format: the dispatch on top of the registry.
+"""Install an adapter from anywhere: the one route from what a user names to a stored version.
 
-``install_any`` takes what a user types (a folder, a file, ``hf://owner/repo[@rev][:subfolder]``);
-``export_any`` writes a stored version as a PEFT folder or converts it (kohya, diffusers).
+:func:`install_source` takes what a user types (a folder, a file, ``hf://owner/repo[@rev][:subfolder]``);
+``loramgr install``, :func:`loramgr.install` and ``loramgr sync`` all end in it or in its two halves:
+the Hub half (:mod:`loramgr.hub.install`) fetches into huggingface_hub's cache and then calls
+:func:`install_path`, which validates, matches a registered base model, and hands the files to
+:meth:`Registry.add <loramgr.registry.core.Registry.add>`, the registry's storage primitive.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .adapter import AdapterInfo
-from .errors import ConflictError, IncompatibleError, LoramgrError
-from .registry import InstallResult, Registry
+from .errors import IncompatibleError, LoramgrError
+from .registry import InstallResult, Registry, SourceDetails
 from .registry.sources import read_local
 
+if TYPE_CHECKING:
+    from .compat.basemodel import BaseFingerprint
+
 Progress = Callable[[str, int, int], None]
-HUB_SCHEME = "hf://"
 
 
-def install_any(
+def install_source(
     registry: Registry,
-    source: str,
+    source: str | os.PathLike[str],
     *,
     name: str | None = None,
     version: str | None = None,
@@ -31,13 +35,19 @@ def install_any(
     base: str | None = None,
     progress: Progress | None = None,
 ) -> InstallResult:
-    """Install ``source`` (folder, file or hf:// reference) into ``registry``."""
-    if source.startswith(HUB_SCHEME):
+    """Install ``source`` (a PEFT folder, an adapter file or an ``hf://`` reference) into ``registry``.
+
+    ``name`` defaults to the folder, file or repository name; ``version`` to the next minor version
+    (for ``hf://owner/repo@v1.2.0``: 1.2.0). ``base`` names a registered base model the adapter must
+    fit. For an ``hf://`` source the result carries the Hub facts of this request (``result.hub``).
+    """
+    from .hub.client import SCHEME
+
+    if isinstance(source, str) and source.startswith(SCHEME):
         from .hub.install import install_from_hub
 
-        return install_from_hub(
-            registry, source, name=name, version=version, allow_pickle=allow_pickle, base=base, progress=progress
-        )[0]
+        return install_from_hub(registry, source, name=name, version=version, allow_pickle=allow_pickle, base=base,
+                                progress=progress)
     return install_path(registry, Path(source), name=name, version=version, allow_pickle=allow_pickle, base=base,
                         progress=progress)
 
@@ -51,7 +61,7 @@ def install_path(
     allow_pickle: bool = False,
     base: str | None = None,
     source_label: str | None = None,
-    source_details: dict[str, Any] | None = None,
+    source_details: SourceDetails | None = None,
     share_files: bool = False,
     progress: Progress | None = None,
 ) -> InstallResult:
@@ -60,18 +70,17 @@ def install_path(
     With ``base`` (a registered base model's name) the adapter must fit it: kohya names are resolved
     to the base's module paths and every module's shape is checked before anything is stored.
     Without it, a registered base whose name the adapter declares is linked when the adapter fits.
+    ``share_files``: the files are never rewritten in place (huggingface_hub's cache), so the store
+    may hard-link them instead of copying.
     """
-    from .registry.bases import find_base
+    from .registry.bases import find_base, get_base
 
     explicit = find_base(registry, base) if base else None
     if base and explicit is None:
-        from .registry.bases import get_base
-
         get_base(registry, base)  # raises the not-found error with its hint
-    registry.store.tmp_dir.mkdir(parents=True, exist_ok=True)
-    # the shared lock keeps gc (which empties tmp/) away from the scratch folder of a pickle conversion
-    with registry.store.lock(exclusive=False), tempfile.TemporaryDirectory(dir=registry.store.tmp_dir) as scratch:
-        local = read_local(path, allow_pickle=allow_pickle, scratch=Path(scratch), progress=progress)
+    # the scratch folder (a pickle converted to safetensors) holds the shared store lock: gc waits
+    with registry.store.scratch() as scratch:
+        local = read_local(path, allow_pickle=allow_pickle, scratch=scratch, progress=progress)
         info, base_id = local.info, None
         if explicit is not None:
             info = fit_to_base(info, explicit[1], label=str(path))
@@ -102,7 +111,7 @@ def _declared_base(info: AdapterInfo) -> str | None:
     return info.base_model or kohya.get("ss_sd_model_name") or info.file_metadata.get("ss_sd_model_name")
 
 
-def fit_to_base(info: AdapterInfo, fingerprint: Any, *, label: str) -> AdapterInfo:
+def fit_to_base(info: AdapterInfo, fingerprint: BaseFingerprint, *, label: str) -> AdapterInfo:
     """Resolve kohya names against the base and refuse an adapter whose modules do not fit it."""
     from .compat.basemodel import module_shapes
     from .compat.check import check_adapters
@@ -119,20 +128,3 @@ def fit_to_base(info: AdapterInfo, fingerprint: Any, *, label: str) -> AdapterIn
             hint=f"this adapter does not fit base model {fingerprint.name}; run 'loramgr check' for every finding",
         )
     return info
-
-
-def export_any(registry: Registry, reference: str, destination: str | os.PathLike[str], *, fmt: str = "peft") -> Path:
-    destination = Path(destination)
-    if fmt == "peft":
-        row = registry.show(reference)
-        if row["format"] != "peft":
-            from .formats.convert import export_converted
-
-            return export_converted(registry.open_adapter(reference), destination, fmt="peft",
-                                    base=registry.base_of(reference))
-        return registry.export(reference, destination)
-    if destination.exists() and (destination.is_file() or any(destination.iterdir())):
-        raise ConflictError(f"{destination} exists", hint="choose a new file or folder name")
-    from .formats.convert import export_converted
-
-    return export_converted(registry.open_adapter(reference), destination, fmt=fmt, base=registry.base_of(reference))
