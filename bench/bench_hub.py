@@ -123,6 +123,7 @@ def install_once(url: str, cache: Path, home: Path) -> tuple[float, dict[str, fl
     import loramgr.installer as install_module
     import loramgr.store as store_module
     from loramgr.hub.install import install_from_hub
+    from loramgr.installer import InstallOptions
     from loramgr.registry import Registry
 
     os.environ["HF_ENDPOINT"] = url  # read by loramgr when the install runs, as the CLI does
@@ -135,7 +136,7 @@ def install_once(url: str, cache: Path, home: Path) -> tuple[float, dict[str, fl
     phases.wrap(peft_format, "check_tensor_values", "validate")
     phases.wrap(store_module.BlobStore, "put_file", "copy")
     try:
-        seconds, result = timed(partial(install_from_hub, registry, f"hf://{REPO_ID}@v1.0.0"))
+        seconds, result = timed(partial(install_from_hub, registry, f"hf://{REPO_ID}@v1.0.0", InstallOptions()))
     finally:
         phases.restore()
         registry.close()

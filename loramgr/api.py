@@ -61,10 +61,10 @@ def install(
     the Hub tag's); ``base`` names a registered base model the adapter must fit; ``allow_pickle`` loads a
     pickled adapter_model.bin weights-only and stores it as safetensors.
     """
-    from .installer import install_source
+    from .installer import InstallOptions, install_source
 
-    return install_source(registry_ or registry(), source, name=name, version=version, base=base,
-                          allow_pickle=allow_pickle)
+    options = InstallOptions(name=name, version=version, base=base, allow_pickle=allow_pickle)
+    return install_source(registry_ or registry(), source, options)
 
 
 def export(

@@ -78,7 +78,7 @@ def run(home: Path | None = None, echo: Callable[[str], None] = print) -> DemoRe
                            hint="pip install 'loramgr[peft]'") from exc
     import torch
 
-    from .installer import install_source
+    from .installer import InstallOptions, install_source
     from .merge import MergeOptions
     from .merge.operations import combine_sources
     from .merge.recipes import RecipeSource
@@ -101,7 +101,7 @@ def run(home: Path | None = None, echo: Callable[[str], None] = print) -> DemoRe
     chat = write_adapter(work / "chat-style", model, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
                          rank=4, alpha=8, seed=2, use_rslora=True)
     for folder, name in ((sql, "sql-skill"), (chat, "chat-style")):
-        result = install_source(registry, folder, name=name, version="1.0.0")
+        result = install_source(registry, folder, InstallOptions(name=name, version="1.0.0"))
         shown = registry.show(result.ref)
         echo(f"2. installed {result.ref}: rank {shown.rank}, {shown.n_modules} modules "
              f"({', '.join(shown.target_modules)}), {result.digest[:19]}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,41 +26,42 @@ if TYPE_CHECKING:
 Progress = Callable[[str, int, int], None]
 
 
+@dataclass(frozen=True)
+class InstallOptions:
+    """What a user may choose about an install: the options of ``loramgr install`` and the keyword
+    arguments of :func:`loramgr.install`, in one place."""
+
+    name: str | None = None  # default: the folder, file or repository (subfolder) name
+    version: str | None = None  # default: the Hub tag's version, else 0.1.0 or the next minor version
+    base: str | None = None  # a registered base model the adapter must fit
+    allow_pickle: bool = False  # load a pickled adapter_model.bin weights-only, store it as safetensors
+
+
 def install_source(
     registry: Registry,
     source: str | os.PathLike[str],
+    options: InstallOptions = InstallOptions(),
     *,
-    name: str | None = None,
-    version: str | None = None,
-    allow_pickle: bool = False,
-    base: str | None = None,
     progress: Progress | None = None,
 ) -> InstallResult:
     """Install ``source`` (a PEFT folder, an adapter file or an ``hf://`` reference) into ``registry``.
 
-    ``name`` defaults to the folder, file or repository name; ``version`` to the next minor version
-    (for ``hf://owner/repo@v1.2.0``: 1.2.0). ``base`` names a registered base model the adapter must
-    fit. For an ``hf://`` source the result carries the Hub facts of this request (``result.hub``).
+    For an ``hf://`` source the result carries the Hub facts of this request (``result.hub``).
     """
     from .hub.client import SCHEME
 
     if isinstance(source, str) and source.startswith(SCHEME):
         from .hub.install import install_from_hub
 
-        return install_from_hub(registry, source, name=name, version=version, allow_pickle=allow_pickle, base=base,
-                                progress=progress)
-    return install_path(registry, Path(source), name=name, version=version, allow_pickle=allow_pickle, base=base,
-                        progress=progress)
+        return install_from_hub(registry, source, options, progress=progress)
+    return install_path(registry, Path(source), options, progress=progress)
 
 
 def install_path(
     registry: Registry,
     path: Path,
+    options: InstallOptions,
     *,
-    name: str | None = None,
-    version: str | None = None,
-    allow_pickle: bool = False,
-    base: str | None = None,
     source_label: str | None = None,
     source_details: SourceDetails | None = None,
     share_files: bool = False,
@@ -67,20 +69,20 @@ def install_path(
 ) -> InstallResult:
     """Validate, match a base model, store and register an adapter on disk.
 
-    With ``base`` (a registered base model's name) the adapter must fit it: kohya names are resolved
-    to the base's module paths and every module's shape is checked before anything is stored.
+    With ``options.base`` (a registered base model's name) the adapter must fit it: kohya names are
+    resolved to the base's module paths and every module's shape is checked before anything is stored.
     Without it, a registered base whose name the adapter declares is linked when the adapter fits.
     ``share_files``: the files are never rewritten in place (huggingface_hub's cache), so the store
     may hard-link them instead of copying.
     """
     from .registry.bases import find_base, get_base
 
-    explicit = find_base(registry, base) if base else None
-    if base and explicit is None:
-        get_base(registry, base)  # raises the not-found error with its hint
+    explicit = find_base(registry, options.base) if options.base else None
+    if options.base and explicit is None:
+        get_base(registry, options.base)  # raises the not-found error with its hint
     # the scratch folder (a pickle converted to safetensors) holds the shared store lock: gc waits
     with registry.store.scratch() as scratch:
-        local = read_local(path, allow_pickle=allow_pickle, scratch=scratch, progress=progress)
+        local = read_local(path, allow_pickle=options.allow_pickle, scratch=scratch, progress=progress)
         info, base_id = local.info, None
         if explicit is not None:
             info = fit_to_base(info, explicit[1], label=str(path))
@@ -96,8 +98,8 @@ def install_path(
         return registry.add(
             info,
             local.files,
-            name=name or local.default_name,
-            version=version,
+            name=options.name or local.default_name,
+            version=options.version,
             source=source_label or str(path.resolve()),
             source_details=source_details,
             base_model_id=base_id,

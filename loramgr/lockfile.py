@@ -107,11 +107,12 @@ def read_requirements(path: str | Path) -> list[Requirement]:
 def lock(registry: Registry, requirements: list[Requirement], *, progress: Progress | None = None) -> list[Locked]:
     """Resolve every requirement to an exact version; Hub entries are installed (or found) first."""
     from .hub.install import install_from_hub
+    from .installer import InstallOptions
 
     locked = []
     for req in requirements:
         if req.hub:
-            result = install_from_hub(registry, req.hub_reference, name=req.name, progress=progress)
+            result = install_from_hub(registry, req.hub_reference, InstallOptions(name=req.name), progress=progress)
             details = registry.show(result.ref)
             hub = result.hub
         else:
@@ -159,6 +160,7 @@ def sync(registry: Registry, locked: list[Locked], *, progress: Progress | None 
          offline: bool | None = None) -> SyncReport:
     """Make ``registry`` hold exactly the locked versions; all or nothing."""
     from .hub.install import install_fetched
+    from .installer import InstallOptions
 
     report = SyncReport()
     plan: list[tuple[Locked, HubFetch]] = []
@@ -172,7 +174,7 @@ def sync(registry: Registry, locked: list[Locked], *, progress: Progress | None 
                                 "for it", reference=ref, hint="install it here first, or lock it from the Hub")
         plan.append((entry, _fetch(entry, offline=offline, progress=progress)))
     for entry, fetched in plan:  # every digest checked: now register
-        install_fetched(registry, fetched, name=entry.name, version=entry.version, progress=progress)
+        install_fetched(registry, fetched, InstallOptions(name=entry.name, version=entry.version), progress=progress)
         report.installed.append(f"{entry.name}=={entry.version}")
     return report
 

@@ -30,12 +30,12 @@ def open_registry() -> Registry:
 def install(source: str, name: str | None, version: str | None, allow_pickle: bool, base: str | None,
             as_json: bool) -> None:
     """Install an adapter from a PEFT folder, a .safetensors file or hf://owner/repo[@rev][:subfolder]."""
-    from ..installer import install_source
+    from ..installer import InstallOptions, install_source
 
+    options = InstallOptions(name=name, version=version, base=base, allow_pickle=allow_pickle)
     registry = open_registry()
     with progress_bars() as progress:
-        result = install_source(registry, source, name=name, version=version, allow_pickle=allow_pickle,
-                                base=base, progress=progress)
+        result = install_source(registry, source, options, progress=progress)
     if as_json:
         echo_json(result.to_dict())
         return

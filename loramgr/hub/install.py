@@ -15,11 +15,15 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from packaging.version import InvalidVersion, Version
 
 from ..registry import HubOrigin, InstallResult, Registry, SourceDetails
 from .client import HubSource
+
+if TYPE_CHECKING:
+    from ..installer import InstallOptions
 
 Progress = Callable[[str, int, int], None]
 
@@ -109,25 +113,17 @@ def fetch_from_hub(
 
 
 def install_fetched(
-    registry: Registry,
-    fetched: HubFetch,
-    *,
-    name: str | None = None,
-    version: str | None = None,
-    allow_pickle: bool = False,
-    base: str | None = None,
-    progress: Progress | None = None,
+    registry: Registry, fetched: HubFetch, options: InstallOptions, *, progress: Progress | None = None
 ) -> InstallResult:
     """Install a fetched adapter; the result carries the Hub facts of this request (``result.hub``)."""
     from ..installer import install_path
 
+    chosen = replace(options, name=options.name or fetched.default_name,
+                     version=options.version or version_from_revision(fetched.origin.revision))
     result = install_path(
         registry,
         fetched.target,
-        name=name or fetched.default_name,
-        version=version or version_from_revision(fetched.origin.revision),
-        allow_pickle=allow_pickle,
-        base=base,
+        chosen,
         source_label=fetched.source_label,
         source_details=SourceDetails(hub=fetched.origin),
         share_files=True,  # huggingface_hub never rewrites a cached blob: link it instead of copying
@@ -140,11 +136,8 @@ def install_fetched(
 def install_from_hub(
     registry: Registry,
     text: str,
+    options: InstallOptions,
     *,
-    name: str | None = None,
-    version: str | None = None,
-    allow_pickle: bool = False,
-    base: str | None = None,
     progress: Progress | None = None,
     offline: bool | None = None,
 ) -> InstallResult:
@@ -155,6 +148,6 @@ def install_from_hub(
     source says nothing about this Hub repository."""
     from .client import parse_hub_reference
 
-    fetched = fetch_from_hub(parse_hub_reference(text), allow_pickle=allow_pickle, offline=offline, progress=progress)
-    return install_fetched(registry, fetched, name=name, version=version, allow_pickle=allow_pickle, base=base,
-                           progress=progress)
+    fetched = fetch_from_hub(parse_hub_reference(text), allow_pickle=options.allow_pickle, offline=offline,
+                             progress=progress)
+    return install_fetched(registry, fetched, options, progress=progress)
