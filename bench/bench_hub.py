@@ -120,9 +120,10 @@ def install_once(url: str, cache: Path, home: Path) -> tuple[float, dict[str, fl
     """``loramgr install hf://REPO@v1.0.0`` into an empty registry at ``home`` with the cache ``cache``."""
     import loramgr.formats.peft as peft_format
     import loramgr.hub.client as hub_module
-    import loramgr.install as install_module
+    import loramgr.installer as install_module
     import loramgr.store as store_module
     from loramgr.hub.install import install_from_hub
+    from loramgr.installer import InstallOptions
     from loramgr.registry import Registry
 
     os.environ["HF_ENDPOINT"] = url  # read by loramgr when the install runs, as the CLI does
@@ -135,7 +136,7 @@ def install_once(url: str, cache: Path, home: Path) -> tuple[float, dict[str, fl
     phases.wrap(peft_format, "check_tensor_values", "validate")
     phases.wrap(store_module.BlobStore, "put_file", "copy")
     try:
-        seconds, (result, _hub) = timed(partial(install_from_hub, registry, f"hf://{REPO_ID}@v1.0.0"))
+        seconds, result = timed(partial(install_from_hub, registry, f"hf://{REPO_ID}@v1.0.0", InstallOptions()))
     finally:
         phases.restore()
         registry.close()

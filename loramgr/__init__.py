@@ -2,6 +2,8 @@
 
 The public API, imported lazily so that ``import loramgr`` (and the CLI) stay fast::
 
+    loramgr.install(path_or_hf_ref, name=..., version=...)      an adapter into the registry
+    loramgr.export(ref, destination, format="peft" | "kohya" | "diffusers")
     loramgr.get(ref)                      a registered adapter (tensors read when needed)
     loramgr.load(ref_or_path)             the same, or a PEFT folder / .safetensors file
     loramgr.combine([...], weights=..., method=..., rank=...)   a merge in memory
@@ -22,6 +24,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "install": "loramgr.api",
+    "export": "loramgr.api",
     "get": "loramgr.api",
     "load": "loramgr.api",
     "combine": "loramgr.api",

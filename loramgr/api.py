@@ -1,15 +1,18 @@
-"""The Python API: get adapters from the registry, combine them, register or save the result.
+"""The Python API: install and export adapters, get them from the registry, combine them, register or
+save the result.
 
 ::
 
     import loramgr
+    loramgr.install("runs/sql-lora", name="sql-assistant", version="1.0.0")   # or a file, or hf://...
     adapter = loramgr.get("sql-assistant>=1.0")      # metadata now, tensors when first needed
     mix = loramgr.compose([("sql-assistant", 0.7), ("house-style", 0.3)], method="svd", rank=16)
     mix.save_pretrained("out/")                        # a PEFT folder
     loramgr.register(mix, name="sql-chat", version="1.0.0")
+    loramgr.export("sql-chat", "out.safetensors", format="kohya")
 
-The same operations as the CLI (``loramgr combine`` calls the same code), so the same inputs give the
-same digest from either.
+The same operations as the CLI (``loramgr install``, ``export`` and ``combine`` call the same code),
+so the same inputs give the same digest, and the same mistakes the same error, from either.
 """
 
 from __future__ import annotations
@@ -40,6 +43,42 @@ def registry() -> Registry:
     if _default_registry is None or _default_registry.root != paths.home():
         _default_registry = Registry.open()
     return _default_registry
+
+
+def install(
+    source: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    base: str | None = None,
+    allow_pickle: bool = False,
+    registry_: Registry | None = None,
+) -> InstallResult:
+    """Install a PEFT folder, an adapter file (.safetensors: kohya, diffusers, LyCORIS) or
+    ``hf://owner/repo[@revision][:subfolder]``, as ``loramgr install`` does.
+
+    ``name`` defaults to the folder, file or repository name, ``version`` to the next minor version (or
+    the Hub tag's); ``base`` names a registered base model the adapter must fit; ``allow_pickle`` loads a
+    pickled adapter_model.bin weights-only and stores it as safetensors.
+    """
+    from .installer import InstallOptions, install_source
+
+    options = InstallOptions(name=name, version=version, base=base, allow_pickle=allow_pickle)
+    return install_source(registry_ or registry(), source, options)
+
+
+def export(
+    reference: str,
+    destination: str | os.PathLike[str],
+    *,
+    format: str = "peft",
+    registry_: Registry | None = None,
+) -> Path:
+    """Write a registered version as a PEFT folder, a kohya file or a diffusers file, as ``loramgr export``
+    does; returns the path written."""
+    from .exporter import export_version
+
+    return export_version(registry_ or registry(), reference, destination, fmt=format)
 
 
 def get(reference: str, *, registry_: Registry | None = None) -> LoraAdapter:

@@ -78,6 +78,7 @@ def run(home: Path | None = None, echo: Callable[[str], None] = print) -> DemoRe
                            hint="pip install 'loramgr[peft]'") from exc
     import torch
 
+    from .installer import InstallOptions, install_source
     from .merge import MergeOptions
     from .merge.operations import combine_sources
     from .merge.recipes import RecipeSource
@@ -100,10 +101,10 @@ def run(home: Path | None = None, echo: Callable[[str], None] = print) -> DemoRe
     chat = write_adapter(work / "chat-style", model, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
                          rank=4, alpha=8, seed=2, use_rslora=True)
     for folder, name in ((sql, "sql-skill"), (chat, "chat-style")):
-        result = registry.install(folder, name=name, version="1.0.0")
+        result = install_source(registry, folder, InstallOptions(name=name, version="1.0.0"))
         shown = registry.show(result.ref)
-        echo(f"2. installed {result.ref}: rank {shown['rank']}, {shown['n_modules']} modules "
-             f"({', '.join(shown['target_modules'])}), {result.digest[:19]}")
+        echo(f"2. installed {result.ref}: rank {shown.rank}, {shown.n_modules} modules "
+             f"({', '.join(shown.target_modules)}), {result.digest[:19]}")
 
     sources = [RecipeSource("sql-skill==1.0.0", 0.7), RecipeSource("chat-style==1.0.0", 0.3)]
     combined = combine_sources(registry, sources, MergeOptions(method="linear"), name="sql-chat", version="1.0.0")
@@ -115,7 +116,7 @@ def run(home: Path | None = None, echo: Callable[[str], None] = print) -> DemoRe
                                  MergeOptions(method="svd", energy=0.99), name="sql-chat-small", version="1.0.0")
     small_ranks = [m.rank for m in compressed.merged.modules]
     kept = min(m.kept_energy for m in compressed.merged.modules)
-    sizes = [registry.show(ref)["size"] / 1024 for ref in ("sql-chat-small", "sql-chat")]
+    sizes = [registry.show(ref).size / 1024 for ref in ("sql-chat-small", "sql-chat")]
     echo(f"4. compressed to 99% energy per module -> sql-chat-small==1.0.0: "
          f"ranks {min(small_ranks)}..{max(small_ranks)}"
          f", at least {kept:.1%} of each module's energy kept; size {sizes[0]:.0f} KB vs {sizes[1]:.0f} KB")

@@ -9,11 +9,17 @@
     ├── NotFoundError (KeyError)    a reference, tag or digest that matches nothing
     ├── AmbiguousReferenceError     a digest prefix that matches more than one adapter version
     ├── ConflictError               a version that exists with other bytes, a tag in the way
+    │   └── DestinationExistsError  an output file or folder that is already there
     ├── IntegrityError              a stored blob whose bytes no longer match its digest
     ├── IncompatibleError           adapters that cannot be combined or applied together
     ├── MergeError                  bad merge parameters (weights, density, rank)
     ├── RegistryError               the database cannot be opened or is from a newer loramgr
-    └── HubError                    a Hub repository, revision or download problem
+    ├── HubError                    a Hub repository, revision or download problem
+    ├── InvalidBaseModelError       a base model whose files cannot be fingerprinted
+    ├── EngineSpecError (ValueError) an ``--engine`` value that does not parse
+    ├── MissingDependencyError (ImportError) an optional package an operation needs
+    ├── ProjectFileError            a loramgr.toml / loramgr.lock that is missing, not TOML or malformed
+    └── UnknownFormatError (ValueError) an export format loramgr cannot write
 
 Each error carries the facts as fields and a ``hint`` saying what to do; ``str(err)`` is one line
 that ends with the hint, ready for a terminal.
@@ -142,3 +148,29 @@ class MissingDependencyError(LoramgrError, ImportError):
         super().__init__(message, hint=hint)
 
     __str__ = LoramgrError.__str__
+
+
+class DestinationExistsError(ConflictError):
+    """An export or write whose destination already holds something (never overwritten)."""
+
+    def __init__(self, message: str, *, path: str, hint: str | None = None) -> None:
+        self.path = path
+        super().__init__(message, hint=hint)
+
+
+class ProjectFileError(LoramgrError):
+    """A project file (``loramgr.toml``, ``loramgr.lock``) that is missing, not TOML, or has a bad entry."""
+
+    def __init__(self, message: str, *, path: str, entry: str | None = None, hint: str | None = None) -> None:
+        self.path = path
+        self.entry = entry  # the adapter entry at fault, when one is
+        super().__init__(message, hint=hint)
+
+
+class UnknownFormatError(LoramgrError, ValueError):
+    """A file format loramgr cannot write (``export --format``)."""
+
+    def __init__(self, message: str, *, format: str, known: tuple[str, ...]) -> None:
+        self.format = format
+        self.known = known
+        super().__init__(message, hint=f"use one of {', '.join(known)}")

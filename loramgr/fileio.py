@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ConflictError
+from .errors import DestinationExistsError
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
@@ -63,12 +63,14 @@ def atomic_folder(destination: str | os.PathLike[str]) -> Iterator[Path]:
 def require_new_folder(destination: Path) -> None:
     """Refuse a destination that exists as a file or a non-empty folder."""
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise ConflictError(f"{destination} exists and is not empty", hint="choose a new or empty folder")
+        raise DestinationExistsError(f"{destination} exists and is not empty", path=str(destination),
+                                     hint="choose a new or empty folder")
 
 
 def require_new_file(destination: Path) -> None:
+    """Refuse a destination that exists at all (a file, or a folder in the way of one)."""
     if destination.exists():
-        raise ConflictError(f"{destination} exists", hint="choose a new file name")
+        raise DestinationExistsError(f"{destination} exists", path=str(destination), hint="choose a new file name")
 
 
 def _fsync(path: Path) -> None:

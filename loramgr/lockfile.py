@@ -10,22 +10,28 @@
 ``lock`` resolves every entry to an exact version, digest and file list (and for Hub entries the
 commit); ``sync`` makes a registry hold exactly that, verifying every digest. sync plans first: it
 fetches and checks everything before it registers anything, so a mismatch refuses the whole sync and
-installs nothing. The lock is sorted and has no timestamps, so it diffs well in git.
+installs nothing. It installs through the same two halves as ``install hf://``
+(:func:`~loramgr.hub.install.fetch_from_hub`, then :func:`~loramgr.hub.install.install_fetched`), so a
+synced version is stored and described exactly as an install of its locked commit would be.
+The lock is sorted and has no timestamps, so it diffs well in git.
 """
 
 from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import IntegrityError, InvalidReferenceError, LoramgrError
+from .errors import IntegrityError, NotFoundError, ProjectFileError
 from .registry import Registry
 from .registry.records import ManifestEntry, manifest_digest
 from .registry.refs import check_name
 from .store import sha256_file
+
+if TYPE_CHECKING:
+    from .hub.install import HubFetch
 
 LOCK_VERSION = 1
 Progress = Callable[[str, int, int], None]
@@ -51,7 +57,7 @@ class Locked:
     name: str
     version: str
     digest: str
-    files: list[dict[str, Any]]
+    files: list[ManifestEntry]
     hub: str | None = None
     revision: str | None = None
     commit: str | None = None
@@ -63,7 +69,7 @@ class Locked:
             value = getattr(self, key)
             if value is not None:
                 table[key] = value
-        table["files"] = sorted(self.files, key=lambda f: f["path"])
+        table["files"] = [asdict(f) for f in sorted(self.files, key=lambda f: f.path)]
         return table
 
 
@@ -78,8 +84,8 @@ def read_requirements(path: str | Path) -> list[Requirement]:
     data = _read_toml(path)
     adapters = data.get("adapters")
     if not isinstance(adapters, dict) or not adapters:
-        raise InvalidReferenceError(f"{path}: no [adapters] table", reference=str(path),
-                                    hint='list adapters as name = ">=1.0" or name = { hub = "owner/repo" }')
+        raise ProjectFileError(f"{path}: no [adapters] table", path=str(path),
+                               hint='list adapters as name = ">=1.0" or name = { hub = "owner/repo" }')
     result = []
     for name, value in sorted(adapters.items()):
         check_name(name)
@@ -88,33 +94,35 @@ def read_requirements(path: str | Path) -> list[Requirement]:
         elif isinstance(value, dict) and isinstance(value.get("hub"), str):
             unknown = set(value) - {"hub", "revision", "subfolder"}
             if unknown:
-                raise InvalidReferenceError(f"{path}: {name}: unknown key(s) {', '.join(sorted(unknown))}",
-                                            reference=name, hint="use hub, revision and subfolder")
+                raise ProjectFileError(f"{path}: {name}: unknown key(s) {', '.join(sorted(unknown))}",
+                                       path=str(path), entry=name, hint="use hub, revision and subfolder")
             result.append(Requirement(name, hub=value["hub"], revision=value.get("revision"),
                                       subfolder=value.get("subfolder")))
         else:
-            raise InvalidReferenceError(f"{path}: {name}: expected a version specifier or {{ hub = ... }}",
-                                        reference=name)
+            raise ProjectFileError(f"{path}: {name}: expected a version specifier or {{ hub = ... }}",
+                                   path=str(path), entry=name)
     return result
 
 
 def lock(registry: Registry, requirements: list[Requirement], *, progress: Progress | None = None) -> list[Locked]:
     """Resolve every requirement to an exact version; Hub entries are installed (or found) first."""
     from .hub.install import install_from_hub
+    from .installer import InstallOptions
 
     locked = []
     for req in requirements:
         if req.hub:
-            result, hub = install_from_hub(registry, req.hub_reference, name=req.name, progress=progress)
-            shown = registry.show(result.ref)
+            result = install_from_hub(registry, req.hub_reference, InstallOptions(name=req.name), progress=progress)
+            details = registry.show(result.ref)
+            hub = result.hub
         else:
-            shown = registry.show(req.name + (req.spec if req.spec not in ("", "*") else ""))
+            details = registry.show(req.name + (req.spec if req.spec not in ("", "*") else ""))
             # a registry entry installed from the Hub keeps its source, so sync can fetch it elsewhere
-            hub = (shown.get("source_details") or {}).get("hub") or {}
+            hub = details.source_details.hub
         locked.append(Locked(
-            name=shown["name"], version=shown["version"], digest=shown["digest"], files=shown["files"],
-            hub=hub.get("repo"), revision=hub.get("revision"), commit=hub.get("commit"),
-            subfolder=hub.get("subfolder"),
+            name=details.name, version=details.version, digest=details.digest, files=list(details.files),
+            hub=hub.repo if hub else None, revision=hub.revision if hub else None,
+            commit=hub.commit if hub else None, subfolder=hub.subfolder if hub else None,
         ))
     return locked
 
@@ -131,91 +139,89 @@ def read_lock(path: str | Path) -> list[Locked]:
     path = Path(path)
     data = _read_toml(path)
     if data.get("lock-version") != LOCK_VERSION:
-        raise LoramgrError(f"{path}: lock-version {data.get('lock-version')!r} is not {LOCK_VERSION}",
-                           hint="re-create it with 'loramgr lock' or upgrade loramgr")
+        raise ProjectFileError(f"{path}: lock-version {data.get('lock-version')!r} is not {LOCK_VERSION}",
+                               path=str(path), hint="re-create it with 'loramgr lock' or upgrade loramgr")
     entries = []
     for table in data.get("adapter", []):
         try:
             entries.append(Locked(
-                name=table["name"], version=table["version"], digest=table["digest"], files=list(table["files"]),
+                name=table["name"], version=table["version"], digest=table["digest"],
+                files=[ManifestEntry(f["path"], f["digest"], int(f["size"])) for f in table["files"]],
                 hub=table.get("hub"), revision=table.get("revision"), commit=table.get("commit"),
                 subfolder=table.get("subfolder"),
             ))
         except KeyError as exc:
-            raise LoramgrError(f"{path}: an [[adapter]] entry has no {exc.args[0]}",
-                               hint="re-create it with 'loramgr lock'") from None
+            raise ProjectFileError(f"{path}: an [[adapter]] entry has no {exc.args[0]}", path=str(path),
+                                   entry=table.get("name"), hint="re-create it with 'loramgr lock'") from None
     return entries
 
 
 def sync(registry: Registry, locked: list[Locked], *, progress: Progress | None = None,
          offline: bool | None = None) -> SyncReport:
     """Make ``registry`` hold exactly the locked versions; all or nothing."""
+    from .hub.install import install_fetched
+    from .installer import InstallOptions
+
     report = SyncReport()
-    plan: list[tuple[Locked, Path, dict[str, Any]]] = []
+    plan: list[tuple[Locked, HubFetch]] = []
     for entry in locked:
         ref = f"{entry.name}=={entry.version}"
-        present = _present(registry, entry)
-        if present:
+        if _present(registry, entry):
             report.already.append(ref)
             continue
         if not entry.hub or not entry.commit:
-            raise LoramgrError(f"{ref} ({entry.digest[:19]}) is not in this registry and the lock has no Hub source "
-                               "for it", hint="install it here first, or lock it from the Hub")
-        plan.append(_fetch(entry, offline=offline, progress=progress))
-    for entry, folder, details in plan:  # every digest checked: now register
-        paths = [f["path"] for f in entry.files]
-        target = folder if "adapter_config.json" in paths or len(paths) != 1 else folder / paths[0]
-        registry.install(target, name=entry.name, version=entry.version, progress=progress,
-                         source_label=f"hf://{entry.hub}@{entry.commit}", source_details=details)
+            raise NotFoundError(f"{ref} ({entry.digest[:19]}) is not in this registry and the lock has no Hub source "
+                                "for it", reference=ref, hint="install it here first, or lock it from the Hub")
+        plan.append((entry, _fetch(entry, offline=offline, progress=progress)))
+    for entry, fetched in plan:  # every digest checked: now register
+        install_fetched(registry, fetched, InstallOptions(name=entry.name, version=entry.version), progress=progress)
         report.installed.append(f"{entry.name}=={entry.version}")
     return report
 
 
 def _present(registry: Registry, entry: Locked) -> bool:
     """True when the registry has this exact version with intact blobs; a different digest refuses."""
-    from .errors import NotFoundError
-
     ref = f"{entry.name}=={entry.version}"
     try:
-        shown = registry.show(ref)
+        details = registry.show(ref)
     except NotFoundError:
         return False
-    if shown["digest"] != entry.digest:
-        raise IntegrityError(f"{ref} here is {shown['digest'][:19]} but the lock says {entry.digest[:19]}",
+    if details.digest != entry.digest:
+        raise IntegrityError(f"{ref} here is {details.digest[:19]} but the lock says {entry.digest[:19]}",
                              digest=entry.digest, hint="remove the local version or re-lock")
-    for f in shown["files"]:
-        if not registry.store.verify(f["digest"]):
-            raise IntegrityError(f"{ref}: stored blob {f['digest'][:19]} ({f['path']}) is missing or corrupt",
-                                 digest=f["digest"], hint="remove the version and sync again")
+    for f in details.files:
+        if not registry.store.verify(f.digest):
+            raise IntegrityError(f"{ref}: stored blob {f.digest[:19]} ({f.path}) is missing or corrupt",
+                                 digest=f.digest, hint="remove the version and sync again")
     return True
 
 
-def _fetch(entry: Locked, *, offline: bool | None, progress: Progress | None) -> tuple[Locked, Path, dict[str, Any]]:
-    from .hub.client import HubSource, download_adapter
-    from .hub.install import hub_cache_dir, hub_endpoint
+def _fetch(entry: Locked, *, offline: bool | None, progress: Progress | None) -> HubFetch:
+    """Fetch a locked Hub entry at its commit and check its files against the lock's digest."""
+    from .hub.client import HubSource
+    from .hub.install import fetch_from_hub
 
-    source = HubSource(str(entry.hub), entry.commit, entry.subfolder)
-    download = download_adapter(source, cache_dir=hub_cache_dir(), endpoint=hub_endpoint(), offline=offline)
+    source = HubSource(str(entry.hub), entry.revision, entry.subfolder)
+    fetched = fetch_from_hub(source, commit=entry.commit, offline=offline, progress=progress)
     entries = []
     for f in entry.files:
-        path = download.folder / f["path"]
+        path = fetched.folder / f.path
         if not path.is_file():
-            raise IntegrityError(f"{entry.name}=={entry.version}: {f['path']} is missing at commit {entry.commit}",
+            raise IntegrityError(f"{entry.name}=={entry.version}: {f.path} is missing at commit {entry.commit}",
                                  digest=entry.digest, hint="the lock and the repository disagree; re-lock")
-        entries.append(ManifestEntry(f["path"], sha256_file(path), path.stat().st_size))
+        entries.append(ManifestEntry(f.path, sha256_file(path), path.stat().st_size))
     if manifest_digest(entries) != entry.digest:
-        raise IntegrityError(f"{entry.name}=={entry.version}: the files at {entry.hub}@{download.commit[:12]} do not "
-                             f"match the lock's digest {entry.digest[:19]}", digest=entry.digest,
+        raise IntegrityError(f"{entry.name}=={entry.version}: the files at {entry.hub}@{fetched.origin.commit[:12]} "
+                             f"do not match the lock's digest {entry.digest[:19]}", digest=entry.digest,
                              hint="nothing was installed; check the cache or re-lock")
-    details = {"hub": {"repo": entry.hub, "revision": entry.revision, "commit": entry.commit,
-                       "subfolder": entry.subfolder, "card": download.card}}
-    return entry, download.folder, details
+    return fetched
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise LoramgrError(f"{path}: no such file", hint="create it, or run the command in your project") from None
+        raise ProjectFileError(f"{path}: no such file", path=str(path),
+                               hint="create it, or run the command in your project") from None
     except tomllib.TOMLDecodeError as exc:
-        raise LoramgrError(f"{path}: not valid TOML ({exc})") from None
+        raise ProjectFileError(f"{path}: not valid TOML ({exc})", path=str(path)) from None

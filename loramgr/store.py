@@ -1,12 +1,14 @@
 """The content-addressed blob store under ``<home>/blobs``.
 
 A blob is a file's bytes stored once, read-only, at ``blobs/sha256/<2 hex>/<64 hex>``, however many
-adapters or versions contain it. Writes go to ``tmp/`` in the same file system, are hashed while
-streaming, fsynced and renamed into place, so a reader never sees half a blob and an interrupted
-write leaves at most a temporary file that ``gc`` removes.
+adapters or versions contain it. A new blob is copied into ``tmp/`` in the same file system (in the
+kernel), fsynced, hashed from the written copy and renamed into place, so a reader never sees half a
+blob and an interrupted write leaves at most a temporary file that ``gc`` removes.
 
-Installs hold a shared lock on ``<home>/store.lock`` from their first file read to their database commit;
-``gc`` holds it exclusively, so it never deletes a blob that an install is about to reference.
+Everything that uses ``tmp/`` holds a shared lock on ``<home>/store.lock`` meanwhile: an install from
+its first file read to its database commit, and any scratch folder (:meth:`BlobStore.scratch`). ``gc``
+holds it exclusively, so it never deletes a blob that an install is about to reference nor a scratch
+folder in use.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import LoramgrError
+from .errors import InvalidReferenceError
 
 CHUNK = 8 * 1024 * 1024
 Progress = Callable[[str, int, int], None]
@@ -57,7 +59,8 @@ class BlobStore:
     def path(self, digest: str) -> Path:
         algo, _, hexdigest = digest.partition(":")
         if algo != "sha256" or len(hexdigest) != 64:
-            raise LoramgrError(f"not a sha256 digest: {digest!r}")
+            raise InvalidReferenceError(f"not a sha256 digest: {digest!r}", reference=digest,
+                                        hint="write sha256: and 64 hex digits")
         return self.blob_dir / hexdigest[:2] / hexdigest
 
     def has(self, digest: str) -> bool:
@@ -125,36 +128,6 @@ class BlobStore:
             os.replace(tmp, target)
             _fsync_dir(target.parent)
         return BlobInfo(blob, target, size)
-
-    def put_bytes(self, data: bytes) -> BlobInfo:
-        import io
-
-        return self._put_stream(io.BytesIO(data), len(data), None, "")
-
-    def _put_stream(self, src, total: int, progress: Progress | None, label: str) -> BlobInfo:  # type: ignore[no-untyped-def]
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, prefix="blob-", suffix=".tmp")
-        tmp = Path(tmp_name)
-        try:
-            done = 0
-            with os.fdopen(fd, "wb") as out:
-                buffer = bytearray(CHUNK)
-                view = memoryview(buffer)
-                while n := src.readinto(buffer):
-                    chunk = view[:n]
-                    digest.update(chunk)
-                    out.write(chunk)
-                    done += n
-                    if progress:
-                        progress(label, done, total)
-                out.flush()
-                os.fsync(out.fileno())
-            return self._commit_temp(tmp, "sha256:" + digest.hexdigest(), done)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
 
     def iter_blobs(self) -> Iterator[BlobInfo]:
         if not self.blob_dir.is_dir():

@@ -113,39 +113,3 @@ def test_diffusers_pipeline_folder_prefixes_components(tmp_path: Path) -> None:
     assert fp.architecture == "StableDiffusionXLPipeline"
     assert "unet.down_blocks.0.resnets.0.conv1" in module_shapes(fp)
     assert len(fp.files) == 2  # the fp16 variants are not counted twice
-
-
-class FakeBaseRegistry:
-    """The base-model part of the registry API that 'loramgr base' is written against."""
-
-    def __init__(self) -> None:
-        self.bases: dict[str, BaseFingerprint] = {}
-
-    def add_base(self, fingerprint: BaseFingerprint) -> None:
-        self.bases[fingerprint.name] = fingerprint
-
-    def list_bases(self) -> list[BaseFingerprint]:
-        return list(self.bases.values())
-
-    def get_base(self, name: str) -> BaseFingerprint:
-        return self.bases[name]
-
-
-def test_base_commands(tmp_path: Path, monkeypatch) -> None:
-    from click.testing import CliRunner
-
-    from loramgr.cli import base_cmd
-    from loramgr.cli.main import cli
-
-    fake = FakeBaseRegistry()
-    monkeypatch.setattr(base_cmd, "_registry", lambda: fake)
-    folder = write_sharded(tmp_path / "m", tensors())
-    runner = CliRunner()
-    added = runner.invoke(cli, ["base", "add", str(folder), "--name", "tiny", "--content"])
-    assert added.exit_code == 0, added.output
-    assert "registered base tiny (LlamaForCausalLM, 5 tensors" in added.output
-    assert fake.bases["tiny"].content is not None
-    listed = runner.invoke(cli, ["base", "list"])
-    assert "tiny" in listed.output and fake.bases["tiny"].structural[:19] in listed.output
-    shown = runner.invoke(cli, ["base", "show", "tiny", "--modules"])
-    assert "model.layers.0.mlp.up_proj linear 32x16" in " ".join(shown.output.split())

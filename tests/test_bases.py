@@ -36,6 +36,24 @@ def test_base_add_list_show_and_refusals(tmp_path: Path) -> None:
     assert "no base model named 'nope'" in one_line_error("base", "show", "nope")
 
 
+def test_base_content_and_modules_through_the_real_registry(tmp_path: Path) -> None:
+    """``base add --content`` stores the weight file's sha256 in the registry; ``show --modules`` lists shapes."""
+    import hashlib
+
+    base = save_base(tiny_llama(), tmp_path / "llama")
+    added = run_cli("base", "add", str(base), "--name", "tiny", "--content").output
+    assert "registered base tiny (LlamaForCausalLM" in added
+    stored = Registry.open().get_base("tiny")
+    assert stored.content_digests == {
+        "model.safetensors": "sha256:" + hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()}
+    listing = run_cli("base", "list").output
+    assert "tiny" in listing and stored.structural[:19] in listing and (stored.content or "")[:19] in listing
+    shown = " ".join(run_cli("base", "show", "tiny", "--modules").output.split())
+    # tiny_llama: hidden 32, intermediate 64 (up_proj weight is 64 x 32)
+    up = tiny_llama().model.layers[0].mlp.up_proj.weight.shape
+    assert f"model.layers.0.mlp.up_proj linear {up[0]}x{up[1]}" in shown
+
+
 def test_install_base_refuses_a_misfit_and_stores_nothing(tmp_path: Path) -> None:
     run_cli("base", "add", str(save_base(tiny_llama(), tmp_path / "llama")), "--name", "tiny-llama")
     run_cli("base", "add", str(save_base(tiny_llama(hidden_size=48), tmp_path / "wide")), "--name", "wide-llama")

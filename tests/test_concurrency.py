@@ -58,7 +58,7 @@ def test_two_processes_install_at_once(tmp_path, loramgr_home):
         assert [(r.name, r.version) for r in rows if r.name == "same"] == [("same", "1.0.0")]
         # each worker's installs are in its own order
         for worker in (0, 1):
-            sources = [registry.show(f"shared=={r.version}")["source"] for r in shared]
+            sources = [registry.show(f"shared=={r.version}").source for r in shared]
             mine = [s for s in sources if Path(s).name.startswith(f"w{worker}-")]
             assert mine == [str(f) for f in folders[worker]]
         report = verify(registry)

@@ -23,6 +23,7 @@ from loramgr.hub.client import (
     push,
 )
 from loramgr.hub.modelcard import parse_card, render_model_card
+from loramgr.registry import Parent, SourceDetails, VersionDetails
 
 MODULES = {"model.layers.0.self_attn.q_proj": (16, 16, 4), "model.layers.0.self_attn.v_proj": (16, 16, 4)}
 
@@ -250,30 +251,25 @@ def test_tampered_cache_is_detected(hub: HubServer, tmp_path: Path) -> None:
 
 
 def test_render_model_card() -> None:
-    info = {
-        "format": "peft",
-        "adapter_type": "lora",
-        "rank": 8,
-        "alpha": 16.0,
-        "ranks_found": [4, 8],
-        "rank_pattern": {"v_proj": 4},
-        "target_modules": ["q_proj", "v_proj"],
-        "base_model": "meta-llama/Llama-2-7b-hf",
-        "task_type": "CAUSAL_LM",
-        "n_params": 1234,
-        "card": {"license": "apache-2.0", "description": "Writes haiku.", "tags": ["poetry"]},
-    }
-    lineage = {"method": "cat", "sources": [{"name": "a", "version": "1.0.0", "weight": 0.5}]}
-    text = render_model_card(
-        info, name="haiku", version="1.2.0", repo_id="me/haiku", lineage=lineage, recipe_toml='method = "cat"\n'
+    parent = Parent(name="a", version="1.0.0", digest="sha256:" + "ab" * 32, weight=0.5)
+    details = VersionDetails(
+        name="haiku", display_name="haiku", version="1.2.0", digest="sha256:" + "0" * 64, tags=[], size=0,
+        installed_at="2026-01-01T00:00:00", source=None, source_details=SourceDetails(), format="peft",
+        adapter_type="lora", rank=8, ranks_found=[4, 8], alpha=16.0, use_rslora=False, use_dora=False,
+        rank_pattern={"v_proj": 4}, alpha_pattern={}, target_modules=["q_proj", "v_proj"], target_modules_found=[],
+        base_model="meta-llama/Llama-2-7b-hf", base_model_revision=None, task_type="CAUSAL_LM", n_modules=2,
+        n_params=1234, dtypes=["float32"], file_metadata={}, weights_file="adapter_model.safetensors", config={},
+        card={"license": "apache-2.0", "description": "Writes haiku.", "tags": ["poetry"]}, notes=[], files=[],
+        modules=[], parents=[parent], recipe={"method": "cat"},
     )
+    text = render_model_card(details, repo_id="me/haiku", recipe_toml='method = "cat"\n')
     meta = yaml.safe_load(text.split("---")[1])
     assert meta["library_name"] == "peft" and meta["base_model"] == "meta-llama/Llama-2-7b-hf"
     assert meta["license"] == "apache-2.0" and meta["pipeline_tag"] == "text-generation"
     assert meta["tags"][:3] == ["lora", "loramgr", "base_model:adapter:meta-llama/Llama-2-7b-hf"]
     assert "poetry" in meta["tags"]
     assert "| `q_proj` | 8 | 16.0 |" in text and "| `v_proj` | 4 | 16.0 |" in text
-    assert "| a | 1.0.0 | 0.5 |" in text and 'method = "cat"' in text
+    assert f"| a | 1.0.0 | {parent.digest} | 0.5 |" in text and "- method: `cat`" in text and 'method = "cat"' in text
     assert 'PeftModel.from_pretrained(base, "me/haiku", revision="v1.2.0")' in text
     assert "loramgr install hf://me/haiku@v1.2.0" in text
     assert parse_card(text)["description"] == "Writes haiku."

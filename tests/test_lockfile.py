@@ -234,6 +234,22 @@ def test_bad_requirements_are_one_line_errors(toml: str, message: str, tmp_path:
     assert not (tmp_path / "loramgr.lock").exists()
 
 
+def test_project_file_mistakes_carry_the_file_and_the_entry(tmp_path: Path) -> None:
+    from loramgr.errors import ProjectFileError
+    from loramgr.lockfile import read_lock, read_requirements
+
+    toml = tmp_path / "loramgr.toml"
+    toml.write_text('[adapters]\nsql = { hub = "o/r", rev = "v1" }\n')
+    with pytest.raises(ProjectFileError) as err:
+        read_requirements(toml)
+    assert (err.value.path, err.value.entry) == (str(toml), "sql")
+    lock = tmp_path / "loramgr.lock"
+    lock.write_text('lock-version = 1\n[[adapter]]\nname = "x"\nversion = "1.0"\n')
+    with pytest.raises(ProjectFileError, match="entry has no digest") as err:
+        read_lock(lock)
+    assert (err.value.path, err.value.entry) == (str(lock), "x")
+
+
 def test_missing_or_foreign_files_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert "loramgr.toml: no such file" in one_line_error("lock")
@@ -262,3 +278,35 @@ def test_a_hub_entry_pushed_from_this_registry_locks_its_hub_source(hub: HubServ
     new_home(tmp_path, monkeypatch, "teammate")
     assert run("sync").output.strip().endswith("1 installed, 0 already present and verified")
     assert installed() == expected
+
+
+def test_sync_installs_a_subfolder_entry_exactly_as_install_hf_does(hub: HubServer, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One Hub route: sync records what ``install hf://`` records (the subfolder too) and links the cache's
+    blobs into the store as install does, instead of copying them."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
+    folder = write_peft_adapter(tmp_path / "style", MODULES, seed=7, base_model="tiny/base",
+                                readme="---\nlicense: mit\n---\n# style\n")
+    hub.seed("tester/multi", {f"loras/style/{p.name}": p.read_bytes() for p in folder.iterdir()}, tag="v1.0.0")
+    (tmp_path / "loramgr.toml").write_text(
+        '[adapters]\nstyle = { hub = "tester/multi", revision = "v1.0.0", subfolder = "loras/style" }\n')
+    monkeypatch.chdir(tmp_path)
+    run("lock")  # installs it here, through install hf://
+    installed_here = json.loads(run("show", "style", "--json").output)
+    (entry,) = _lock_entries((tmp_path / "loramgr.lock").read_text())
+    assert entry["subfolder"] == "loras/style"
+
+    home = new_home(tmp_path, monkeypatch, "teammate")  # same huggingface_hub cache, empty registry
+    assert run("sync").output.strip().endswith("1 installed, 0 already present and verified")
+    synced = json.loads(run("show", "style", "--json").output)
+    commit = hub.repos["tester/multi"].tags["v1.0.0"]
+    assert synced["source"] == installed_here["source"] == f"hf://tester/multi@{commit}:loras/style"
+    assert synced["source_details"] == installed_here["source_details"]
+    assert synced["source_details"]["hub"]["subfolder"] == "loras/style"
+    assert (synced["digest"], synced["files"]) == (installed_here["digest"], installed_here["files"])
+    snapshot = Path(os.environ["HF_HUB_CACHE"]) / "models--tester--multi" / "snapshots" / commit / "loras" / "style"
+    for f in synced["files"]:
+        blob = home / "blobs" / "sha256" / f["digest"][7:9] / f["digest"][7:]
+        assert os.path.samefile(blob, snapshot / f["path"])  # a hard link to the verified cache blob, not a copy
+        assert blob.stat().st_nlink >= 2

@@ -6,6 +6,7 @@ import os
 
 from factories import write_peft_adapter
 
+import loramgr
 from loramgr import paths
 from loramgr.registry import Registry
 from loramgr.registry.quicklist import quick_list
@@ -18,7 +19,7 @@ def _populate(tmp_path) -> Registry:
     for i, (name, version) in enumerate([("b-adapter", "1.10.0"), ("b-adapter", "1.9.0"), ("A_Adapter", "2.0rc1"),
                                          ("a-adapter", "1.0.0"), ("b-adapter", "1.9.1")]):
         folder = write_peft_adapter(tmp_path / f"ad{i}", MODULES, seed=i)
-        registry.install(folder, name=name, version=version)
+        loramgr.install(folder, name=name, version=version, registry_=registry)
     registry.tag("b-adapter==1.9.0", "stable")
     registry.tag("b-adapter==1.9.0", "Beta")
     return registry

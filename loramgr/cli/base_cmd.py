@@ -7,23 +7,10 @@ weight file (reads all bytes). The fingerprint is stored by the registry (``Regi
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
+from .registry_cmds import open_registry
 from .render import echo_json, human_size, progress_bars, table
-
-
-def _registry() -> Any:
-    """The registry, imported here so that 'loramgr --help' stays fast."""
-    from ..errors import LoramgrError
-    from ..registry import Registry
-
-    registry = Registry.open()
-    if not hasattr(registry, "add_base"):
-        raise LoramgrError("this registry cannot store base models yet",
-                           hint="pass base model paths to 'loramgr check --base' instead")
-    return registry
 
 
 @click.group(name="base")
@@ -46,7 +33,7 @@ def add(path: str, name: str | None, revision: str | None, content: bool, as_jso
     with progress_bars() as progress:
         fingerprint = fingerprint_base_model(path, revision=revision, content=content, progress=progress)
     fingerprint.name = name or fingerprint.name or Path(path).resolve().name
-    _registry().add_base(fingerprint)
+    open_registry().add_base(fingerprint)
     if as_json:
         echo_json(fingerprint.to_dict())
         return
@@ -59,7 +46,7 @@ def add(path: str, name: str | None, revision: str | None, content: bool, as_jso
 @click.option("--json", "as_json", is_flag=True, help="Print every base model as JSON.")
 def list_(as_json: bool) -> None:
     """List registered base models."""
-    bases = _registry().list_bases()
+    bases = open_registry().list_bases()
     if as_json:
         echo_json([b.to_dict() | {"tensors": len(b.tensors)} for b in bases])
         return
@@ -81,7 +68,7 @@ def show(name: str, modules: bool, as_json: bool) -> None:
     """Show a registered base model's fingerprint (and, with --modules, its adaptable modules)."""
     from ..compat.basemodel import module_shapes
 
-    fingerprint = _registry().get_base(name)
+    fingerprint = open_registry().get_base(name)
     if as_json:
         echo_json(fingerprint.to_dict())
         return

@@ -52,18 +52,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import registry_cmds
+    from . import base_cmd, check_cmd, demo_cmd, hub_cmds, merge_cmds, registry_cmds
 
-    for command in registry_cmds.COMMANDS:
-        cli.add_command(command)
-    for module_name in ("merge_cmds", "base_cmd", "check_cmd", "hub_cmds", "demo_cmd"):
-        try:
-            module = __import__(f"loramgr.cli.{module_name}", fromlist=["COMMANDS"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"loramgr.cli.{module_name}":
-                raise
-            continue
-        for command in getattr(module, "COMMANDS", []):
+    for module in (registry_cmds, merge_cmds, base_cmd, check_cmd, hub_cmds, demo_cmd):
+        for command in module.COMMANDS:
             cli.add_command(command)
 
 

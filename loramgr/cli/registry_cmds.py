@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
+from ..exporter import EXPORT_FORMATS
 from .render import echo_json, human_size, progress_bars, table
 
+if TYPE_CHECKING:
+    from ..registry import Registry, VersionDetails
 
-def open_registry() -> Any:
+
+def open_registry() -> Registry:
     from ..registry import Registry
 
     return Registry.open()
@@ -26,12 +30,12 @@ def open_registry() -> Any:
 def install(source: str, name: str | None, version: str | None, allow_pickle: bool, base: str | None,
             as_json: bool) -> None:
     """Install an adapter from a PEFT folder, a .safetensors file or hf://owner/repo[@rev][:subfolder]."""
-    from ..install import install_any
+    from ..installer import InstallOptions, install_source
 
+    options = InstallOptions(name=name, version=version, base=base, allow_pickle=allow_pickle)
     registry = open_registry()
     with progress_bars() as progress:
-        result = install_any(registry, source, name=name, version=version, allow_pickle=allow_pickle,
-                             base=base, progress=progress)
+        result = install_source(registry, source, options, progress=progress)
     if as_json:
         echo_json(result.to_dict())
         return
@@ -79,52 +83,49 @@ def list_(name: str | None, as_json: bool, digests: bool) -> None:
 @click.option("--recipe", "as_recipe", is_flag=True, help="Print the TOML recipe that reproduces a combined adapter.")
 def show(reference: str, as_json: bool, as_recipe: bool) -> None:
     """Show one adapter version: NAME, NAME==VERSION, 'NAME>=1,<2', NAME@TAG or sha256:PREFIX."""
-    data = open_registry().show(reference)
+    details = open_registry().show(reference)
     if as_recipe:
         from ..merge.recipes import recipe_toml
 
-        click.echo(recipe_toml(data), nl=False)
+        click.echo(recipe_toml(details.to_dict()), nl=False)
         return
     if as_json:
-        echo_json(data)
+        echo_json(details.to_dict())
         return
-    click.echo(render_show(data))
+    click.echo(render_show(details))
 
 
-def render_show(d: dict[str, Any]) -> str:
-    ranks = d.get("ranks_found") or []
-    rank = str(d.get("rank")) + (f" (found {', '.join(map(str, ranks))})" if ranks and ranks != [d.get("rank")] else "")
+def render_show(d: VersionDetails) -> str:
+    ranks = d.ranks_found
+    rank = str(d.rank) + (f" (found {', '.join(map(str, ranks))})" if ranks and ranks != [d.rank] else "")
     lines = [
-        f"{d['name']} {d['version']}" + (f"  [{', '.join(d['tags'])}]" if d["tags"] else ""),
-        f"  digest        {d['digest']}",
-        f"  type          {d['adapter_type']} ({d['format']})",
-        f"  rank / alpha  {rank} / {d.get('alpha')}" + ("  rsLoRA" if d.get("use_rslora") else "")
-        + ("  DoRA" if d.get("use_dora") else ""),
-        f"  targets       {', '.join(d.get('target_modules') or d.get('target_modules_found') or [])}",
-        f"  modules       {d['n_modules']} ({d['n_params']:,} parameters, {', '.join(d.get('dtypes') or [])})",
-        f"  base model    {d.get('base_model') or '-'}"
-        + (f" @ {d['base_model_revision']}" if d.get("base_model_revision") else ""),
-        f"  size          {human_size(d['size'])} in {len(d['files'])} file(s)",
-        f"  source        {d.get('source') or '-'}",
-        f"  installed     {d['installed_at']}",
+        f"{d.name} {d.version}" + (f"  [{', '.join(d.tags)}]" if d.tags else ""),
+        f"  digest        {d.digest}",
+        f"  type          {d.adapter_type} ({d.format})",
+        f"  rank / alpha  {rank} / {d.alpha}" + ("  rsLoRA" if d.use_rslora else "") + ("  DoRA" if d.use_dora else ""),
+        f"  targets       {', '.join(d.target_modules or d.target_modules_found)}",
+        f"  modules       {d.n_modules} ({d.n_params:,} parameters, {', '.join(d.dtypes)})",
+        f"  base model    {d.base_model or '-'}" + (f" @ {d.base_model_revision}" if d.base_model_revision else ""),
+        f"  size          {human_size(d.size)} in {len(d.files)} file(s)",
+        f"  source        {d.source or '-'}",
+        f"  installed     {d.installed_at}",
     ]
-    if d.get("task_type"):
-        lines.append(f"  task type     {d['task_type']}")
-    card = d.get("card") or {}
-    if card.get("license"):
-        lines.append(f"  license       {card['license']}")
-    if card.get("description"):
-        lines.append(f"  description   {card['description'][:200]}")
-    if d.get("parents"):
-        recipe = d.get("recipe") or {}
+    if d.task_type:
+        lines.append(f"  task type     {d.task_type}")
+    if d.card.get("license"):
+        lines.append(f"  license       {d.card['license']}")
+    if d.card.get("description"):
+        lines.append(f"  description   {d.card['description'][:200]}")
+    if d.parents:
+        recipe = d.recipe or {}
         method = recipe.get("method", "?")
         params = {k: v for k, v in (recipe.get("options") or {}).items()
                   if v not in (None, False) and k not in ("method", "weights")
                   and not (k == "majority_sign" and "ties" not in method)}
         lines.append(f"  made by       {method}" + (f" {params}" if params else ""))
-        for p in d["parents"]:
-            lines.append(f"    {p['weight']:+g} x {p['name']}=={p['version']}  {p['digest'][:19]}")
-    for note in d.get("notes") or []:
+        for p in d.parents:
+            lines.append(f"    {p.weight:+g} x {p.name}=={p.version}  {p.digest[:19]}")
+    for note in d.notes:
         lines.append(f"  note          {note}")
     return "\n".join(lines)
 
@@ -153,13 +154,13 @@ def untag(name: str, tag_name: str) -> None:
 @click.command()
 @click.argument("reference")
 @click.argument("destination", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]), default="peft", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="peft", show_default=True,
               help="File format to write.")
 def export(reference: str, destination: str, fmt: str) -> None:
     """Write a stored adapter version out as a folder (PEFT) or file (kohya, diffusers)."""
-    from ..install import export_any
+    from ..exporter import export_version
 
-    path = export_any(open_registry(), reference, destination, fmt=fmt)
+    path = export_version(open_registry(), reference, destination, fmt=fmt)
     click.echo(f"exported {reference} to {path}")
 
 

@@ -7,7 +7,6 @@ and with the config (r, rank_pattern), and, with ``check_values``, no tensor hol
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -237,10 +236,7 @@ def check_tensor_values(path: str | Path, *, progress: Any = None) -> None:
 
     path = Path(path)
     try:
-        if importlib.util.find_spec("numpy") is not None:
-            found = find_non_finite(read_header(path), progress)
-        else:  # numpy is not among loramgr's hard requirements: the slower torch path
-            found = _find_non_finite_torch(path)
+        found = find_non_finite(read_header(path), progress)
     except OSError as exc:
         raise InvalidAdapterError(f"{path}: cannot read ({exc.strerror})", path=str(path)) from exc
     if found is not None:
@@ -251,19 +247,6 @@ def check_tensor_values(path: str | Path, *, progress: Any = None) -> None:
             module=key,
             hint="the training run diverged or the file is corrupt; use another checkpoint",
         )
-
-
-def _find_non_finite_torch(path: Path) -> tuple[str, str] | None:
-    import torch
-    from safetensors import safe_open
-
-    read_header(path)  # the strict checks first: safe_open's own errors are less helpful
-    with safe_open(str(path), framework="pt") as handle:
-        for key in sorted(handle.keys()):
-            tensor = handle.get_tensor(key)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                return key, "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
-    return None
 
 
 def convert_pickle(bin_path: str | Path, out_path: str | Path) -> None:
@@ -295,12 +278,19 @@ def read_card(path: Path) -> dict[str, Any]:
 def write_peft_folder(
     folder: str | Path, config: dict[str, Any], tensors: dict[str, Any], *, metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write adapter_config.json and adapter_model.safetensors deterministically (sorted keys)."""
+    """Write a new PEFT folder: adapter_config.json and adapter_model.safetensors, deterministically
+    (sorted keys).
+
+    The folder is written whole (:func:`loramgr.fileio.atomic_folder`): ``folder`` must not exist or be
+    empty, and an error half-way leaves it as it was.
+    """
     from safetensors.torch import save_file
 
+    from ..fileio import atomic_folder
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    ordered = {k: tensors[k].contiguous() for k in sorted(tensors)}
-    save_file(ordered, str(folder / WEIGHTS_NAME), metadata=metadata or {"format": "pt"})
+    with atomic_folder(folder) as staging:
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        ordered = {k: tensors[k].contiguous() for k in sorted(tensors)}
+        save_file(ordered, str(staging / WEIGHTS_NAME), metadata=metadata or {"format": "pt"})
     return folder

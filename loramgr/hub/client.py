@@ -1,9 +1,10 @@
 """The Hugging Face Hub as a source and a destination of adapters, with no registry involved.
 
 Reading goes through ``huggingface_hub.snapshot_download`` into its own cache (``cache_dir``), for
-only the files an adapter needs; the registry later copies them into its content-addressed store.
-That costs disk twice but keeps the client's guarantees: atomic blobs, resume on a cut connection,
-revisions resolved to commits, and a cached commit re-used without a byte transferred.
+only the files an adapter needs; an install then hard-links them into the registry's content-addressed
+store (a copy only across file systems, see docs/hub.md "Caching"). That keeps the client's
+guarantees: atomic blobs, resume on a cut connection, revisions resolved to commits, and a cached
+commit re-used without a byte transferred.
 
 Every failure reaches the user as one line (:class:`~loramgr.errors.HubError` with a hint):
 repository not found, private or gated without a token, revision not found, no adapter files,
@@ -16,6 +17,7 @@ itself, at call time. It imports huggingface_hub inside functions: ``loramgr --h
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 SCHEME = "hf://"
 #: an adapter's files; single-file adapters (kohya, diffusers) are any *.safetensors
 ADAPTER_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "README.md", "*.safetensors")
-#: pickled weights run code when loaded (DOMAIN.md section 2): only on request
+#: pickled weights run code when loaded: only on request (docs/hub.md, "What gets downloaded")
 PICKLE_PATTERNS = ("*.bin",)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -114,7 +116,7 @@ def parse_hub_reference(text: str) -> HubSource:
 
 def adapter_patterns(subfolder: str | None = None, *, allow_pickle: bool = False) -> list[str]:
     """allow_patterns for an adapter. Deterministic on purpose: an offline call must repeat the exact
-    patterns of the online one, or huggingface_hub raises IncompleteSnapshotError (DOMAIN.md section 6)."""
+    patterns of the online one, or huggingface_hub raises IncompleteSnapshotError (docs/hub.md, "Offline")."""
     patterns = list(ADAPTER_PATTERNS) + (list(PICKLE_PATTERNS) if allow_pickle else [])
     # nested files are kept out by download_adapter's ignore_patterns (fnmatch's "*" also matches "/")
     return [f"{subfolder}/{p}" for p in patterns] if subfolder else patterns
@@ -337,12 +339,10 @@ def _verify_files(folder: Path, files: list[str], source: HubSource, record: Pat
             continue
         digests[name] = _verify(path, source)
         known[key] = [stat.st_size, stat.st_mtime_ns, digests[name]]
-    tmp = record.with_name(f"{record.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        tmp.write_text(json.dumps(known), "utf-8")
-        os.replace(tmp, record)
-    except OSError:  # a read-only cache still installs; it only re-hashes next time
-        tmp.unlink(missing_ok=True)
+    from ..fileio import write_atomic
+
+    with contextlib.suppress(OSError):  # a read-only cache still installs; it only re-hashes next time
+        write_atomic(record, json.dumps(known).encode("utf-8"))
     return digests
 
 

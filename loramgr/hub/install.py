@@ -1,23 +1,47 @@
-"""``loramgr install hf://owner/repo[@revision][:subfolder]``: the Hub layer feeding the registry.
+"""``loramgr install hf://owner/repo[@revision][:subfolder]``: the Hub half of the install route.
 
 huggingface_hub keeps the downloaded files in its own cache (shared with transformers and every other
-tool, so a second install of the same commit downloads nothing); the registry then copies the
-adapter's files into its content-addressed store and records the repository, the revision asked for
-and the commit it resolved to.
+tool, so a second install of the same commit downloads nothing). :func:`fetch_from_hub` downloads and
+verifies them there and chooses what to install; :func:`install_fetched` hands that to
+:func:`loramgr.installer.install_path`, whose store hard-links the cache's files (huggingface_hub never
+rewrites a cached blob) instead of copying them, and records the repository, the revision asked for,
+the commit it resolved to and the subfolder. ``install hf://`` runs both halves at once; ``sync``
+fetches every locked entry first, checks it against the lock, and only then installs.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from packaging.version import InvalidVersion, Version
 
-from ..registry import InstallResult, Registry
+from ..registry import HubOrigin, InstallResult, Registry, SourceDetails
+from .client import HubSource
+
+if TYPE_CHECKING:
+    from ..installer import InstallOptions
 
 Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class HubFetch:
+    """An adapter downloaded and verified in huggingface_hub's cache, ready to install."""
+
+    target: Path  # what install reads: the (sub)folder, or its one .safetensors file
+    folder: Path  # the snapshot folder (plus subfolder)
+    files: list[str]  # paths relative to ``folder``
+    default_name: str
+    origin: HubOrigin
+
+    @property
+    def source_label(self) -> str:
+        """``hf://repo@commit[:subfolder]``: the one-line source a stored version records."""
+        return str(HubSource(self.origin.repo, self.origin.commit, self.origin.subfolder))
 
 
 def hub_endpoint() -> str | None:
@@ -49,32 +73,27 @@ def version_from_revision(revision: str | None) -> str | None:
         return None
 
 
-def install_from_hub(
-    registry: Registry,
-    text: str,
+def fetch_from_hub(
+    source: HubSource,
     *,
-    name: str | None = None,
-    version: str | None = None,
+    commit: str | None = None,
     allow_pickle: bool = False,
-    base: str | None = None,
-    progress: Progress | None = None,
     offline: bool | None = None,
-) -> tuple[InstallResult, dict[str, Any]]:
-    """Install an adapter from the Hub; returns the result and the Hub facts of this request (repo,
-    revision, commit, subfolder, card). They are what ``lock`` pins: when the registry already held the
-    same bytes from elsewhere (a local folder, another repository), the stored version's own source
-    says nothing about this Hub repository."""
-    from ..install import install_path
-    from .client import download_adapter, parse_hub_reference
+    progress: Progress | None = None,
+) -> HubFetch:
+    """Download ``source`` (at ``commit`` when given: a lock pins one) into the cache and verify it.
 
-    source = parse_hub_reference(text)
+    A folder with adapter_config.json is installed as a PEFT folder; otherwise its one .safetensors
+    file is (several of them: the folder, whose reading then names the problem).
+    """
+    from .client import download_adapter
 
     def byte_progress(done: int, total: int | None) -> None:
         if progress is not None and total:
             progress(f"downloading {source.repo_id}", done, total)
 
     download = download_adapter(
-        source,
+        replace(source, revision=commit) if commit else source,
         cache_dir=hub_cache_dir(),
         endpoint=hub_endpoint(),
         allow_pickle=allow_pickle,
@@ -86,26 +105,49 @@ def install_from_hub(
         weights = [f for f in download.files if f.endswith(".safetensors")]
         if len(weights) == 1:
             target = download.folder / weights[0]
+    origin = HubOrigin(repo=source.repo_id, revision=source.revision, commit=download.commit,
+                       subfolder=source.subfolder, card=download.card)
     default_name = (source.subfolder or source.repo_id).rstrip("/").rsplit("/", 1)[-1]
-    details = {
-        "hub": {
-            "repo": source.repo_id,
-            "revision": source.revision,
-            "commit": download.commit,
-            "subfolder": source.subfolder,
-            "card": download.card,
-        }
-    }
+    return HubFetch(target=target, folder=download.folder, files=download.files, default_name=default_name,
+                    origin=origin)
+
+
+def install_fetched(
+    registry: Registry, fetched: HubFetch, options: InstallOptions, *, progress: Progress | None = None
+) -> InstallResult:
+    """Install a fetched adapter; the result carries the Hub facts of this request (``result.hub``)."""
+    from ..installer import install_path
+
+    chosen = replace(options, name=options.name or fetched.default_name,
+                     version=options.version or version_from_revision(fetched.origin.revision))
     result = install_path(
         registry,
-        target,
-        name=name or default_name,
-        version=version or version_from_revision(source.revision),
-        allow_pickle=allow_pickle,
-        source_label=f"hf://{source.repo_id}@{download.commit}" + (f":{source.subfolder}" if source.subfolder else ""),
-        source_details=details,
-        base=base,
+        fetched.target,
+        chosen,
+        source_label=fetched.source_label,
+        source_details=SourceDetails(hub=fetched.origin),
         share_files=True,  # huggingface_hub never rewrites a cached blob: link it instead of copying
         progress=progress,
     )
-    return result, details["hub"]
+    result.hub = fetched.origin
+    return result
+
+
+def install_from_hub(
+    registry: Registry,
+    text: str,
+    options: InstallOptions,
+    *,
+    progress: Progress | None = None,
+    offline: bool | None = None,
+) -> InstallResult:
+    """Install ``hf://owner/repo[@revision][:subfolder]``: fetch, then install.
+
+    ``result.hub`` holds this request's Hub facts, which ``lock`` pins: when the registry already held
+    the same bytes from elsewhere (a local folder, another repository), the stored version's own
+    source says nothing about this Hub repository."""
+    from .client import parse_hub_reference
+
+    fetched = fetch_from_hub(parse_hub_reference(text), allow_pickle=options.allow_pickle, offline=offline,
+                             progress=progress)
+    return install_fetched(registry, fetched, options, progress=progress)

@@ -2,14 +2,17 @@
 
 The Hub indexes a card's YAML block: ``library_name: peft`` puts the adapter under PEFT's filters,
 ``base_model`` plus the ``base_model:adapter:<id>`` tag links it from the base model's page
-(DOMAIN.md section 6). The body is for people: what it is, its ranks, where it came from when it is a
+(docs/hub.md, "Publishing"). The body is for people: what it is, its ranks, where it came from when it is a
 combination of other adapters, and how to load it with PEFT and with loramgr.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..registry import VersionDetails
 
 #: PEFT task_type -> the Hub's pipeline_tag; kohya / diffusers adapters are text-to-image
 PIPELINE_TAGS = {
@@ -66,26 +69,19 @@ def parse_card(text: str) -> dict[str, Any]:
     }
 
 
-def render_model_card(
-    info: dict[str, Any],
-    *,
-    name: str,
-    version: str,
-    repo_id: str,
-    lineage: dict[str, Any] | None,
-    recipe_toml: str | None,
-) -> str:
+def render_model_card(details: VersionDetails, *, repo_id: str, recipe_toml: str | None = None) -> str:
     """The README.md pushed with an adapter version.
 
-    ``info`` is :meth:`loramgr.adapter.AdapterInfo.summary` (rank, alpha, target modules, base model,
-    task type, the card read at install time). ``lineage`` describes a combined adapter (method and
-    source adapters), ``recipe_toml`` is the recipe that rebuilds it; both are shown verbatim so a
-    reader can reproduce the combination.
+    ``details`` is the version as :meth:`Registry.show <loramgr.registry.core.Registry.show>` gives
+    it, with ``format`` set to the format of the files uploaded (rank, alpha, target modules, base
+    model, task type, the card read at install time). A combined version's lineage (method and source
+    adapters) and ``recipe_toml``, the recipe that rebuilds it, are shown verbatim so a reader can
+    reproduce the combination.
     """
     import yaml
 
-    card = info.get("card") or {}
-    base_model = info.get("base_model") or card.get("base_model")
+    card = details.card
+    base_model = details.base_model or card.get("base_model")
     tags = ["lora", "loramgr"]
     if base_model:
         tags.append(f"base_model:adapter:{base_model}")
@@ -96,65 +92,59 @@ def render_model_card(
     if card.get("license"):
         meta["license"] = card["license"]
     meta["tags"] = tags
-    pipeline_tag = _pipeline_tag(info)
+    pipeline_tag = _pipeline_tag(details)
     if pipeline_tag:
         meta["pipeline_tag"] = pipeline_tag
-    tag = f"v{version}"
+    tag = f"v{details.version}"
 
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {name} {version}", ""]
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", ""]
+    lines += [f"# {details.name} {details.version}", ""]
     lines += [card.get("description") or f"A LoRA adapter{f' for {base_model}' if base_model else ''}.", ""]
-    lines += _shape_table(info)
-    if lineage:
-        lines += ["## Lineage", "", *_lineage_lines(lineage), ""]
+    lines += _shape_table(details)
+    if details.parents:
+        lines += ["## Lineage", "", *_lineage_lines(details), ""]
     if recipe_toml:
         lines += ["## Recipe", "", "```toml", recipe_toml.rstrip(), "```", ""]
-    lines += _usage(info, repo_id=repo_id, tag=tag, base_model=base_model)
+    lines += _usage(details, repo_id=repo_id, tag=tag, base_model=base_model)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _pipeline_tag(info: dict[str, Any]) -> str | None:
-    if info.get("format") in ("kohya", "diffusers"):
+def _pipeline_tag(details: VersionDetails) -> str | None:
+    if details.format in ("kohya", "diffusers"):
         return "text-to-image"
-    return PIPELINE_TAGS.get(str(info.get("task_type") or "").upper())
+    return PIPELINE_TAGS.get(str(details.task_type or "").upper())
 
 
-def _shape_table(info: dict[str, Any]) -> list[str]:
+def _shape_table(details: VersionDetails) -> list[str]:
     """One row per target module: its rank and alpha after rank_pattern / alpha_pattern."""
-    targets = info.get("target_modules_found") or info.get("target_modules") or []
-    if isinstance(targets, str):
-        targets = [targets]
-    rank, alpha = info.get("rank"), info.get("alpha")
-    rank_pattern = info.get("rank_pattern") or {}
-    alpha_pattern = info.get("alpha_pattern") or {}
+    targets = details.target_modules_found or details.target_modules or []
+    rank, alpha = details.rank, details.alpha
     lines = ["## Shape", ""]
-    facts = [f"type: {info.get('adapter_type', 'lora')}", f"format: {info.get('format', 'peft')}"]
-    if info.get("n_params"):
-        facts.append(f"{info['n_params']:,} parameters")
-    if info.get("use_rslora"):
+    facts = [f"type: {details.adapter_type}", f"format: {details.format}"]
+    if details.n_params:
+        facts.append(f"{details.n_params:,} parameters")
+    if details.use_rslora:
         facts.append("rsLoRA scaling")
     lines += [", ".join(facts), "", "| target module | rank | alpha |", "|---|---|---|"]
     for module in targets or ["(all)"]:
-        lines.append(f"| `{module}` | {rank_pattern.get(module, rank)} | {alpha_pattern.get(module, alpha)} |")
-    if sorted(info.get("ranks_found") or []) not in ([], [rank]):
-        lines += ["", f"Ranks found in the weights: {', '.join(map(str, info['ranks_found']))}."]
+        lines.append(f"| `{module}` | {details.rank_pattern.get(module, rank)} | "
+                     f"{details.alpha_pattern.get(module, alpha)} |")
+    if sorted(details.ranks_found) not in ([], [rank]):
+        lines += ["", f"Ranks found in the weights: {', '.join(map(str, details.ranks_found))}."]
     return [*lines, ""]
 
 
-def _lineage_lines(lineage: dict[str, Any]) -> list[str]:
-    sources = lineage.get("sources") or lineage.get("parents") or []
-    lines = [f"- {key}: `{value}`" for key, value in lineage.items() if key not in ("sources", "parents")]
-    if sources:
-        keys = [k for k in ("name", "version", "digest", "weight") if any(k in s for s in sources)]
-        keys = keys or sorted({k for s in sources for k in s})
-        lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        lines += ["| " + " | ".join(str(s.get(k, "")) for k in keys) + " |" for s in sources]
+def _lineage_lines(details: VersionDetails) -> list[str]:
+    lines = [f"- method: `{(details.recipe or {}).get('method')}`", ""]
+    lines += ["| name | version | digest | weight |", "|---|---|---|---|"]
+    lines += [f"| {p.name} | {p.version} | {p.digest} | {p.weight} |" for p in details.parents]
     return lines
 
 
-def _usage(info: dict[str, Any], *, repo_id: str, tag: str, base_model: str | None) -> list[str]:
+def _usage(details: VersionDetails, *, repo_id: str, tag: str, base_model: str | None) -> list[str]:
     base = base_model or "<base model>"
     lines = ["## Use it", ""]
-    if info.get("format") in ("kohya", "diffusers"):
+    if details.format in ("kohya", "diffusers"):
         lines += [
             "With diffusers:",
             "",
@@ -166,7 +156,7 @@ def _usage(info: dict[str, Any], *, repo_id: str, tag: str, base_model: str | No
             "```",
         ]
     else:
-        auto = _AUTO_CLASSES.get(str(info.get("task_type") or "").upper(), "AutoModel")
+        auto = _AUTO_CLASSES.get(str(details.task_type or "").upper(), "AutoModel")
         lines += [
             "With PEFT:",
             "",

@@ -11,7 +11,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .core import Registry, describe_version
     from .maintenance import execute_gc, execute_remove, plan_gc, plan_remove, verify
-    from .records import InstallResult, Parent, Plan, VerifyReport, VersionRow
+    from .records import (
+        HubOrigin,
+        InstallResult,
+        Parent,
+        Plan,
+        SourceDetails,
+        StoredModule,
+        VerifyReport,
+        VersionDetails,
+        VersionRow,
+    )
     from .refs import Reference, parse_reference
 
 _LAZY = {
@@ -22,7 +32,11 @@ _LAZY = {
     "plan_gc": "maintenance",
     "plan_remove": "maintenance",
     "verify": "maintenance",
+    "HubOrigin": "records",
     "InstallResult": "records",
+    "SourceDetails": "records",
+    "StoredModule": "records",
+    "VersionDetails": "records",
     "Parent": "records",
     "Plan": "records",
     "VerifyReport": "records",
@@ -32,12 +46,16 @@ _LAZY = {
 }
 
 __all__ = [
+    "HubOrigin",
     "InstallResult",
     "Parent",
     "Plan",
     "Reference",
     "Registry",
+    "SourceDetails",
+    "StoredModule",
     "VerifyReport",
+    "VersionDetails",
     "VersionRow",
     "describe_version",
     "execute_gc",

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from registry_schema.models import AdapterVersion, BaseModel
+from registry_schema.models import BaseModel
 
 from ..errors import ConflictError, NotFoundError
 
@@ -89,9 +89,3 @@ def base_of(registry: Registry, reference: str) -> BaseFingerprint | None:
             return None
         row = session.get(BaseModel, version.base_model_id)
         return BaseFingerprint.from_dict(row.details) if row is not None else None
-
-
-def link(registry: Registry, reference: str, base_id: int) -> None:
-    with registry.session() as session:
-        version = registry.resolve(reference, session)
-        session.get(AdapterVersion, version.id).base_model_id = base_id  # type: ignore[union-attr]

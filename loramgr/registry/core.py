@@ -8,14 +8,11 @@ leaves ``list`` unchanged and at most orphan blobs or temporary files, which ``g
 from __future__ import annotations
 
 import functools
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 from sqlalchemy import delete, select
@@ -29,7 +26,19 @@ from ..errors import AmbiguousReferenceError, ConflictError, InvalidAdapterError
 from ..store import BlobStore, sha256_file
 from . import refs
 from .database import open_database
-from .records import InstallResult, ManifestEntry, Parent, VersionRow, manifest_digest
+from .records import (
+    InstallResult,
+    ManifestEntry,
+    Parent,
+    SourceDetails,
+    StoredModule,
+    VersionDetails,
+    VersionRow,
+    manifest_digest,
+)
+
+if TYPE_CHECKING:
+    from ..compat.basemodel import BaseFingerprint
 
 Progress = Callable[[str, int, int], None]
 
@@ -69,28 +78,7 @@ class Registry:
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             yield session
 
-    # -- install ---------------------------------------------------------------------------------
-
-    def install(
-        self,
-        source: str | Path,
-        *,
-        name: str | None = None,
-        version: str | None = None,
-        allow_pickle: bool = False,
-        source_label: str | None = None,
-        source_details: dict[str, Any] | None = None,
-        progress: Progress | None = None,
-    ) -> InstallResult:
-        """Install an adapter folder or file under ``name`` (default: the folder or file name).
-
-        The same path as ``loramgr install`` (:func:`loramgr.install.install_path`): validated, matched
-        to a registered base model it declares, stored, registered.
-        """
-        from ..install import install_path
-
-        return install_path(self, Path(source), name=name, version=version, allow_pickle=allow_pickle,
-                            source_label=source_label, source_details=source_details, progress=progress)
+    # -- storing a version -----------------------------------------------------------------------
 
     def add(
         self,
@@ -100,7 +88,7 @@ class Registry:
         name: str,
         version: str | None = None,
         source: str | None = None,
-        source_details: dict[str, Any] | None = None,
+        source_details: SourceDetails | None = None,
         parents: list[Parent] | None = None,
         recipe: dict[str, Any] | None = None,
         base_model_id: int | None = None,
@@ -108,6 +96,10 @@ class Registry:
         progress: Progress | None = None,
     ) -> InstallResult:
         """Store validated adapter files and register them as a version (the step every install ends in).
+
+        The registry's storage primitive: ``files`` (path inside the adapter -> file on disk) were read
+        and validated into ``info`` by the caller (:func:`loramgr.installer.install_source` for every
+        source, :func:`loramgr.merge.operations.register_result` for a combination).
 
         ``share_files``: the files are never rewritten in place (huggingface_hub's cache), so blobs may
         be hard links to them rather than copies (see :meth:`BlobStore.put_file`).
@@ -144,7 +136,7 @@ class Registry:
                     display=display,
                     wanted=wanted,
                     source=source,
-                    source_details=source_details or {},
+                    source_details=source_details or SourceDetails(),
                     parents=parents or [],
                     recipe=recipe,
                     base_model_id=base_model_id,
@@ -170,7 +162,7 @@ class Registry:
         display: str,
         wanted: Version | None,
         source: str | None,
-        source_details: dict[str, Any],
+        source_details: SourceDetails,
         parents: list[Parent],
         recipe: dict[str, Any] | None,
         base_model_id: int | None = None,
@@ -213,7 +205,7 @@ class Registry:
             n_params=info.n_params,
             size=size,
             source=source,
-            source_details=source_details,
+            source_details=source_details.to_dict(),
             info=info.to_record(),
             recipe=recipe,
             installed_at=_now(),
@@ -319,8 +311,8 @@ class Registry:
         result.sort(key=lambda v: (v.name, _parsed_version(v.version)))
         return result
 
-    def show(self, reference: str) -> dict[str, Any]:
-        """Everything known about one version, JSON-able."""
+    def show(self, reference: str) -> VersionDetails:
+        """Everything known about one version (``to_dict()`` is JSON-able)."""
         with self.session() as session:
             row = self.resolve(reference, session)
             return describe_version(row)
@@ -337,7 +329,7 @@ class Registry:
             return LoraAdapter(info, self.root, label=label, weights_path=files[info.weights_file],
                                digest=row.digest)
 
-    # -- tags and export -------------------------------------------------------------------------
+    # -- tags ------------------------------------------------------------------------------------
 
     def tag(self, reference: str, tag: str) -> tuple[str, str | None]:
         """Point ``tag`` at a version; returns (version, the version it pointed at before, if any)."""
@@ -359,62 +351,27 @@ class Registry:
             session.execute(delete(Tag).where(Tag.adapter_id == row.adapter_id, Tag.tag == tag))
             return row.version
 
-    def export(self, reference: str, destination: str | Path, *, progress: Progress | None = None) -> Path:
-        """Copy a version's files out of the store into a new folder (written whole, then renamed)."""
-        destination = Path(destination)
-        if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-            raise ConflictError(f"{destination} exists and is not empty", hint="choose a new or empty folder")
-        with self.session() as session:
-            row = self.resolve(reference, session)
-            files = [(f.path, f.digest, f.size) for f in row.files]
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-        try:
-            # mkdtemp makes the folder 0700; the exported adapter gets the mode of any new folder
-            staging.chmod(0o777 & ~_umask())
-            for rel, digest, _size in files:
-                target = staging / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(self.store.path(digest), target)
-            if destination.exists():
-                destination.rmdir()
-            staging.rename(destination)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return destination
+    # -- base models (see registry/bases.py) -----------------------------------------------------
 
-    # -- base models (see registry/bases.py) ------------------------------------------------------
-
-    def add_base(self, fingerprint: Any) -> bool:
+    def add_base(self, fingerprint: BaseFingerprint) -> bool:
         from .bases import add_base
 
         return add_base(self, fingerprint)
 
-    def list_bases(self) -> list[Any]:
+    def list_bases(self) -> list[BaseFingerprint]:
         from .bases import list_bases
 
         return list_bases(self)
 
-    def get_base(self, name: str) -> Any:
+    def get_base(self, name: str) -> BaseFingerprint:
         from .bases import get_base
 
         return get_base(self, name)
 
-    def base_of(self, reference: str) -> Any:
+    def base_of(self, reference: str) -> BaseFingerprint | None:
         from .bases import base_of
 
         return base_of(self, reference)
-
-    def _tmp(self) -> Path:
-        self.store.tmp_dir.mkdir(parents=True, exist_ok=True)
-        return self.store.tmp_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _eager() -> Any:
@@ -426,31 +383,44 @@ def _eager() -> Any:
     )
 
 
-def describe_version(row: AdapterVersion) -> dict[str, Any]:
-    info = dict(row.info)
-    info.pop("modules", None)
+def describe_version(row: AdapterVersion) -> VersionDetails:
+    info = row.info
     tags = sorted(t.tag for t in row.adapter.tags if t.version_id == row.id)
-    return {
-        "name": row.adapter.name,
-        "display_name": row.adapter.display_name,
-        "version": row.version,
-        "digest": row.digest,
-        "tags": tags,
-        "size": row.size,
-        "installed_at": row.installed_at.isoformat(timespec="seconds"),
-        "source": row.source,
-        "source_details": row.source_details,
-        **{k: v for k, v in info.items() if k != "config"},
-        "config": info.get("config", {}),
-        "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in row.files],
-        "modules": [
-            {"name": m.name, "kind": m.kind, "rank": m.rank, "alpha": m.alpha,
-             "in_features": m.in_features, "out_features": m.out_features, "dtype": m.dtype}
-            for m in row.modules
-        ],
-        "parents": [
-            {"name": p.parent_name, "version": p.parent_version, "digest": p.parent_digest, "weight": p.weight}
-            for p in row.parents
-        ],
-        "recipe": row.recipe,
-    }
+    return VersionDetails(
+        name=row.adapter.name,
+        display_name=row.adapter.display_name,
+        version=row.version,
+        digest=row.digest,
+        tags=tags,
+        size=row.size,
+        installed_at=row.installed_at.isoformat(timespec="seconds"),
+        source=row.source,
+        source_details=SourceDetails.from_dict(row.source_details),
+        format=info["format"],
+        adapter_type=info["adapter_type"],
+        rank=info.get("rank"),
+        ranks_found=list(info.get("ranks_found") or []),
+        alpha=info.get("alpha"),
+        use_rslora=bool(info.get("use_rslora")),
+        use_dora=bool(info.get("use_dora")),
+        rank_pattern=dict(info.get("rank_pattern") or {}),
+        alpha_pattern=dict(info.get("alpha_pattern") or {}),
+        target_modules=list(info.get("target_modules") or []),
+        target_modules_found=list(info.get("target_modules_found") or []),
+        base_model=info.get("base_model"),
+        base_model_revision=info.get("base_model_revision"),
+        task_type=info.get("task_type"),
+        n_modules=int(info.get("n_modules") or 0),
+        n_params=int(info.get("n_params") or 0),
+        dtypes=list(info.get("dtypes") or []),
+        file_metadata=dict(info.get("file_metadata") or {}),
+        card=dict(info.get("card") or {}),
+        notes=list(info.get("notes") or []),
+        weights_file=info["weights_file"],
+        config=dict(info.get("config") or {}),
+        files=[ManifestEntry(f.path, f.digest, f.size) for f in row.files],
+        modules=[StoredModule(m.name, m.kind, m.rank, m.alpha, m.in_features, m.out_features, m.dtype)
+                 for m in row.modules],
+        parents=[Parent(p.parent_name, p.parent_version, p.parent_digest, p.weight) for p in row.parents],
+        recipe=row.recipe,
+    )

@@ -39,6 +39,40 @@ class Parent:
     weight: float
 
 
+@dataclass(frozen=True)
+class HubOrigin:
+    """Where an adapter came from on the Hub: what was asked for and the commit it resolved to."""
+
+    repo: str
+    revision: str | None  # as asked (a tag, a branch, a commit), None for the default branch
+    commit: str
+    subfolder: str | None
+    card: dict[str, Any] = field(default_factory=dict)  # license, base_model, tags, description
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HubOrigin:
+        return cls(repo=data["repo"], revision=data.get("revision"), commit=data["commit"],
+                   subfolder=data.get("subfolder"), card=dict(data.get("card") or {}))
+
+
+@dataclass(frozen=True)
+class SourceDetails:
+    """What the registry records about a version's source besides its one-line label."""
+
+    hub: HubOrigin | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hub": self.hub.to_dict()} if self.hub is not None else {}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> SourceDetails:
+        hub = (data or {}).get("hub")
+        return cls(hub=HubOrigin.from_dict(hub) if hub else None)
+
+
 @dataclass
 class InstallResult:
     name: str
@@ -47,13 +81,89 @@ class InstallResult:
     created: bool  # False: these exact bytes were already installed under this name
     size: int
     notes: list[str] = field(default_factory=list)
+    #: for an hf:// install, the Hub facts of this request (what ``lock`` pins). The stored version's
+    #: own source may name another place when the same bytes were installed from there first.
+    hub: HubOrigin | None = None
 
     @property
     def ref(self) -> str:
         return f"{self.name}=={self.version}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """What ``install --json`` prints."""
+        return {"name": self.name, "version": self.version, "digest": self.digest, "created": self.created,
+                "size": self.size, "notes": list(self.notes)}
+
+
+@dataclass(frozen=True)
+class StoredModule:
+    """One adapted module of a stored version, as ``show`` lists it."""
+
+    name: str
+    kind: str
+    rank: int
+    alpha: float
+    in_features: int
+    out_features: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class VersionDetails:
+    """Everything known about one stored version (``Registry.show``); ``show --json`` prints :meth:`to_dict`.
+
+    The fields from ``format`` to ``config`` are the adapter's metadata as read at install
+    (:meth:`loramgr.adapter.AdapterInfo.to_record`, modules aside).
+    """
+
+    name: str
+    display_name: str
+    version: str
+    digest: str
+    tags: list[str]
+    size: int
+    installed_at: str  # ISO 8601, seconds
+    source: str | None
+    source_details: SourceDetails
+    format: str
+    adapter_type: str
+    rank: int | None
+    ranks_found: list[int]
+    alpha: float | None
+    use_rslora: bool
+    use_dora: bool
+    rank_pattern: dict[str, Any]
+    alpha_pattern: dict[str, Any]
+    target_modules: list[str]
+    target_modules_found: list[str]
+    base_model: str | None
+    base_model_revision: str | None
+    task_type: str | None
+    n_modules: int
+    n_params: int
+    dtypes: list[str]
+    file_metadata: dict[str, str]
+    card: dict[str, Any]
+    notes: list[str]
+    weights_file: str
+    config: dict[str, Any]
+    files: list[ManifestEntry]
+    modules: list[StoredModule]
+    parents: list[Parent]
+    recipe: dict[str, Any] | None  # how a combined version was made (see loramgr.merge.recipes)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}=={self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["source_details"] = self.source_details.to_dict()
+        return data
+
+    def __getitem__(self, key: str) -> Any:
+        # transitional: ``show()`` returned this dict before; remove once no caller indexes it by key
+        return self.to_dict()[key]
 
 
 @dataclass

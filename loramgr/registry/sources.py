@@ -12,10 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..adapter import AdapterInfo
 from ..errors import InvalidAdapterError
 from ..formats import peft
+
+if TYPE_CHECKING:
+    from ..safetensors_io import SafetensorsHeader
 
 Progress = Callable[[str, int, int], None]
 
@@ -56,7 +60,7 @@ def read_local(path: Path, *, allow_pickle: bool, scratch: Path, progress: Progr
     return LocalAdapter(info, files, path.resolve().name)
 
 
-def _header(path: Path):  # type: ignore[no-untyped-def]
+def _header(path: Path) -> SafetensorsHeader:
     from ..safetensors_io import read_header
 
     return read_header(path)
@@ -75,12 +79,8 @@ def _read_single_file(path: Path, progress: Progress | None) -> LocalAdapter:
         )
     if path.name == peft.WEIGHTS_NAME and (path.parent / peft.CONFIG_NAME).is_file():
         return read_local(path.parent, allow_pickle=False, scratch=path.parent, progress=progress)
-    try:
-        from ..formats.detect import read_adapter_file
-    except ImportError:  # single-file formats not available in this build
-        raise InvalidAdapterError(
-            f"{path}: single-file adapters are not supported yet", path=str(path), hint="install a PEFT folder"
-        ) from None
+    from ..formats.detect import read_adapter_file
+
     info = read_adapter_file(path)
     peft.check_tensor_values(path, progress=progress)
     return LocalAdapter(info, {path.name: path}, path.stem)

@@ -1,0 +1,132 @@
+"""Install an adapter from anywhere: the one route from what a user names to a stored version.
+
+:func:`install_source` takes what a user types (a folder, a file, ``hf://owner/repo[@rev][:subfolder]``);
+``loramgr install``, :func:`loramgr.install` and ``loramgr sync`` all end in it or in its two halves:
+the Hub half (:mod:`loramgr.hub.install`) fetches into huggingface_hub's cache and then calls
+:func:`install_path`, which validates, matches a registered base model, and hands the files to
+:meth:`Registry.add <loramgr.registry.core.Registry.add>`, the registry's storage primitive.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .adapter import AdapterInfo
+from .errors import IncompatibleError, LoramgrError
+from .registry import InstallResult, Registry, SourceDetails
+from .registry.sources import read_local
+
+if TYPE_CHECKING:
+    from .compat.basemodel import BaseFingerprint
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class InstallOptions:
+    """What a user may choose about an install: the options of ``loramgr install`` and the keyword
+    arguments of :func:`loramgr.install`, in one place."""
+
+    name: str | None = None  # default: the folder, file or repository (subfolder) name
+    version: str | None = None  # default: the Hub tag's version, else 0.1.0 or the next minor version
+    base: str | None = None  # a registered base model the adapter must fit
+    allow_pickle: bool = False  # load a pickled adapter_model.bin weights-only, store it as safetensors
+
+
+def install_source(
+    registry: Registry,
+    source: str | os.PathLike[str],
+    options: InstallOptions = InstallOptions(),
+    *,
+    progress: Progress | None = None,
+) -> InstallResult:
+    """Install ``source`` (a PEFT folder, an adapter file or an ``hf://`` reference) into ``registry``.
+
+    For an ``hf://`` source the result carries the Hub facts of this request (``result.hub``).
+    """
+    from .hub.client import SCHEME
+
+    if isinstance(source, str) and source.startswith(SCHEME):
+        from .hub.install import install_from_hub
+
+        return install_from_hub(registry, source, options, progress=progress)
+    return install_path(registry, Path(source), options, progress=progress)
+
+
+def install_path(
+    registry: Registry,
+    path: Path,
+    options: InstallOptions,
+    *,
+    source_label: str | None = None,
+    source_details: SourceDetails | None = None,
+    share_files: bool = False,
+    progress: Progress | None = None,
+) -> InstallResult:
+    """Validate, match a base model, store and register an adapter on disk.
+
+    With ``options.base`` (a registered base model's name) the adapter must fit it: kohya names are
+    resolved to the base's module paths and every module's shape is checked before anything is stored.
+    Without it, a registered base whose name the adapter declares is linked when the adapter fits.
+    ``share_files``: the files are never rewritten in place (huggingface_hub's cache), so the store
+    may hard-link them instead of copying.
+    """
+    from .registry.bases import find_base, get_base
+
+    explicit = find_base(registry, options.base) if options.base else None
+    if options.base and explicit is None:
+        get_base(registry, options.base)  # raises the not-found error with its hint
+    # the scratch folder (a pickle converted to safetensors) holds the shared store lock: gc waits
+    with registry.store.scratch() as scratch:
+        local = read_local(path, allow_pickle=options.allow_pickle, scratch=scratch, progress=progress)
+        info, base_id = local.info, None
+        if explicit is not None:
+            info = fit_to_base(info, explicit[1], label=str(path))
+            base_id = explicit[0]
+        else:
+            declared = _declared_base(info)
+            implicit = find_base(registry, declared) if declared else None
+            if implicit is not None:
+                try:
+                    info, base_id = fit_to_base(info, implicit[1], label=str(path)), implicit[0]
+                except LoramgrError as exc:
+                    info.notes.append(f"declares base {declared}, which is registered, but does not fit it ({exc})")
+        return registry.add(
+            info,
+            local.files,
+            name=options.name or local.default_name,
+            version=options.version,
+            source=source_label or str(path.resolve()),
+            source_details=source_details,
+            base_model_id=base_id,
+            share_files=share_files,
+            progress=progress,
+        )
+
+
+def _declared_base(info: AdapterInfo) -> str | None:
+    kohya = info.config.get("kohya") or {}
+    return info.base_model or kohya.get("ss_sd_model_name") or info.file_metadata.get("ss_sd_model_name")
+
+
+def fit_to_base(info: AdapterInfo, fingerprint: BaseFingerprint, *, label: str) -> AdapterInfo:
+    """Resolve kohya names against the base and refuse an adapter whose modules do not fit it."""
+    from .compat.basemodel import module_shapes
+    from .compat.check import check_adapters
+    from .formats.kohya import resolve_kohya_info
+
+    info = resolve_kohya_info(info, module_shapes(fingerprint))
+    errors = [f for f in check_adapters([info], base=fingerprint, labels=[label]) if f.severity == "error"]
+    if errors:
+        first = errors[0]
+        where = f" module {first.module}" if first.module else ""
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise IncompatibleError(
+            f"{label}:{where} {first.message}{more}",
+            hint=f"this adapter does not fit base model {fingerprint.name}; run 'loramgr check' for every finding",
+        )
+    return info
