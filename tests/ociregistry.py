@@ -8,7 +8,6 @@ live on the registry's disk, for tamper tests.
 
 from __future__ import annotations
 
-import crypt
 import shutil
 import socket
 import subprocess
@@ -52,6 +51,11 @@ class OciRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         auth = ""
         if self.users:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                import crypt  # deprecated, still the standard library's only bcrypt (until Python 3.13)
             lines = []
             for user, password in self.users.items():
                 # distribution's bcrypt accepts the 2a prefix; the algorithm is the same as 2b's

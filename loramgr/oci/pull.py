@@ -189,3 +189,12 @@ def list_remote(text: str, *, insecure: bool = False) -> list[RemoteTag]:
         rows.append(RemoteTag(tag, digest, name=artifact.name, version=artifact.version, size=artifact.size,
                               base_model=artifact.base.get("name"), files=[x.path for x in artifact.layers]))
     return rows
+
+
+def fetch_locked(entry: Any, folder: Path, *, insecure: bool = False,
+                 progress: Progress | None = None) -> tuple[Any, Fetched]:
+    """Fetch a lockfile entry (``oci``, ``manifest``, ``digest``) by manifest digest and check the version
+    digest against the lock; returns (entry, fetched) for :func:`register` once every entry is in."""
+    ref = parse_oci_reference(f"{entry.oci}@{entry.manifest}").with_reference(tag=entry.tag, digest=entry.manifest)
+    fetched = fetch(ref, folder / "artifact", insecure=insecure, expected_digest=entry.digest, progress=progress)
+    return entry, fetched
