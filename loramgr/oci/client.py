@@ -332,6 +332,8 @@ class OciClient:
                     out.write(chunk)
                     if progress is not None:
                         progress(done, size)
+                out.flush()
+                os.fsync(out.fileno())
             found = "sha256:" + sha.hexdigest()
             if done != size or found != digest:
                 what = f"{done} bytes instead of {size}" if done != size else f"digest {found[:19]}"

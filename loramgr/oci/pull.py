@@ -163,6 +163,7 @@ def register(registry: Registry, fetched: Fetched, *, name: str | None = None, v
         base=base,
         source_label=f"{fetched.reference.repository_url}@{fetched.manifest_digest}",
         source_details={"oci": fetched.details()},
+        share_files=True,  # the verified downloads are ours and never rewritten: link them into the store
         parents=parents or None,
         recipe=artifact.recipe,
         progress=progress,
