@@ -58,8 +58,9 @@ class OciRegistry:
                 import crypt  # deprecated, still the standard library's only bcrypt (until Python 3.13)
             lines = []
             for user, password in self.users.items():
-                # distribution's bcrypt accepts the 2a prefix; the algorithm is the same as 2b's
-                hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH)).replace("$2b$", "$2a$", 1)
+                # cost 4 (rounds=16) keeps each request cheap; distribution reads the 2a prefix (same algorithm)
+                salt = crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16)
+                hashed = crypt.crypt(password, salt).replace("$2b$", "$2a$", 1)
                 lines.append(f"{user}:{hashed}")
             (self.root / "htpasswd").write_text("\n".join(lines) + "\n")
             auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {self.root / 'htpasswd'}\n"

@@ -7,6 +7,7 @@ oras-py, the ORAS project's client, is the independent reader and writer of the 
 from __future__ import annotations
 
 import json
+import os
 import urllib.request
 from pathlib import Path
 
@@ -91,6 +92,7 @@ def test_push_then_install_gives_the_same_version_by_tag_and_by_digest(oci_regis
     assert {r["tag"]: r["digest"] for r in rows} == {"1.2.0": manifest_digest, "stable": manifest_digest}
 
 
+@pytest.mark.slow
 def test_manifest_is_a_modelpack_artifact_with_file_names_and_base_link(oci_registry, tmp_path, monkeypatch) -> None:
     from factories import peft_adapter_from_model, tiny_llama
     from test_bases import save_base
@@ -217,6 +219,7 @@ def test_lineage_and_recipe_travel_with_a_combined_adapter(oci_registry, tmp_pat
     assert run_cli("show", "mix==1.0.0", "--recipe").output == recipe
 
 
+@pytest.mark.slow
 def test_lockfile_pins_an_oci_entry_by_manifest_and_syncs_all_or_nothing(oci_registry, tmp_path,
                                                                         monkeypatch) -> None:
     use_home(monkeypatch, tmp_path, "publisher")
@@ -269,6 +272,7 @@ def test_lockfile_pins_an_oci_entry_by_manifest_and_syncs_all_or_nothing(oci_reg
     assert {(v.name, v.digest) for v in again.list_versions()} == {(n, pinned[n]["digest"]) for n in pinned}
 
 
+@pytest.mark.slow
 def test_credentials_from_the_environment_and_docker_config(tmp_path, monkeypatch) -> None:
     pytest.importorskip("crypt", reason="Python's crypt module writes the test registry's htpasswd")
     use_home(monkeypatch, tmp_path, "a")
@@ -291,6 +295,18 @@ def test_credentials_from_the_environment_and_docker_config(tmp_path, monkeypatc
         (tmp_path / "docker" / "config.json").write_text(json.dumps(
             {"auths": {reg.host: {"auth": base64.b64encode(b"alice:s3cret").decode()}}}))
         use_home(monkeypatch, tmp_path, "b")
+        assert json.loads(run_cli("install", f"{url}:1.0.0", "--json").output)["name"] == "secret"
+
+        # a credential helper, asked the way docker asks it: the host on stdin, JSON on stdout
+        helpers = tmp_path / "bin"
+        helpers.mkdir()
+        helper = helpers / "docker-credential-testhelper"
+        answer = json.dumps({"ServerURL": reg.host, "Username": "alice", "Secret": "s3cret"})
+        helper.write_text(f"#!/bin/sh\nread host\n[ \"$host\" = \"{reg.host}\" ] || exit 1\necho '{answer}'\n")
+        helper.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{helpers}:{os.environ['PATH']}")
+        (tmp_path / "docker" / "config.json").write_text(json.dumps({"credHelpers": {reg.host: "testhelper"}}))
+        use_home(monkeypatch, tmp_path, "c")
         assert json.loads(run_cli("install", f"{url}:1.0.0", "--json").output)["name"] == "secret"
 
 
