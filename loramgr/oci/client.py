@@ -319,19 +319,27 @@ class OciClient:
         if not digest.startswith("sha256:"):
             raise OciError(f"unsupported digest algorithm in {digest[:19]}", reference=str(self.ref),
                            hint="loramgr verifies sha256 layers only")
+        from concurrent.futures import Future, ThreadPoolExecutor
+
         response = self.request("GET", f"blobs/{digest}", stream=True)
         sha, done = hashlib.sha256(), 0
         destination.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with destination.open("wb") as out:
+            # hashing runs in a second thread while this one receives and writes (hashlib releases the GIL)
+            with destination.open("wb") as out, ThreadPoolExecutor(1) as hasher:
+                pending: Future[None] | None = None
                 for chunk in _chunks(response):
                     done += len(chunk)
                     if done > size:
                         break
-                    sha.update(chunk)
+                    if pending is not None:
+                        pending.result()
+                    pending = hasher.submit(sha.update, chunk)
                     out.write(chunk)
                     if progress is not None:
                         progress(done, size)
+                if pending is not None:
+                    pending.result()
                 out.flush()
                 os.fsync(out.fileno())
             found = "sha256:" + sha.hexdigest()
