@@ -190,8 +190,11 @@ class OciClient:
                            reference=str(self.ref)) from None
         if answer.status_code != 200:
             raise self._needs_credentials()
-        body = answer.json()
-        token = body.get("token") or body.get("access_token")
+        try:
+            body = answer.json()
+        except ValueError:
+            body = {}
+        token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
         if not token:
             raise self._needs_credentials()
         self._authorization = f"Bearer {token}"
