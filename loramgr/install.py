@@ -1,6 +1,7 @@
 """Install from anywhere and export to any format: the dispatch on top of the registry.
 
-``install_any`` takes what a user types (a folder, a file, ``hf://owner/repo[@rev][:subfolder]``);
+``install_any`` takes what a user types (a folder, a file, ``hf://owner/repo[@rev][:subfolder]``,
+``oci://host/repository:tag`` or ``@sha256:<digest>``);
 ``export_any`` writes a stored version as a PEFT folder or converts it (kohya, diffusers).
 """
 
@@ -15,10 +16,12 @@ from typing import Any
 from .adapter import AdapterInfo
 from .errors import ConflictError, IncompatibleError, LoramgrError
 from .registry import InstallResult, Registry
+from .registry.records import Parent
 from .registry.sources import read_local
 
 Progress = Callable[[str, int, int], None]
 HUB_SCHEME = "hf://"
+OCI_SCHEME = "oci://"
 
 
 def install_any(
@@ -31,7 +34,13 @@ def install_any(
     base: str | None = None,
     progress: Progress | None = None,
 ) -> InstallResult:
-    """Install ``source`` (folder, file or hf:// reference) into ``registry``."""
+    """Install ``source`` (folder, file, hf:// or oci:// reference) into ``registry``."""
+    if source.startswith(OCI_SCHEME):
+        from .oci.pull import install_from_oci
+
+        return install_from_oci(
+            registry, source, name=name, version=version, allow_pickle=allow_pickle, base=base, progress=progress
+        )[0]
     if source.startswith(HUB_SCHEME):
         from .hub.install import install_from_hub
 
@@ -53,6 +62,8 @@ def install_path(
     source_label: str | None = None,
     source_details: dict[str, Any] | None = None,
     share_files: bool = False,
+    parents: list[Parent] | None = None,
+    recipe: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> InstallResult:
     """Validate, match a base model, store and register an adapter on disk.
@@ -93,6 +104,8 @@ def install_path(
             source_details=source_details,
             base_model_id=base_id,
             share_files=share_files,
+            parents=parents,
+            recipe=recipe,
             progress=progress,
         )
 

@@ -6,17 +6,19 @@
     [adapters]
     sql-assistant = ">=1.0,<2"                                          # from the local registry
     house-style = { hub = "owner/house-style", revision = "v2.1.0" }    # from the Hub
+    team-style = { oci = "oci://registry.example.com/team/style:1.0.0" } # from an OCI registry
 
 ``lock`` resolves every entry to an exact version, digest and file list (and for Hub entries the
-commit); ``sync`` makes a registry hold exactly that, verifying every digest. sync plans first: it
-fetches and checks everything before it registers anything, so a mismatch refuses the whole sync and
-installs nothing. The lock is sorted and has no timestamps, so it diffs well in git.
+commit, for OCI entries the manifest digest); ``sync`` makes a registry hold exactly that, verifying
+every digest. sync plans first: it fetches and checks everything before it registers anything, so a
+mismatch refuses the whole sync and installs nothing. The lock is sorted and has no timestamps, so it diffs well in git.
 """
 
 from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ class Requirement:
     hub: str | None = None  # owner/repo
     revision: str | None = None
     subfolder: str | None = None
+    oci: str | None = None  # oci://host/repository:tag or @sha256:...
 
     @property
     def hub_reference(self) -> str:
@@ -56,10 +59,13 @@ class Locked:
     revision: str | None = None
     commit: str | None = None
     subfolder: str | None = None
+    oci: str | None = None  # oci://host/repository
+    tag: str | None = None
+    manifest: str | None = None  # the OCI manifest digest: what sync fetches
 
     def to_toml_table(self) -> dict[str, Any]:
         table: dict[str, Any] = {"name": self.name, "version": self.version, "digest": self.digest}
-        for key in ("hub", "revision", "commit", "subfolder"):
+        for key in ("hub", "revision", "commit", "subfolder", "oci", "tag", "manifest"):
             value = getattr(self, key)
             if value is not None:
                 table[key] = value
@@ -92,29 +98,39 @@ def read_requirements(path: str | Path) -> list[Requirement]:
                                             reference=name, hint="use hub, revision and subfolder")
             result.append(Requirement(name, hub=value["hub"], revision=value.get("revision"),
                                       subfolder=value.get("subfolder")))
+        elif isinstance(value, dict) and isinstance(value.get("oci"), str) and set(value) == {"oci"}:
+            result.append(Requirement(name, oci=value["oci"]))
         else:
-            raise InvalidReferenceError(f"{path}: {name}: expected a version specifier or {{ hub = ... }}",
-                                        reference=name)
+            raise InvalidReferenceError(
+                f"{path}: {name}: expected a version specifier or {{ hub = ... }} (or {{ oci = ... }})", reference=name)
     return result
 
 
 def lock(registry: Registry, requirements: list[Requirement], *, progress: Progress | None = None) -> list[Locked]:
     """Resolve every requirement to an exact version; Hub entries are installed (or found) first."""
     from .hub.install import install_from_hub
+    from .oci.pull import install_from_oci
 
     locked = []
     for req in requirements:
-        if req.hub:
+        oci: dict[str, Any] = {}
+        hub: dict[str, Any]
+        if req.oci:
+            result, oci = install_from_oci(registry, req.oci, name=req.name, progress=progress)
+            shown, hub = registry.show(result.ref), {}
+        elif req.hub:
             result, hub = install_from_hub(registry, req.hub_reference, name=req.name, progress=progress)
             shown = registry.show(result.ref)
         else:
             shown = registry.show(req.name + (req.spec if req.spec not in ("", "*") else ""))
             # a registry entry installed from the Hub keeps its source, so sync can fetch it elsewhere
             hub = (shown.get("source_details") or {}).get("hub") or {}
+            oci = (shown.get("source_details") or {}).get("oci") or {}
         locked.append(Locked(
             name=shown["name"], version=shown["version"], digest=shown["digest"], files=shown["files"],
             hub=hub.get("repo"), revision=hub.get("revision"), commit=hub.get("commit"),
-            subfolder=hub.get("subfolder"),
+            subfolder=hub.get("subfolder"), oci=oci.get("repository"), tag=oci.get("tag"),
+            manifest=oci.get("manifest"),
         ))
     return locked
 
@@ -139,7 +155,8 @@ def read_lock(path: str | Path) -> list[Locked]:
             entries.append(Locked(
                 name=table["name"], version=table["version"], digest=table["digest"], files=list(table["files"]),
                 hub=table.get("hub"), revision=table.get("revision"), commit=table.get("commit"),
-                subfolder=table.get("subfolder"),
+                subfolder=table.get("subfolder"), oci=table.get("oci"), tag=table.get("tag"),
+                manifest=table.get("manifest"),
             ))
         except KeyError as exc:
             raise LoramgrError(f"{path}: an [[adapter]] entry has no {exc.args[0]}",
@@ -150,13 +167,25 @@ def read_lock(path: str | Path) -> list[Locked]:
 def sync(registry: Registry, locked: list[Locked], *, progress: Progress | None = None,
          offline: bool | None = None) -> SyncReport:
     """Make ``registry`` hold exactly the locked versions; all or nothing."""
+    with ExitStack() as scratch:  # OCI downloads wait in scratch folders until every entry is verified
+        return _sync(registry, locked, scratch, progress=progress, offline=offline)
+
+
+def _sync(registry: Registry, locked: list[Locked], scratch: ExitStack, *, progress: Progress | None,
+          offline: bool | None) -> SyncReport:
+    from .oci.pull import fetch_locked, register
+
     report = SyncReport()
     plan: list[tuple[Locked, Path, dict[str, Any]]] = []
+    oci_plan = []
     for entry in locked:
         ref = f"{entry.name}=={entry.version}"
         present = _present(registry, entry)
         if present:
             report.already.append(ref)
+            continue
+        if entry.oci and entry.manifest:
+            oci_plan.append(fetch_locked(entry, scratch.enter_context(registry.store.scratch()), progress=progress))
             continue
         if not entry.hub or not entry.commit:
             raise LoramgrError(f"{ref} ({entry.digest[:19]}) is not in this registry and the lock has no Hub source "
@@ -167,6 +196,9 @@ def sync(registry: Registry, locked: list[Locked], *, progress: Progress | None 
         target = folder if "adapter_config.json" in paths or len(paths) != 1 else folder / paths[0]
         registry.install(target, name=entry.name, version=entry.version, progress=progress,
                          source_label=f"hf://{entry.hub}@{entry.commit}", source_details=details)
+        report.installed.append(f"{entry.name}=={entry.version}")
+    for entry, fetched in oci_plan:
+        register(registry, fetched, name=entry.name, version=entry.version, progress=progress)
         report.installed.append(f"{entry.name}=={entry.version}")
     return report
 

@@ -56,7 +56,7 @@ def _register() -> None:
 
     for command in registry_cmds.COMMANDS:
         cli.add_command(command)
-    for module_name in ("merge_cmds", "base_cmd", "check_cmd", "hub_cmds", "demo_cmd"):
+    for module_name in ("merge_cmds", "base_cmd", "check_cmd", "hub_cmds", "oci_cmds", "demo_cmd"):
         try:
             module = __import__(f"loramgr.cli.{module_name}", fromlist=["COMMANDS"])
         except ModuleNotFoundError as exc:
