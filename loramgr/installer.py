@@ -1,6 +1,7 @@
 """Install an adapter from anywhere: the one route from what a user names to a stored version.
 
-:func:`install_source` takes what a user types (a folder, a file, ``hf://owner/repo[@rev][:subfolder]``);
+:func:`install_source` takes what a user types (a folder, a file, ``hf://owner/repo[@rev][:subfolder]``,
+``oci://host/repository:tag`` or ``oci://host/repository@sha256:<manifest digest>``);
 ``loramgr install``, :func:`loramgr.install` and ``loramgr sync`` all end in it or in its two halves:
 the Hub half (:mod:`loramgr.hub.install`) fetches into huggingface_hub's cache and then calls
 :func:`install_path`, which validates, matches a registered base model, and hands the files to
@@ -13,11 +14,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .adapter import AdapterInfo
 from .errors import IncompatibleError, LoramgrError
 from .registry import InstallResult, Registry, SourceDetails
+from .registry.records import Parent
 from .registry.sources import read_local
 
 if TYPE_CHECKING:
@@ -44,12 +46,18 @@ def install_source(
     *,
     progress: Progress | None = None,
 ) -> InstallResult:
-    """Install ``source`` (a PEFT folder, an adapter file or an ``hf://`` reference) into ``registry``.
+    """Install ``source`` (a PEFT folder, an adapter file, an ``hf://`` or ``oci://`` reference) into ``registry``.
 
-    For an ``hf://`` source the result carries the Hub facts of this request (``result.hub``).
+    For an ``hf://`` source the result carries the Hub facts of this request (``result.hub``), for an
+    ``oci://`` one the OCI facts (``result.oci``).
     """
     from .hub.client import SCHEME
+    from .oci.reference import SCHEME as OCI_SCHEME
 
+    if isinstance(source, str) and source.startswith(OCI_SCHEME):
+        from .oci.pull import install_from_oci
+
+        return install_from_oci(registry, source, options, progress=progress)
     if isinstance(source, str) and source.startswith(SCHEME):
         from .hub.install import install_from_hub
 
@@ -65,6 +73,8 @@ def install_path(
     source_label: str | None = None,
     source_details: SourceDetails | None = None,
     share_files: bool = False,
+    parents: list[Parent] | None = None,
+    recipe: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> InstallResult:
     """Validate, match a base model, store and register an adapter on disk.
@@ -73,7 +83,8 @@ def install_path(
     resolved to the base's module paths and every module's shape is checked before anything is stored.
     Without it, a registered base whose name the adapter declares is linked when the adapter fits.
     ``share_files``: the files are never rewritten in place (huggingface_hub's cache), so the store
-    may hard-link them instead of copying.
+    may hard-link them instead of copying. ``parents`` and ``recipe``: the lineage an artifact carries
+    (an OCI pull of a combined adapter).
     """
     from .registry.bases import find_base, get_base
 
@@ -104,6 +115,8 @@ def install_path(
             source_details=source_details,
             base_model_id=base_id,
             share_files=share_files,
+            parents=parents,
+            recipe=recipe,
             progress=progress,
         )
 

@@ -6,13 +6,15 @@
     [adapters]
     sql-assistant = ">=1.0,<2"                                          # from the local registry
     house-style = { hub = "owner/house-style", revision = "v2.1.0" }    # from the Hub
+    team-style = { oci = "oci://registry.example.com/team/style:1.0.0" } # from an OCI registry
 
 ``lock`` resolves every entry to an exact version, digest and file list (and for Hub entries the
-commit); ``sync`` makes a registry hold exactly that, verifying every digest. sync plans first: it
-fetches and checks everything before it registers anything, so a mismatch refuses the whole sync and
-installs nothing. It installs through the same two halves as ``install hf://``
-(:func:`~loramgr.hub.install.fetch_from_hub`, then :func:`~loramgr.hub.install.install_fetched`), so a
-synced version is stored and described exactly as an install of its locked commit would be.
+commit, for OCI entries the manifest digest); ``sync`` makes a registry hold exactly that, verifying
+every digest. sync plans first: it fetches and checks everything before it registers anything, so a
+mismatch refuses the whole sync and installs nothing. It installs through the same halves as ``install``
+(for the Hub :func:`~loramgr.hub.install.fetch_from_hub`, then :func:`~loramgr.hub.install.install_fetched`;
+for OCI :func:`~loramgr.oci.pull.fetch_locked`, then :func:`~loramgr.oci.pull.register`), so a synced
+version is stored and described exactly as an install of its locked commit or manifest would be.
 The lock is sorted and has no timestamps, so it diffs well in git.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +47,7 @@ class Requirement:
     hub: str | None = None  # owner/repo
     revision: str | None = None
     subfolder: str | None = None
+    oci: str | None = None  # oci://host/repository:tag or @sha256:...
 
     @property
     def hub_reference(self) -> str:
@@ -62,10 +66,13 @@ class Locked:
     revision: str | None = None
     commit: str | None = None
     subfolder: str | None = None
+    oci: str | None = None  # oci://host/repository
+    tag: str | None = None
+    manifest: str | None = None  # the OCI manifest digest: what sync fetches
 
     def to_toml_table(self) -> dict[str, Any]:
         table: dict[str, Any] = {"name": self.name, "version": self.version, "digest": self.digest}
-        for key in ("hub", "revision", "commit", "subfolder"):
+        for key in ("hub", "revision", "commit", "subfolder", "oci", "tag", "manifest"):
             value = getattr(self, key)
             if value is not None:
                 table[key] = value
@@ -98,9 +105,12 @@ def read_requirements(path: str | Path) -> list[Requirement]:
                                        path=str(path), entry=name, hint="use hub, revision and subfolder")
             result.append(Requirement(name, hub=value["hub"], revision=value.get("revision"),
                                       subfolder=value.get("subfolder")))
+        elif isinstance(value, dict) and isinstance(value.get("oci"), str) and set(value) == {"oci"}:
+            result.append(Requirement(name, oci=value["oci"]))
         else:
-            raise ProjectFileError(f"{path}: {name}: expected a version specifier or {{ hub = ... }}",
-                                   path=str(path), entry=name)
+            raise ProjectFileError(
+                f"{path}: {name}: expected a version specifier or {{ hub = ... }} (or {{ oci = ... }})",
+                path=str(path), entry=name)
     return result
 
 
@@ -108,10 +118,15 @@ def lock(registry: Registry, requirements: list[Requirement], *, progress: Progr
     """Resolve every requirement to an exact version; Hub entries are installed (or found) first."""
     from .hub.install import install_from_hub
     from .installer import InstallOptions
+    from .oci.pull import install_from_oci
 
     locked = []
     for req in requirements:
-        if req.hub:
+        oci = None
+        if req.oci:
+            result = install_from_oci(registry, req.oci, InstallOptions(name=req.name), progress=progress)
+            details, hub, oci = registry.show(result.ref), None, result.oci
+        elif req.hub:
             result = install_from_hub(registry, req.hub_reference, InstallOptions(name=req.name), progress=progress)
             details = registry.show(result.ref)
             hub = result.hub
@@ -119,10 +134,13 @@ def lock(registry: Registry, requirements: list[Requirement], *, progress: Progr
             details = registry.show(req.name + (req.spec if req.spec not in ("", "*") else ""))
             # a registry entry installed from the Hub keeps its source, so sync can fetch it elsewhere
             hub = details.source_details.hub
+            oci = details.source_details.oci
         locked.append(Locked(
             name=details.name, version=details.version, digest=details.digest, files=list(details.files),
             hub=hub.repo if hub else None, revision=hub.revision if hub else None,
             commit=hub.commit if hub else None, subfolder=hub.subfolder if hub else None,
+            oci=oci.repository if oci else None, tag=oci.tag if oci else None,
+            manifest=oci.manifest if oci else None,
         ))
     return locked
 
@@ -148,7 +166,8 @@ def read_lock(path: str | Path) -> list[Locked]:
                 name=table["name"], version=table["version"], digest=table["digest"],
                 files=[ManifestEntry(f["path"], f["digest"], int(f["size"])) for f in table["files"]],
                 hub=table.get("hub"), revision=table.get("revision"), commit=table.get("commit"),
-                subfolder=table.get("subfolder"),
+                subfolder=table.get("subfolder"), oci=table.get("oci"), tag=table.get("tag"),
+                manifest=table.get("manifest"),
             ))
         except KeyError as exc:
             raise ProjectFileError(f"{path}: an [[adapter]] entry has no {exc.args[0]}", path=str(path),
@@ -159,15 +178,27 @@ def read_lock(path: str | Path) -> list[Locked]:
 def sync(registry: Registry, locked: list[Locked], *, progress: Progress | None = None,
          offline: bool | None = None) -> SyncReport:
     """Make ``registry`` hold exactly the locked versions; all or nothing."""
+    with ExitStack() as scratch:  # OCI downloads wait in scratch folders until every entry is verified
+        return _sync(registry, locked, scratch, progress=progress, offline=offline)
+
+
+def _sync(registry: Registry, locked: list[Locked], scratch: ExitStack, *, progress: Progress | None,
+          offline: bool | None) -> SyncReport:
     from .hub.install import install_fetched
     from .installer import InstallOptions
+    from .oci.pull import Fetched, fetch_locked, register
 
     report = SyncReport()
     plan: list[tuple[Locked, HubFetch]] = []
+    oci_plan: list[tuple[Locked, Fetched]] = []
     for entry in locked:
         ref = f"{entry.name}=={entry.version}"
         if _present(registry, entry):
             report.already.append(ref)
+            continue
+        if entry.oci and entry.manifest:
+            oci_plan.append((entry, fetch_locked(entry, scratch.enter_context(registry.store.scratch()),
+                                                 progress=progress)[1]))
             continue
         if not entry.hub or not entry.commit:
             raise NotFoundError(f"{ref} ({entry.digest[:19]}) is not in this registry and the lock has no Hub source "
@@ -175,6 +206,9 @@ def sync(registry: Registry, locked: list[Locked], *, progress: Progress | None 
         plan.append((entry, _fetch(entry, offline=offline, progress=progress)))
     for entry, fetched in plan:  # every digest checked: now register
         install_fetched(registry, fetched, InstallOptions(name=entry.name, version=entry.version), progress=progress)
+        report.installed.append(f"{entry.name}=={entry.version}")
+    for entry, oci_fetched in oci_plan:
+        register(registry, oci_fetched, InstallOptions(name=entry.name, version=entry.version), progress=progress)
         report.installed.append(f"{entry.name}=={entry.version}")
     return report
 

@@ -1,4 +1,4 @@
-"""Commands that move adapters between machines: push (to the Hub), lock and sync (reproducible sets)."""
+"""Commands that move adapters between machines: push (to the Hub or an OCI registry), lock and sync."""
 
 from __future__ import annotations
 
@@ -12,14 +12,33 @@ from .render import human_size, progress_bars
 
 @click.command()
 @click.argument("reference")
-@click.option("--repo", "repo_id", required=True, help="Hub repository, owner/name (created if needed).")
+@click.argument("destination", required=False)
+@click.option("--repo", "repo_id", help="Hub repository, owner/name (created if needed).")
 @click.option("--private", is_flag=True, help="Create the repository as private.")
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True,
               help="File format to upload.")
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded and show the model card; upload nothing.")
-def push(reference: str, repo_id: str, private: bool, fmt: str, dry_run: bool) -> None:
-    """Publish an adapter version to the Hub in one commit, tagged v<version>."""
+@click.option("--tag", "tags", multiple=True, help="OCI: another tag besides the version (repeatable).")
+@click.option("--insecure", is_flag=True, help="OCI: plain HTTP to a registry that is not on a loopback address.")
+@click.option("--base-artifact", help="OCI: the base model's artifact (oci://...:tag) to link as the subject.")
+def push(reference: str, destination: str | None, repo_id: str | None, private: bool, fmt: str, dry_run: bool,
+         tags: tuple[str, ...], insecure: bool, base_artifact: str | None) -> None:
+    """Publish an adapter version to the Hub (--repo, tagged v<version>) or to an OCI registry
+    (DESTINATION oci://host/repository, tagged <version>)."""
     from ..hub.publish import prepare_push, run_push
+
+    if destination is not None or not repo_id:
+        if not destination or not destination.startswith("oci://") or repo_id:
+            raise click.UsageError("give --repo owner/name for the Hub or a destination oci://host/repository, "
+                                   "not both")
+        if fmt != "peft" or private:
+            raise click.UsageError("--format and --private are Hub options; an OCI push sends the stored files")
+        from .oci_cmds import push_to_oci
+
+        return push_to_oci(reference, destination, tags=tags, insecure=insecure, dry_run=dry_run,
+                           base_artifact=base_artifact)
+    if tags or insecure or base_artifact:
+        raise click.UsageError("--tag, --insecure and --base-artifact apply to an oci:// destination")
 
     registry = open_registry()
     with prepare_push(registry, reference, repo_id=repo_id, private=private, fmt=fmt) as (plan, folder):

@@ -59,18 +59,43 @@ class HubOrigin:
 
 
 @dataclass(frozen=True)
+class OciOrigin:
+    """Where an adapter came from in an OCI registry: the repository, the tag asked for, the manifest."""
+
+    repository: str  # oci://registry.example.com/team/sql-chat
+    tag: str | None
+    manifest: str  # sha256:<hex> of the manifest pulled
+    base: dict[str, str] | None = None  # the base model's name, revision, fingerprint as annotated
+    subject: str | None = None  # the manifest digest its ``subject`` points at
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OciOrigin:
+        return cls(repository=data["repository"], tag=data.get("tag"), manifest=data["manifest"],
+                   base=dict(data["base"]) if data.get("base") else None, subject=data.get("subject"))
+
+
+@dataclass(frozen=True)
 class SourceDetails:
     """What the registry records about a version's source besides its one-line label."""
 
     hub: HubOrigin | None = None
+    oci: OciOrigin | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"hub": self.hub.to_dict()} if self.hub is not None else {}
+        out: dict[str, Any] = {}
+        if self.hub is not None:
+            out["hub"] = self.hub.to_dict()
+        if self.oci is not None:
+            out["oci"] = self.oci.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> SourceDetails:
-        hub = (data or {}).get("hub")
-        return cls(hub=HubOrigin.from_dict(hub) if hub else None)
+        hub, oci = (data or {}).get("hub"), (data or {}).get("oci")
+        return cls(hub=HubOrigin.from_dict(hub) if hub else None, oci=OciOrigin.from_dict(oci) if oci else None)
 
 
 @dataclass
@@ -84,6 +109,8 @@ class InstallResult:
     #: for an hf:// install, the Hub facts of this request (what ``lock`` pins). The stored version's
     #: own source may name another place when the same bytes were installed from there first.
     hub: HubOrigin | None = None
+    #: for an oci:// install, the OCI facts of this request (the manifest ``lock`` pins)
+    oci: OciOrigin | None = None
 
     @property
     def ref(self) -> str:
