@@ -114,3 +114,47 @@ class RegistryError(LoramgrError):
 
 class HubError(LoramgrError):
     """A Hugging Face Hub repository, revision, authentication or download problem."""
+
+
+class MergeOptionError(MergeError):
+    """A merge option that is unknown, missing, out of range, or not used by the chosen method.
+
+    ``option`` is the option's name (a :class:`~loramgr.merge.MergeOptions` field such as
+    ``density``, or ``name``); the message spells it as the CLI flag (``--density``).
+    """
+
+    def __init__(self, message: str, *, option: str, value: object = None, hint: str | None = None) -> None:
+        self.option = option
+        self.value = value
+        super().__init__(message, hint=hint)
+
+
+class NothingToMergeError(MergeError):
+    """A combine or compress with no source, or whose result would only be a copy of its one source."""
+
+    def __init__(
+        self, message: str, *, operation: str, reference: str | None = None, hint: str | None = None
+    ) -> None:
+        self.operation = operation
+        self.reference = reference
+        super().__init__(message, hint=hint)
+
+
+class MissingRecipeError(MergeError):
+    """A version or an in-memory adapter with no recipe: it was not made by combine or compress."""
+
+
+class InvalidRecipeError(LoramgrError, ValueError):
+    """A recipe file that is missing, not TOML, or lacks its sources or its method."""
+
+    def __init__(self, message: str, *, path: str, hint: str | None = None) -> None:
+        self.path = path
+        super().__init__(message, hint=hint)
+
+
+class MissingExtraError(LoramgrError):
+    """An optional dependency that an operation needs is not installed; ``extra`` names what to install."""
+
+    def __init__(self, message: str, *, extra: str, hint: str | None = None) -> None:
+        self.extra = extra
+        super().__init__(message, hint=hint or f"pip install 'loramgr[{extra}]'")

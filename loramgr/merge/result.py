@@ -23,6 +23,7 @@ import torch
 from loramgr.adapter import AdapterInfo, ModuleSpec
 from loramgr.fileio import write_atomic
 from loramgr.merge.options import MergeOptions
+from loramgr.merge.recipes import Recipe
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -119,10 +120,14 @@ class MergedAdapter:
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
     modules: list[ModuleReport]
-    options: MergeOptions
-    sources: list[str] = field(default_factory=list)  # labels of the input adapters, in order
-    #: how it was made (recipe and parent adapters), set by loramgr.merge.operations for registering it
-    provenance: Any = field(default=None, repr=False, compare=False)
+    options: MergeOptions  # as applied (weights filled in, DARE's seed fixed)
+    #: how it was made: its sources by reference and digest, with their weights, and the options
+    recipe: Recipe = field(repr=False, compare=False)
+
+    @property
+    def sources(self) -> list[str]:
+        """Labels of the input adapters, in order."""
+        return [source.ref for source in self.recipe.sources]
 
     @property
     def dtype(self) -> str:
