@@ -222,6 +222,9 @@ def test_one_source_is_refused_unless_something_changes(sources, tmp_path: Path)
     run("combine", "sql", "--weights", "0.5", "--output", str(tmp_path / "half"))
     for module in (Q, V):
         assert torch.allclose(dense(tmp_path / "half", module), 0.5 * source_delta(a, module, 8.0), atol=1e-6)
+    # so is another dtype: the same delta, rounded to float16
+    run("combine", "sql", "--dtype", "float16", "--output", str(tmp_path / "fp16"))
+    assert torch.allclose(dense(tmp_path / "fp16", Q), source_delta(a, Q, 8.0), atol=1e-2)
     # so is a rank below the adapter's: the optimal rank-3 approximation
     run("compress", "sql", "--rank", "3", "--output", str(tmp_path / "r3"))
     u, s, vh = torch.linalg.svd(source_delta(a, Q, 8.0))
@@ -244,9 +247,9 @@ def test_the_element_wise_methods_are_one_class_with_declared_parameters() -> No
 class Mean(ExactSum):
     """The exact mean (1/n) Σ w_i ΔW_i: a method written for this test only."""
 
-    def merge_factors(self, job: ModuleJob, options: MergeOptions):  # type: ignore[no-untyped-def]
+    def merge_module(self, job: ModuleJob, options: MergeOptions):  # type: ignore[no-untyped-def]
         n = len(options.weights or ())
-        return super().merge_factors(replace(job, coefs=[c / n for c in job.coefs]), options)
+        return super().merge_module(replace(job, coefs=[c / n for c in job.coefs]), options)
 
 
 def test_adding_a_method_is_one_registered_entry(sources, tmp_path: Path, monkeypatch) -> None:

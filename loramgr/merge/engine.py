@@ -21,8 +21,7 @@ from loramgr import __version__
 from loramgr.adapter import LoraAdapter
 from loramgr.errors import IncompatibleError, MergeOptionError, NothingToMergeError, UnsupportedAdapterError
 from loramgr.formats.lycoris import require_plain_lora
-from loramgr.merge.elementwise import module_seed
-from loramgr.merge.lowrank import Factors, rerank_dense
+from loramgr.merge.lowrank import Factors
 from loramgr.merge.methods import MergeMethod, ModuleJob
 from loramgr.merge.options import DTYPES, MergeOptions, compress_options, flag
 from loramgr.merge.recipes import Recipe, RecipeSource
@@ -101,7 +100,7 @@ def merge(
         for done, planned in enumerate(plan, start=1):
             layout = planned.layout
             job = _load_job(adapters, weights, planned)
-            factors = _merge_module(method, job, options, layout)
+            factors = method.merge_module(job, options)
             a, b = shape_factors(factors.a.to(dtype), factors.b.to(dtype), layout)
             key_a, key_b = tensor_keys(layout.name, layout.kind)
             tensors[key_a], tensors[key_b] = a, b
@@ -123,7 +122,7 @@ def merge(
         options=options,
         loramgr_version=__version__,
     )
-    return MergedAdapter(config=config, tensors=tensors, modules=reports, options=options, recipe=recipe)
+    return MergedAdapter(config=config, tensors=tensors, modules=reports, recipe=recipe)
 
 
 def require_plain_loras(adapters: Sequence[LoraAdapter], operation: str) -> None:
@@ -137,9 +136,11 @@ def refuse_copy(adapters: list[LoraAdapter], options: MergeOptions, method: Merg
 
     One source with weight 1, through a method that gives a source back unchanged, with no module
     losing rank: the delta stays what it was. A weight other than 1 (a scaling), an energy, a rank
-    below some module's rank, or an element-wise method (pruning) each change the delta.
+    below some module's rank, an element-wise method (pruning) or another dtype each change it.
     """
     if len(adapters) != 1 or not method.copies_single_source or options.energy is not None:
+        return
+    if options.dtype is not None and options.dtype != _source_dtype(adapters):
         return
     if options.weights is not None and options.weights[0] != 1.0:
         return
@@ -260,18 +261,8 @@ def _load_job(adapters: list[LoraAdapter], weights: tuple[float, ...], planned: 
         used_weights.append(weights[index])
         scales.append(scale)
         factors.append(adapter.factors(name, torch.float32))
-    return ModuleJob(name=name, coefs=coefs, weights=used_weights, scales=scales, factors=factors)
-
-
-def _merge_module(
-    method: MergeMethod, job: ModuleJob, options: MergeOptions, layout: OutputModule
-) -> Factors:
-    if method.factored:
-        return method.merge_factors(job, options)
-    dense = method.merge_dense(job, options)
-    limit = min(layout.in_features, layout.out_features)
-    rank = options.rank or min(method.default_rank(job.ranks()), limit)
-    return rerank_dense(dense, rank=rank, energy=options.energy, seed=module_seed(0, job.name, "rerank"))
+    limit = min(planned.layout.in_features, planned.layout.out_features)
+    return ModuleJob(name=name, coefs=coefs, weights=used_weights, scales=scales, factors=factors, max_rank=limit)
 
 
 def _source_dtype(adapters: list[LoraAdapter]) -> str:

@@ -11,8 +11,10 @@ Two kinds of method merge one module:
 - a *factored* method (linear, svd) turns the sources' (c_i, A_i, B_i) into factors directly,
   without ever forming the d_out x d_in delta;
 - an *element-wise* method (:class:`Elementwise`: TIES, DARE, magnitude pruning, one configurable
-  class) gets the dense deltas ΔW_i = s_i B_i A_i and returns the dense merged delta, which the engine
-  then re-ranks.
+  class) forms the dense deltas ΔW_i = s_i B_i A_i, merges them entry by entry and re-ranks the
+  dense result.
+
+Either way the engine calls :meth:`MergeMethod.merge_module` once per module and gets factors back.
 
 Importing this module does not import torch (the CLI checks its options before any tensor library
 is loaded); the maths modules are imported inside the methods that run them.
@@ -40,6 +42,7 @@ class ModuleJob:
     weights: list[float]  # w_i of those sources
     scales: list[float]  # s_i of those sources
     factors: list[tuple[torch.Tensor, torch.Tensor]]  # (A_i, B_i) in float32
+    max_rank: int  # min(d_in, d_out): no result can have a higher rank
 
     def deltas(self) -> ModuleDeltas:
         """ΔW_i = s_i B_i A_i, unweighted: element-wise methods weight after pruning, as PEFT does."""
@@ -62,17 +65,16 @@ class MergeMethod:
     #: those of them it cannot run without
     required: frozenset[str] = field(default=frozenset(), kw_only=True)
 
-    #: True: merge_factors is called; False: merge_dense is called and the engine re-ranks
+    #: True: only factor-sized matrices are formed (the engine then runs on one thread, where these
+    #: small operations are fastest); False: dense d_out x d_in deltas are formed
     factored: ClassVar[bool] = False
     #: True: one source with weight 1 comes out as its own delta, so merging it alone copies it
     copies_single_source: ClassVar[bool] = False
     #: the rank of the result when neither rank nor energy is given, in words (for --help)
     rank_default: ClassVar[str] = "sum of source ranks"
 
-    def merge_factors(self, job: ModuleJob, options: MergeOptions) -> Factors:
-        raise NotImplementedError
-
-    def merge_dense(self, job: ModuleJob, options: MergeOptions) -> torch.Tensor:
+    def merge_module(self, job: ModuleJob, options: MergeOptions) -> Factors:
+        """The merged factors of one module, scale baked in (ΔW = b @ a)."""
         raise NotImplementedError
 
     def default_rank(self, ranks: list[int]) -> int:
@@ -88,7 +90,7 @@ class ExactSum(MergeMethod):
     copies_single_source: ClassVar[bool] = True
     rank_default: ClassVar[str] = "exact"
 
-    def merge_factors(self, job: ModuleJob, options: MergeOptions) -> Factors:
+    def merge_module(self, job: ModuleJob, options: MergeOptions) -> Factors:
         from loramgr.merge.lowrank import concat_factors, rerank_factors
 
         exact = concat_factors([(c, a, b) for c, (a, b) in zip(job.coefs, job.factors, strict=True)])
@@ -109,7 +111,7 @@ class OptimalRank(MergeMethod):
         # PEFT's default for its "svd" combination: the largest source rank
         return max(ranks)
 
-    def merge_factors(self, job: ModuleJob, options: MergeOptions) -> Factors:
+    def merge_module(self, job: ModuleJob, options: MergeOptions) -> Factors:
         from loramgr.merge.lowrank import concat_factors, rerank_factors
 
         exact = concat_factors([(c, a, b) for c, (a, b) in zip(job.coefs, job.factors, strict=True)])
@@ -138,7 +140,17 @@ class Elementwise(MergeMethod):
         object.__setattr__(self, "parameters", frozenset(used))
         object.__setattr__(self, "required", frozenset({"density"}))
 
+    def merge_module(self, job: ModuleJob, options: MergeOptions) -> Factors:
+        """The element-wise merge, re-ranked (lossily: the kept energy is reported)."""
+        from loramgr.merge.elementwise import module_seed
+        from loramgr.merge.lowrank import rerank_dense
+
+        merged = self.merge_dense(job, options)
+        rank = options.rank or min(self.default_rank(job.ranks()), job.max_rank)
+        return rerank_dense(merged, rank=rank, energy=options.energy, seed=module_seed(0, job.name, "rerank"))
+
     def merge_dense(self, job: ModuleJob, options: MergeOptions) -> torch.Tensor:
+        """The dense merged delta of one module."""
         from loramgr.merge import dense
         from loramgr.merge.elementwise import module_seed
         from loramgr.merge.options import missing_option

@@ -120,9 +120,13 @@ class MergedAdapter:
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
     modules: list[ModuleReport]
-    options: MergeOptions  # as applied (weights filled in, DARE's seed fixed)
     #: how it was made: its sources by reference and digest, with their weights, and the options
     recipe: Recipe = field(repr=False, compare=False)
+
+    @property
+    def options(self) -> MergeOptions:
+        """The options as applied (weights filled in, DARE's seed fixed)."""
+        return self.recipe.options
 
     @property
     def sources(self) -> list[str]:
