@@ -5,7 +5,6 @@ copy its source is refused; a new method is one registered entry."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -14,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import run_cli, write_peft_adapter
-from safetensors.torch import load_file, save_file
+from factories import write_peft_adapter
+from safetensors.torch import save_file
+from test_cli_combine import dense, run
 from test_lycoris import M as KOHYA_MODULE
 from test_lycoris import write as write_lycoris
 
@@ -40,30 +40,9 @@ from loramgr.registry import Registry, execute_gc, verify
 Q, V, K = (f"model.layers.0.self_attn.{p}" for p in ("q_proj", "v_proj", "k_proj"))
 
 
-def run(*args: str, code: int = 0) -> str:
-    return run_cli(*args, code=code).output
-
-
-def dense(folder: Path, module: str) -> torch.Tensor:
-    """ΔW of one module of a PEFT folder written by a merge (scale 1 per module), from its files."""
-    config = json.loads((folder / "adapter_config.json").read_text())
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
-    a = tensors[f"base_model.model.{module}.lora_A.weight"].double()
-    b = tensors[f"base_model.model.{module}.lora_B.weight"].double()
-    assert config["lora_alpha"] == config["r"] and not config["use_rslora"]
-    return b @ a
-
-
-def source_delta(folder: Path, module: str, alpha: float) -> torch.Tensor:
-    """ΔW = alpha / r · B A of a plain LoRA source folder, straight from its safetensors file."""
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
-    a = tensors[f"base_model.model.{module}.lora_A.weight"].double()
-    b = tensors[f"base_model.model.{module}.lora_B.weight"].double()
-    return alpha / a.shape[0] * b @ a
-
-
 @pytest.fixture
 def sources(tmp_path: Path) -> tuple[Path, Path]:
+    """Two installed adapters: sql (rank 4 on q, v) and style (rank 2 rsLoRA on q, k)."""
     a = write_peft_adapter(tmp_path / "a", {Q: (16, 16, 4), V: (16, 16, 4)}, alpha=8, seed=1)
     b = write_peft_adapter(tmp_path / "b", {Q: (16, 16, 2), K: (16, 16, 2)}, alpha=4, use_rslora=True, seed=2)
     run("install", str(a), "--name", "sql", "--version", "1.0.0")
@@ -221,13 +200,13 @@ def test_one_source_is_refused_unless_something_changes(sources, tmp_path: Path)
     # a weight other than 1 is a real change: the delta scaled
     run("combine", "sql", "--weights", "0.5", "--output", str(tmp_path / "half"))
     for module in (Q, V):
-        assert torch.allclose(dense(tmp_path / "half", module), 0.5 * source_delta(a, module, 8.0), atol=1e-6)
+        assert torch.allclose(dense(tmp_path / "half", module), 0.5 * dense(a, module), atol=1e-6)
     # so is another dtype: the same delta, rounded to float16
     run("combine", "sql", "--dtype", "float16", "--output", str(tmp_path / "fp16"))
-    assert torch.allclose(dense(tmp_path / "fp16", Q), source_delta(a, Q, 8.0), atol=1e-2)
+    assert torch.allclose(dense(tmp_path / "fp16", Q), dense(a, Q), atol=1e-2)
     # so is a rank below the adapter's: the optimal rank-3 approximation
     run("compress", "sql", "--rank", "3", "--output", str(tmp_path / "r3"))
-    u, s, vh = torch.linalg.svd(source_delta(a, Q, 8.0))
+    u, s, vh = torch.linalg.svd(dense(a, Q))
     assert torch.allclose(dense(tmp_path / "r3", Q), u[:, :3] @ torch.diag(s[:3]) @ vh[:3], atol=1e-5)
 
 
@@ -257,8 +236,7 @@ def test_adding_a_method_is_one_registered_entry(sources, tmp_path: Path, monkey
     monkeypatch.setitem(METHODS, "mean", Mean("mean", "the exact mean of the deltas"))
     assert option_help("method").endswith("magnitude_prune or mean")
     run("combine", "sql", "style", "--method", "mean", "--output", str(tmp_path / "mean"))
-    style_q = source_delta(b, Q, 4.0) * 2**0.5  # rsLoRA: alpha / sqrt(r) = (alpha / r) * sqrt(2)
-    assert torch.allclose(dense(tmp_path / "mean", Q), (source_delta(a, Q, 8.0) + style_q) / 2, atol=1e-6)
+    assert torch.allclose(dense(tmp_path / "mean", Q), (dense(a, Q) + dense(b, Q)) / 2, atol=1e-6)
     out = run("combine", "sql", "style", "--method", "mean", "--density", "0.5", "--name", "x", code=1)
     assert "method mean does not use --density" in out
     assert "use a method that does: ties, dare_linear, dare_ties, magnitude_prune" in out
