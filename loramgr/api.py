@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .adapter import LoraAdapter
-from .errors import MergeError
 from .registry import InstallResult, Registry
 
 if TYPE_CHECKING:
@@ -111,19 +109,18 @@ def combine(
     registry_: Registry | None = None,
     **options: Any,
 ) -> MergedAdapter:
-    """Combine adapters in memory; keyword arguments are :class:`loramgr.merge.MergeOptions` fields
-    (rank, energy, density, majority_sign, seed, strict, allow_different_bases, dtype)."""
-    from .merge import MergeOptions
-    from .merge.operations import merge_adapters
+    """Combine adapters in memory; keyword arguments are :class:`loramgr.merge.MergeOptions` fields.
 
-    known = {f.name for f in fields(MergeOptions)} - {"weights", "method"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise MergeError(f"unknown merge option(s) {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
-    adapters = [load(s, registry_=registry_) for s in sources]
-    chosen = tuple(float(w) for w in weights) if weights is not None else (1.0,) * len(adapters)
-    merge_options = MergeOptions(method=method, weights=chosen, **options)
-    return merge_adapters(adapters, merge_options).merged
+    The same step as ``loramgr combine`` (:func:`loramgr.merge.operations.combine`): the same checks,
+    errors and bytes. A source given as a string is a reference in the registry; a path is read from
+    disk.
+    """
+    from .merge.operations import combine as combine_step
+    from .merge.options import MergeOptions
+
+    given = {"method": method, **options} | ({"weights": tuple(weights)} if weights is not None else {})
+    merge_options = MergeOptions.from_dict(given)
+    return combine_step([_source(s) for s in sources], merge_options, registry=registry_).merged
 
 
 def compose(
@@ -148,8 +145,16 @@ def compose(
 
 def compress(source: Source, *, rank: int | None = None, energy: float | None = None,
              dtype: str | None = None, registry_: Registry | None = None) -> MergedAdapter:
-    """The optimal lower-rank approximation of one adapter (per-module rank with ``energy``)."""
-    return combine([source], method="svd", rank=rank, energy=energy, dtype=dtype, registry_=registry_)
+    """The optimal lower-rank approximation of one adapter (per-module rank with ``energy``): the same
+    step as ``loramgr compress``."""
+    from .merge.operations import compress as compress_step
+
+    return compress_step(_source(source), rank=rank, energy=energy, dtype=dtype, registry=registry_).merged
+
+
+def _source(source: Source) -> str | LoraAdapter:
+    """A reference stays a reference (the merge step resolves it); a path is read from disk."""
+    return load(source) if isinstance(source, os.PathLike) else source
 
 
 def register(merged: MergedAdapter, *, name: str, version: str | None = None,

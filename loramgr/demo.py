@@ -72,16 +72,15 @@ def run(home: Path | None = None, echo: Callable[[str], None] = print) -> DemoRe
         import peft  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as exc:
-        from .errors import LoramgrError
+        from .errors import MissingDependencyError
 
-        raise LoramgrError("the demo loads adapters with PEFT into a transformers model",
-                           hint="pip install 'loramgr[peft]'") from exc
+        raise MissingDependencyError("the demo loads adapters with PEFT into a transformers model", package="peft",
+                                     hint="pip install 'loramgr[peft]'") from exc
     import torch
 
     from .installer import InstallOptions, install_source
     from .merge import MergeOptions
-    from .merge.operations import combine_sources
-    from .merge.recipes import RecipeSource
+    from .merge.operations import combine, compress
     from .model.peftmodel import apply
     from .model.weights import fuse
     from .registry import Registry
@@ -106,14 +105,13 @@ def run(home: Path | None = None, echo: Callable[[str], None] = print) -> DemoRe
         echo(f"2. installed {result.ref}: rank {shown.rank}, {shown.n_modules} modules "
              f"({', '.join(shown.target_modules)}), {result.digest[:19]}")
 
-    sources = [RecipeSource("sql-skill==1.0.0", 0.7), RecipeSource("chat-style==1.0.0", 0.3)]
-    combined = combine_sources(registry, sources, MergeOptions(method="linear"), name="sql-chat", version="1.0.0")
+    combined = combine(["sql-skill==1.0.0", "chat-style==1.0.0"], MergeOptions(method="linear", weights=(0.7, 0.3)),
+                       registry=registry, name="sql-chat", version="1.0.0")
     ranks = sorted({m.rank for m in combined.merged.modules})
     shared = sum(1 for m in combined.merged.modules if not m.missing_in)
     echo(f"3. combined 0.7 x sql-skill + 0.3 x chat-style exactly -> sql-chat==1.0.0: "
          f"{len(combined.merged.modules)} modules ({shared} targeted by both), ranks {'/'.join(map(str, ranks))}")
-    compressed = combine_sources(registry, [RecipeSource("sql-chat==1.0.0", 1.0)],
-                                 MergeOptions(method="svd", energy=0.99), name="sql-chat-small", version="1.0.0")
+    compressed = compress("sql-chat==1.0.0", energy=0.99, registry=registry, name="sql-chat-small", version="1.0.0")
     small_ranks = [m.rank for m in compressed.merged.modules]
     kept = min(m.kept_energy for m in compressed.merged.modules)
     sizes = [registry.show(ref).size / 1024 for ref in ("sql-chat-small", "sql-chat")]

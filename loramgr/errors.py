@@ -12,7 +12,11 @@
     │   └── DestinationExistsError  an output file or folder that is already there
     ├── IntegrityError              a stored blob whose bytes no longer match its digest
     ├── IncompatibleError           adapters that cannot be combined or applied together
-    ├── MergeError                  bad merge parameters (weights, density, rank)
+    ├── MergeError (ValueError)     bad merge parameters (weights, density, rank)
+    │   ├── MergeOptionError        an option unknown, missing, out of range or unused by the method
+    │   ├── NothingToMergeError     no source, or a result that would only copy its one source
+    │   └── MissingRecipeError      a version that was not made by combine or compress
+    ├── InvalidRecipeError (ValueError) a recipe file that is missing, not TOML or incomplete
     ├── RegistryError               the database cannot be opened or is from a newer loramgr
     ├── HubError                    a Hub repository, revision or download problem
     ├── InvalidBaseModelError       a base model whose files cannot be fingerprinted
@@ -174,3 +178,39 @@ class UnknownFormatError(LoramgrError, ValueError):
         self.format = format
         self.known = known
         super().__init__(message, hint=f"use one of {', '.join(known)}")
+
+
+class MergeOptionError(MergeError):
+    """A merge option that is unknown, missing, out of range, or not used by the chosen method.
+
+    ``option`` is the option's name (a :class:`~loramgr.merge.MergeOptions` field such as
+    ``density``, or ``name``); the message spells it as the CLI flag (``--density``).
+    """
+
+    def __init__(self, message: str, *, option: str, value: object = None, hint: str | None = None) -> None:
+        self.option = option
+        self.value = value
+        super().__init__(message, hint=hint)
+
+
+class NothingToMergeError(MergeError):
+    """A combine or compress with no source, or whose result would only be a copy of its one source."""
+
+    def __init__(
+        self, message: str, *, operation: str, reference: str | None = None, hint: str | None = None
+    ) -> None:
+        self.operation = operation
+        self.reference = reference
+        super().__init__(message, hint=hint)
+
+
+class MissingRecipeError(MergeError):
+    """A version or an in-memory adapter with no recipe: it was not made by combine or compress."""
+
+
+class InvalidRecipeError(LoramgrError, ValueError):
+    """A recipe file that is missing, not TOML, or lacks its sources or its method."""
+
+    def __init__(self, message: str, *, path: str, hint: str | None = None) -> None:
+        self.path = path
+        super().__init__(message, hint=hint)

@@ -247,14 +247,14 @@ def test_plain_lora_guard_comes_before_every_other_check(tmp_path: Path, llama_b
     from loramgr.adapter import LoraAdapter
     from loramgr.errors import UnsupportedAdapterError
     from loramgr.merge import MergeOptions
-    from loramgr.merge.operations import run_checks
+    from loramgr.merge.operations import combine
 
     good = write_peft_adapter(tmp_path / "good", GOOD)
     loha = write_lycoris(tmp_path, "loha")  # its module is not in the base either
     adapters = [LoraAdapter(read_peft_folder(good), good, label="good"),
                 LoraAdapter(read_adapter_file(loha), tmp_path, label="loha", weights_path=loha)]
     with pytest.raises(UnsupportedAdapterError, match="combine is not possible for loha: a LoHa adapter"):
-        run_checks(adapters, MergeOptions(), bases=[llama_base, llama_base])
+        combine(adapters, MergeOptions())
 
 
 @pytest.fixture()

@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from ..merge.options import MergeOptions
-from .registry_cmds import open_registry
+from ..errors import MergeOptionError
+from ..merge.options import MergeOptions, check_weight_count, option_help
 from .render import progress_bars
 
 _SKIP = {"weights"}  # given as --weights 0.7,0.3
@@ -41,7 +41,7 @@ def merge_options(exclude: set[str] | frozenset[str] = frozenset()) -> Decorator
                 continue
             click_type, is_flag = _click_type(f.name)
             flag = "--" + f.name.replace("_", "-")
-            help_text = f.metadata.get("help", "")
+            help_text = option_help(f.name)
             if is_flag:
                 func = click.option(flag, f.name, is_flag=True, default=None, help=help_text)(func)
             else:
@@ -65,8 +65,10 @@ def parse_weights(text: str | None, count: int) -> tuple[float, ...] | None:
         weights = tuple(float(w) for w in text.split(","))
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint="--weights") from None
-    if len(weights) != count:
-        raise click.BadParameter(f"{len(weights)} weight(s) for {count} adapter(s)", param_hint="--weights")
+    try:
+        check_weight_count(weights, count)
+    except MergeOptionError as err:  # a miscount is a usage error, reported by click
+        raise click.BadParameter(str(err), param_hint="--weights") from None
     return weights
 
 
@@ -112,28 +114,25 @@ def _report(result: Any) -> None:
 @click.option("--recipe", "recipe_path", type=click.Path(), help="Take sources and parameters from a TOML recipe.")
 def combine(references: tuple[str, ...], weights_text: str | None, name: str | None, version: str | None,
             output: str | None, recipe_path: str | None, **flags: Any) -> None:
-    """Combine adapters (linear, svd, ties, dare_linear, dare_ties, magnitude_prune) into a new one.
+    """Combine adapters into a new one with a merge method (see --method).
 
     Every method works on each adapter's delta s*B*A; see docs/merge-methods.md.
     """
-    from ..merge.operations import combine_from_recipe, combine_sources
-    from ..merge.recipes import RecipeSource
+    from ..merge.operations import combine as combine_step
+    from ..merge.operations import combine_from_recipe, require_destination
 
-    registry = open_registry()
     with progress_bars() as progress:
         if recipe_path:
             if references or any(v is not None for v in flags.values()) or weights_text:
                 raise click.UsageError("--recipe takes sources and parameters from the file; give no others")
-            result = combine_from_recipe(registry, recipe_path, name=name, version=version, output=output,
-                                         progress=progress)
+            result = combine_from_recipe(recipe_path, name=name, version=version, output=output, progress=progress)
         else:
             if not references:
                 raise click.UsageError("name the adapters to combine, or give --recipe FILE")
-            weights = parse_weights(weights_text, len(references)) or (1.0,) * len(references)
-            options = options_from_flags(flags, weights)
-            sources = [RecipeSource(ref, w) for ref, w in zip(references, weights)]
-            result = combine_sources(registry, sources, options, name=name, version=version, output=output,
-                                     progress=progress)
+            require_destination(name, output)
+            options = options_from_flags(flags, parse_weights(weights_text, len(references)))
+            result = combine_step(list(references), options, name=name, version=version, output=output,
+                                  progress=progress)
     _report(result)
 
 
@@ -148,15 +147,13 @@ def combine(references: tuple[str, ...], weights_text: str | None, name: str | N
 def compress(reference: str, rank: int | None, energy: float | None, dtype: str | None, name: str | None,
              version: str | None, output: str | None) -> None:
     """Re-rank one adapter to a smaller rank: the optimal approximation, computed from its factors."""
-    from ..merge.operations import combine_sources
-    from ..merge.recipes import RecipeSource
+    from ..merge.operations import compress as compress_step
+    from ..merge.operations import require_destination
 
-    if rank is None and energy is None:
-        raise click.UsageError("give --rank or --energy")
-    options = MergeOptions(method="svd", rank=rank, energy=energy, dtype=dtype, weights=(1.0,))
+    require_destination(name, output)
     with progress_bars() as progress:
-        result = combine_sources(open_registry(), [RecipeSource(reference, 1.0)], options, name=name,
-                                 version=version, output=output, progress=progress)
+        result = compress_step(reference, rank=rank, energy=energy, dtype=dtype, name=name, version=version,
+                               output=output, progress=progress)
     _report(result)
 
 

@@ -1,4 +1,4 @@
-"""Combining and compressing LoRA adapters (DOMAIN.md section 4; maths in docs/merge-methods.md).
+"""Combining and compressing LoRA adapters (the maths of each method: docs/merge-methods.md).
 
 ::
 
@@ -6,33 +6,37 @@
     merged = combine([a, b], MergeOptions(method="svd", weights=(0.7, 0.3), rank=16))
     merged.save_pretrained("out/")
 
-Modules: ``options`` (the one options type), ``methods`` (the registry), ``lowrank`` (factored SVD,
-re-ranking), ``elementwise`` (TIES, DARE, magnitude pruning on dense deltas), ``engine`` (validation
-and the streaming loop), ``result`` (PEFT config and deterministic saving).
+Modules: ``options`` (the one options type and its check), ``methods`` (the registry of methods),
+``lowrank`` (factored SVD, re-ranking), ``elementwise`` (TIES, DARE, magnitude pruning on dense
+deltas), ``dense`` (the same, block by block from the factors), ``engine`` (checks and the streaming
+loop over open adapters), ``result`` (PEFT config and deterministic saving), ``recipes`` (the
+provenance of a result), ``operations`` (the combine and compress steps the CLI and the Python API
+call: sources from the registry, checks, delivery).
 
-Importing this package imports torch; the CLI imports it inside the commands that merge. The options
-type alone is importable without torch from ``loramgr.merge.options``.
+The options, the registry of methods and recipes import without torch; the rest is imported on first
+use, so the CLI can check a merge's options before loading torch.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from loramgr.merge.methods import METHODS, MergeMethod
 from loramgr.merge.options import MergeOptions
+from loramgr.merge.recipes import Recipe
 
 if TYPE_CHECKING:
     from loramgr.merge.engine import combine, compress
-    from loramgr.merge.methods import METHODS, MergeMethod
     from loramgr.merge.result import MergedAdapter, ModuleReport
 
-__all__ = ["METHODS", "MergeMethod", "MergeOptions", "MergedAdapter", "ModuleReport", "combine", "compress"]
+__all__ = [
+    "METHODS", "MergeMethod", "MergeOptions", "MergedAdapter", "ModuleReport", "Recipe", "combine", "compress",
+]
 
-# the rest needs torch: imported on first use, so the CLI can build its options from MergeOptions alone
+# these need torch: imported on first use
 _LAZY = {
     "combine": "loramgr.merge.engine",
     "compress": "loramgr.merge.engine",
-    "METHODS": "loramgr.merge.methods",
-    "MergeMethod": "loramgr.merge.methods",
     "MergedAdapter": "loramgr.merge.result",
     "ModuleReport": "loramgr.merge.result",
 }

@@ -128,6 +128,14 @@ def pruned_by_magnitude(deltas: ModuleDeltas, density: float, seed: int) -> list
     return out
 
 
+def pruned_at_random(
+    deltas: ModuleDeltas, density: float, generator: torch.Generator
+) -> list[torch.Tensor | Threshold]:
+    """DARE's pruned deltas. The drop masks are drawn over each whole delta, in source order, exactly
+    as merge_utils draws them, so a seed gives PEFT's masks."""
+    return [elementwise.random_prune_one(deltas.full(i), density, generator) for i in range(len(deltas))]
+
+
 def _block(
     deltas: ModuleDeltas, pruned: list[torch.Tensor | Threshold], i: int, start: int, stop: int
 ) -> torch.Tensor:
@@ -165,17 +173,3 @@ def magnitude_prune(deltas: ModuleDeltas, weights: list[float], density: float, 
     """elementwise.magnitude_prune on the module's deltas."""
     return merge_blocks(deltas, pruned_by_magnitude(deltas, density, seed), weights, None)
 
-
-def dare(
-    deltas: ModuleDeltas,
-    weights: list[float],
-    density: float,
-    majority_sign: str | None,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """DARE (then TIES when majority_sign is given). The drop masks are drawn over each whole delta,
-    in source order, exactly as merge_utils draws them, so a seed gives PEFT's masks."""
-    pruned: list[torch.Tensor | Threshold] = [
-        elementwise.random_prune_one(deltas.full(i), density, generator) for i in range(len(deltas))
-    ]
-    return merge_blocks(deltas, pruned, weights, majority_sign)

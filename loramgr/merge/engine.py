@@ -1,8 +1,12 @@
-"""combine() and compress(): validate, plan the modules, merge them one at a time.
+"""combine() and compress() on open adapters: check, plan the modules, merge them one at a time.
+
+Checks come first, in this order, all before any tensor is read, so a bad merge fails in
+milliseconds: the options (:meth:`MergeOptions.validate`); the plain-LoRA guard over every source
+(a LoHa is refused as a LoHa, whatever else would be wrong with it); what the sources must share
+(module names, bias, base model, layout); and whether the merge would only copy its one source.
 
 Streaming: only one module's factors (and, for element-wise methods, its dense deltas) are in memory
 at a time, next to the output built so far; sources are read lazily through LoraAdapter.factors.
-Every refusal happens before any tensor is read, so a bad recipe fails in milliseconds.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
+from loramgr import __version__
 from loramgr.adapter import LoraAdapter
-from loramgr.errors import IncompatibleError, MergeError, UnsupportedAdapterError
-from loramgr.merge.elementwise import module_seed
-from loramgr.merge.lowrank import Factors, rerank_dense
-from loramgr.merge.methods import METHODS, MergeMethod, ModuleJob
-from loramgr.merge.options import DTYPES, MergeOptions, check_common
+from loramgr.errors import IncompatibleError, MergeOptionError, NothingToMergeError, UnsupportedAdapterError
+from loramgr.formats.lycoris import require_plain_lora
+from loramgr.merge.lowrank import Factors
+from loramgr.merge.methods import MergeMethod, ModuleJob
+from loramgr.merge.options import DTYPES, MergeOptions, compress_options, flag
+from loramgr.merge.recipes import Recipe, RecipeSource
 from loramgr.merge.result import (
     MergedAdapter,
     ModuleReport,
@@ -31,7 +37,7 @@ from loramgr.merge.threads import single_threaded
 
 Progress = Callable[[str, int, int], None]
 
-
+#: how an operation names itself in the plain-LoRA guard's message
 @dataclass(frozen=True)
 class PlannedModule:
     """One output module: its layout and the indices of the sources that target it."""
@@ -45,15 +51,42 @@ def combine(
 ) -> MergedAdapter:
     """Merge ``adapters`` with ``options`` (see docs/merge-methods.md for each method's maths).
 
-    ``progress(module_name, done, total)`` is called after each module. Raises MergeError for bad
-    parameters, IncompatibleError for adapters that do not fit together, UnsupportedAdapterError for
-    adapter types that cannot be summed (DoRA, LoHa, ...).
+    ``progress(module_name, done, total)`` is called after each module. Raises MergeOptionError for
+    bad options, NothingToMergeError when the result would only copy a single source,
+    IncompatibleError for adapters that do not fit together, UnsupportedAdapterError for adapter
+    types that cannot be summed (DoRA, LoHa, ...).
     """
+    return merge(adapters, options, operation="combine", progress=progress)
+
+
+def compress(
+    adapter: LoraAdapter,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    dtype: str | None = None,
+    progress: Progress | None = None,
+) -> MergedAdapter:
+    """Re-rank one adapter to ``rank`` and/or the smallest rank keeping ``energy`` (optimal, per module).
+
+    The optimal re-rank (``svd``) of the one source; it also bakes rsLoRA and alpha_pattern scales
+    into the factors, so the output has scale 1 everywhere. Refused when no module would lose rank.
+    """
+    options = compress_options(rank=rank, energy=energy, dtype=dtype)
+    return merge([adapter], options, operation="compress", progress=progress)
+
+
+def merge(
+    adapters: Sequence[LoraAdapter], options: MergeOptions, *, operation: str, progress: Progress | None = None
+) -> MergedAdapter:
+    """What :func:`combine` and :func:`compress` share; ``operation`` ("combine" or "compress") names
+    the step in errors. The result carries its :class:`~loramgr.merge.recipes.Recipe`."""
     adapters = list(adapters)
-    method = _method(options)
-    _check_options(options, method, len(adapters))
-    options = options.with_defaults(len(adapters), method.uses_seed)
+    method = options.validate(len(adapters), operation)
+    require_plain_loras(adapters, operation)
     _check_adapters(adapters, options)
+    options = options.with_defaults(len(adapters), method)
+    refuse_copy(adapters, options, method, operation)
     plan = _plan(adapters, options)
     weights = options.weights or ()
     dtype = getattr(torch, options.dtype or _source_dtype(adapters))
@@ -64,7 +97,7 @@ def combine(
         for done, planned in enumerate(plan, start=1):
             layout = planned.layout
             job = _load_job(adapters, weights, planned)
-            factors = _merge_module(method, job, options, layout)
+            factors = method.merge_module(job, options)
             a, b = shape_factors(factors.a.to(dtype), factors.b.to(dtype), layout)
             key_a, key_b = tensor_keys(layout.name, layout.kind)
             tensors[key_a], tensors[key_b] = a, b
@@ -81,85 +114,55 @@ def combine(
         task_type=next((a.info.task_type for a in adapters if a.info.task_type), None),
         fan_in_fan_out=bool(first.config.get("fan_in_fan_out", False)),
     )
-    return MergedAdapter(
-        config=config, tensors=tensors, modules=reports, options=options, sources=[a.label for a in adapters]
+    recipe = Recipe(
+        sources=tuple(RecipeSource(a.label, w, a.digest) for a, w in zip(adapters, weights, strict=True)),
+        options=options,
+        loramgr_version=__version__,
     )
+    return MergedAdapter(config=config, tensors=tensors, modules=reports, recipe=recipe)
 
 
-def compress(
-    adapter: LoraAdapter,
-    *,
-    rank: int | None = None,
-    energy: float | None = None,
-    dtype: str | None = None,
-    progress: Progress | None = None,
-) -> MergedAdapter:
-    """Re-rank one adapter to ``rank`` and/or the smallest rank keeping ``energy`` (optimal, per module).
+def require_plain_loras(adapters: Sequence[LoraAdapter], operation: str) -> None:
+    """The plain-LoRA guard over every source, before any other check looks at them."""
+    for adapter in adapters:
+        require_plain_lora(adapter.info, operation, label=adapter.label)
 
-    The same as ``combine([adapter], MergeOptions(method="svd", rank=rank, energy=energy))``; it also
-    bakes rsLoRA and alpha_pattern scales into the factors, so the output has scale 1 everywhere.
+
+def refuse_copy(adapters: list[LoraAdapter], options: MergeOptions, method: MergeMethod, operation: str) -> None:
+    """Refuse a merge whose result would be its one source again (as a re-factored copy).
+
+    One source with weight 1, through a method that gives a source back unchanged, with no module
+    losing rank: the delta stays what it was. A weight other than 1 (a scaling), an energy, a rank
+    below some module's rank, an element-wise method (pruning) or another dtype each change it.
     """
-    if rank is None and energy is None:
-        raise MergeError(f"{adapter.label}: compress needs a rank or an energy",
-                         hint="e.g. rank=8 or energy=0.95")
-    options = MergeOptions(method="svd", rank=rank, energy=energy, dtype=dtype)
-    return combine([adapter], options, progress=progress)
-
-
-def _method(options: MergeOptions) -> MergeMethod:
-    try:
-        return METHODS[options.method]
-    except KeyError:
-        raise MergeError(
-            f"unknown merge method {options.method!r}", hint=f"use one of {', '.join(METHODS)}"
-        ) from None
-
-
-def _check_options(options: MergeOptions, method: MergeMethod, n_adapters: int) -> None:
-    if n_adapters == 0:
-        raise MergeError("no adapters to merge", hint="give at least one adapter")
-    check_common(options)
-    if options.weights is not None and len(options.weights) != n_adapters:
-        raise MergeError(
-            f"{len(options.weights)} weight(s) for {n_adapters} adapter(s)",
-            hint="give one weight per adapter, in the same order",
+    if len(adapters) != 1 or not method.copies_single_source or options.energy is not None:
+        return
+    if options.dtype is not None and options.dtype != _source_dtype(adapters):
+        return
+    if options.weights is not None and options.weights[0] != 1.0:
+        return
+    adapter = adapters[0]
+    top = max((spec.rank for spec in adapter.info.modules), default=0)
+    if options.rank is not None and options.rank < top:
+        return
+    if operation == "compress":
+        raise NothingToMergeError(
+            f"every module of {adapter.label} has rank {top} or less: compressing it to rank {options.rank} "
+            "would only copy it",
+            operation=operation, reference=adapter.label,
+            hint=f"give a {flag('rank')} below {top}, or {flag('energy')} to choose each module's rank",
         )
-    if method.uses_density:
-        if options.density is None:
-            raise MergeError(f"method {method.name} needs a density", hint="e.g. density=0.5 keeps half")
-        if not (0.0 < options.density <= 1.0):
-            raise MergeError(f"density {options.density} is outside (0, 1]", hint="e.g. density=0.5")
-    elif options.density is not None:
-        raise MergeError(
-            f"method {method.name} does not use a density (got {options.density})",
-            hint="drop density, or use ties, dare_linear, dare_ties or magnitude_prune",
-        )
-    if options.seed is not None and not method.uses_seed:
-        raise MergeError(
-            f"method {method.name} is deterministic and does not use a seed (got {options.seed})",
-            hint="drop seed; only dare_linear and dare_ties draw random masks",
-        )
+    raise NothingToMergeError(
+        f"combining {adapter.label} alone with weight 1 would only copy it", operation=operation,
+        reference=adapter.label,
+        hint=f"combine needs at least two adapters; use compress to re-rank one, or {flag('weights')} to scale it",
+    )
 
 
 def _check_adapters(adapters: list[LoraAdapter], options: MergeOptions) -> None:
     """Refuse what cannot be summed as ΔW = s B A, before reading any tensor."""
     for adapter in adapters:
         info = adapter.info
-        if info.use_dora or info.adapter_type == "dora":
-            raise UnsupportedAdapterError(
-                f"{adapter.label}: DoRA adapters cannot be merged (their delta depends on the base weights)",
-                adapter_type="dora",
-                hint="merge plain LoRA adapters only",
-            )
-        if info.adapter_type != "lora":
-            from loramgr.formats.lycoris import TYPE_NAMES
-
-            kind = TYPE_NAMES.get(info.adapter_type, info.adapter_type)
-            raise UnsupportedAdapterError(
-                f"{adapter.label}: a {kind} adapter is not a LoRA and cannot be merged",
-                adapter_type=info.adapter_type,
-                hint="merge plain LoRA adapters only",
-            )
         if info.config.get("module_names") == "kohya":
             raise IncompatibleError(
                 f"{adapter.label}: its module names are kohya names, not module paths of a base model",
@@ -184,7 +187,7 @@ def _check_adapters(adapters: list[LoraAdapter], options: MergeOptions) -> None:
             raise IncompatibleError(
                 f"{adapter.label}: base model {adapter.info.base_model!r} differs from "
                 f"{first.info.base_model!r} of {first.label}",
-                hint="merge adapters of one base model, or set allow_different_bases",
+                hint=f"merge adapters of one base model, or give {flag('allow_different_bases')}",
             )
         fan = bool(adapter.info.config.get("fan_in_fan_out", False))
         if fan != bool(first.info.config.get("fan_in_fan_out", False)):
@@ -218,13 +221,13 @@ def _plan(adapters: list[LoraAdapter], options: MergeOptions) -> list[PlannedMod
             lacking = ", ".join(adapters[i].label for i in range(len(adapters)) if i not in present)
             raise IncompatibleError(
                 f"{lacking}: no module {name} (strict)",
-                hint="drop strict to count a missing module as zero",
+                hint=f"drop {flag('strict')} to count a missing module as zero",
             )
         limit = min(first.in_features, first.out_features)
         if options.rank is not None and options.rank > limit:
-            raise MergeError(
-                f"rank {options.rank} exceeds min(d_in, d_out) = {limit} of module {name}",
-                hint=f"give a rank <= {limit}",
+            raise MergeOptionError(
+                f"{flag('rank')} {options.rank} exceeds min(d_in, d_out) = {limit} of module {name}",
+                option="rank", value=options.rank, hint=f"give {flag('rank')} {limit} or less",
             )
         layout = OutputModule(name, first.in_features, first.out_features, first.kind, first.kernel)
         plan.append(PlannedModule(layout=layout, present=tuple(present)))
@@ -255,18 +258,8 @@ def _load_job(adapters: list[LoraAdapter], weights: tuple[float, ...], planned: 
         used_weights.append(weights[index])
         scales.append(scale)
         factors.append(adapter.factors(name, torch.float32))
-    return ModuleJob(name=name, coefs=coefs, weights=used_weights, scales=scales, factors=factors)
-
-
-def _merge_module(
-    method: MergeMethod, job: ModuleJob, options: MergeOptions, layout: OutputModule
-) -> Factors:
-    if method.factored:
-        return method.merge_factors(job, options)
-    dense = method.merge_dense(job, options)
-    limit = min(layout.in_features, layout.out_features)
-    rank = options.rank or min(method.default_rank([a.shape[0] for a, _ in job.factors]), limit)
-    return rerank_dense(dense, rank=rank, energy=options.energy, seed=module_seed(0, job.name, "rerank"))
+    limit = min(planned.layout.in_features, planned.layout.out_features)
+    return ModuleJob(name=name, coefs=coefs, weights=used_weights, scales=scales, factors=factors, max_rank=limit)
 
 
 def _source_dtype(adapters: list[LoraAdapter]) -> str:

@@ -1,69 +1,187 @@
-"""Registry-level combine and compress: resolve sources, merge, then register with lineage and recipe.
+"""The combine and compress steps: one library function each, called by the CLI and the Python API.
 
-The maths lives in :mod:`loramgr.merge`; this module connects it to the registry: sources come in
-by reference, the result goes out as a new version whose lineage names its parents by digest and
-whose recipe reproduces it bit for bit (``loramgr show REF --recipe``, ``loramgr combine --recipe``).
+:func:`combine` and :func:`compress` run a whole step in this order: check the options (before any
+source is opened or torch is imported), resolve the sources (a reference in the registry, checked
+against a recorded digest; or an adapter already open), the plain-LoRA guard, the compatibility
+checks of ``loramgr check``, the merge itself (:mod:`loramgr.merge.engine`), then deliver the result:
+written to a folder, registered with its lineage (parents by digest) and recipe, or handed back in
+memory. The recipe reproduces the result bit for bit (``loramgr show REF --recipe``,
+``loramgr combine --recipe``).
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
 from ..adapter import LoraAdapter
-from ..errors import ConflictError, IntegrityError, MergeError
-from ..registry import InstallResult, Parent, Registry
-from .recipes import Recipe, RecipeSource, load_recipe
+from ..errors import IntegrityError, MergeError, MergeOptionError
+from ..fileio import atomic_folder, require_new_folder
+from .options import MergeOptions, compress_options, flag
+from .recipes import Recipe, RecipeOutput, RecipeSource, load_recipe
 
 if TYPE_CHECKING:
     from ..compat.basemodel import BaseFingerprint
-    from . import MergedAdapter, MergeOptions
+    from ..registry import InstallResult, Registry
+    from .result import MergedAdapter
 
 Progress = Callable[[str, int, int], None]
+#: a source of a merge: a reference in the registry (a RecipeSource pins its digest) or an open adapter
+Source = str | RecipeSource | LoraAdapter
 
 
 @dataclass
 class CombineResult:
+    """The outcome of a combine or compress: the merged adapter and where it went."""
+
     merged: MergedAdapter
-    recipe: Recipe
-    installed: InstallResult | None = None
-    output: Path | None = None
-    notes: list[str] = field(default_factory=list)
+    installed: InstallResult | None = None  # when registered
+    output: Path | None = None  # when written to a folder
+    notes: list[str] = field(default_factory=list)  # warnings of the checks, modules some sources lack
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.merged.recipe
 
 
-def open_sources(registry: Registry, sources: Sequence[RecipeSource]) -> list[LoraAdapter]:
-    """Resolve each source; a recorded digest must match what the reference resolves to."""
-    adapters = []
+def combine(
+    sources: Sequence[Source],
+    options: MergeOptions,
+    *,
+    registry: Registry | None = None,
+    name: str | None = None,
+    version: str | None = None,
+    output: str | Path | None = None,
+    progress: Progress | None = None,
+) -> CombineResult:
+    """Combine ``sources`` with ``options``: register the result as ``name`` (``version``), or write it
+    to the new folder ``output``, or (neither) return it in memory.
+
+    The weights are ``options.weights`` (default 1.0 each). ``registry`` defaults to the one at
+    LORAMGR_HOME, opened only when a source is a reference or the result is registered.
+    """
+    options.validate(len(sources), "combine")
+    return _run(list(sources), options, "combine", registry, name, version, output, progress)
+
+
+def compress(
+    source: Source,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    dtype: str | None = None,
+    registry: Registry | None = None,
+    name: str | None = None,
+    version: str | None = None,
+    output: str | Path | None = None,
+    progress: Progress | None = None,
+) -> CombineResult:
+    """Re-rank one adapter to ``rank`` and/or the smallest rank per module keeping ``energy``; the
+    result goes where :func:`combine`'s does."""
+    options = compress_options(rank=rank, energy=energy, dtype=dtype)
+    options.validate(1, "compress")
+    return _run([source], options, "compress", registry, name, version, output, progress)
+
+
+def combine_from_recipe(
+    path: str | Path,
+    *,
+    registry: Registry | None = None,
+    name: str | None = None,
+    version: str | None = None,
+    output: str | Path | None = None,
+    progress: Progress | None = None,
+) -> CombineResult:
+    """Run a recipe file again; ``name`` and ``version`` default to the recipe's output."""
+    recipe = load_recipe(path)
+    name = name or recipe.output.name
+    require_destination(name, output)
+    return combine(recipe.sources, recipe.options, registry=registry, name=name,
+                   version=version or recipe.output.version, output=output, progress=progress)
+
+
+def require_destination(name: str | None, output: str | Path | None) -> None:
+    """A command that merges must say where the result goes."""
+    if output is None and not name:
+        raise MergeOptionError(
+            f"the combined adapter needs a {flag('name')} (or --output DIR to write a folder instead)", option="name"
+        )
+
+
+def _run(
+    sources: list[Source],
+    options: MergeOptions,
+    operation: str,
+    registry: Registry | None,
+    name: str | None,
+    version: str | None,
+    output: str | Path | None,
+    progress: Progress | None,
+) -> CombineResult:
+    from .engine import merge, require_plain_loras
+
+    if output is not None:
+        require_new_folder(Path(output))
+    if registry is None and (name or not all(isinstance(s, LoraAdapter) for s in sources)):
+        from ..registry import Registry
+
+        registry = Registry.open()
+    adapters, bases = open_sources(registry, sources)
+    require_plain_loras(adapters, operation)
+    notes = run_checks(adapters, options, bases)
+    merged = merge(adapters, options, operation=operation, progress=progress)
+    result = CombineResult(merged, notes=notes + missing_notes(merged))
+    if output is not None:
+        with atomic_folder(output) as staging:
+            merged.save_pretrained(staging)
+        result.output = Path(output)
+    elif name and registry is not None:  # a name always comes with a registry (opened above)
+        result.installed = register_result(registry, merged, name=name, version=version)
+    return result
+
+
+def open_sources(registry: Registry | None, sources: Sequence[Source]) -> tuple[list[LoraAdapter], list[Any]]:
+    """Each source as an open adapter, with the base model it was installed for (None where unknown).
+
+    A reference is resolved in ``registry``; a recorded digest must match what it resolves to.
+    """
+    adapters: list[LoraAdapter] = []
+    bases: list[Any] = []
     for source in sources:
-        adapter = registry.open_adapter(source.ref if source.ref else str(source.digest))
-        if source.digest and adapter.digest != source.digest:
+        if isinstance(source, LoraAdapter):
+            adapters.append(source)
+            bases.append(None)
+            continue
+        if registry is None:
+            raise ValueError(f"{source!r} is a reference, which needs a registry")
+        pinned = source if isinstance(source, RecipeSource) else RecipeSource(source, 1.0)
+        adapter = registry.open_adapter(pinned.ref if pinned.ref else str(pinned.digest))
+        if pinned.digest and adapter.digest != pinned.digest:
             raise IntegrityError(
-                f"{source.ref} is now {(adapter.digest or '')[:19]}, but the recipe was made from {source.digest[:19]}",
-                digest=source.digest,
-                hint=f"install the recorded version or edit the recipe to use ref = \"{source.digest}\"",
+                f"{pinned.ref} is now {(adapter.digest or '')[:19]}, but the recipe was made from "
+                f"{pinned.digest[:19]}",
+                digest=pinned.digest,
+                hint=f"install the recorded version or edit the recipe to use ref = \"{pinned.digest}\"",
             )
         adapters.append(adapter)
-    return adapters
+        bases.append(registry.base_of(adapter.label))
+    return adapters, bases
 
 
 def run_checks(
     adapters: Sequence[LoraAdapter], options: MergeOptions, bases: Sequence[BaseFingerprint | None] | None = None
 ) -> list[str]:
-    """The plain-LoRA guard, then the same compatibility checks as ``loramgr check``, before any tensor is read.
+    """The same compatibility checks as ``loramgr check``, before any tensor is read (the plain-LoRA
+    guard, :func:`~loramgr.merge.engine.require_plain_loras`, has run before them).
 
     ``bases`` are the base fingerprints the adapters were installed for (None where unknown); when all
     share one, every module is checked against it too. ``allow_different_bases`` accepts the findings
     whose code says the bases differ (:data:`loramgr.compat.check.BASE_MISMATCH_CODES`), nothing else.
     """
     from ..compat.check import BASE_MISMATCH_CODES, check_adapters
-    from ..formats.lycoris import require_plain_lora
 
-    for adapter in adapters:
-        require_plain_lora(adapter.info, "combine", label=adapter.label)
     bases = list(bases) if bases is not None else [None] * len(adapters)
     known = [b for b in bases if b is not None]
     common = known[0] if len(known) == len(bases) and len({b.structural for b in known}) == 1 else None
@@ -79,25 +197,6 @@ def run_checks(
     return [f"{f.adapter}: {f.message}" for f in findings if f.severity == "warning"]
 
 
-def merge_adapters(adapters: Sequence[LoraAdapter], options: MergeOptions, *, bases: Sequence[Any] | None = None,
-                   progress: Progress | None = None) -> CombineResult:
-    """Check, merge, and describe the result with its recipe (kept on ``merged.provenance``)."""
-    from . import combine
-
-    adapters = list(adapters)
-    notes = run_checks(adapters, options, bases)
-    merged = combine(adapters, options, progress=progress)
-    weights = merged.options.weights or (1.0,) * len(adapters)
-    recipe = Recipe(
-        sources=[RecipeSource(a.label, w, a.digest) for a, w in zip(adapters, weights)],
-        merge={k: v for k, v in merged.options.to_dict().items() if k != "weights"},
-        loramgr_version=__version__,
-    )
-    merged.provenance = Provenance(recipe, adapters)
-    notes += missing_notes(merged)
-    return CombineResult(merged, recipe, notes=notes)
-
-
 def missing_notes(merged: MergedAdapter) -> list[str]:
     """One line per group of modules that some sources lack (a 7B merge can have hundreds of them)."""
     groups: dict[tuple[str, ...], list[str]] = {}
@@ -111,94 +210,30 @@ def missing_notes(merged: MergedAdapter) -> list[str]:
     return notes
 
 
-def combine_sources(
-    registry: Registry,
-    sources: Sequence[RecipeSource],
-    options: MergeOptions,
-    *,
-    name: str | None = None,
-    version: str | None = None,
-    output: str | Path | None = None,
-    progress: Progress | None = None,
-) -> CombineResult:
-    """Merge registered adapters; register the result as ``name`` or write it to ``output``."""
-    if output is None and not name:
-        raise MergeError("the combined adapter needs a --name (or --output DIR to write a folder instead)")
-    if output is not None and Path(output).exists() and any(Path(output).iterdir()):
-        raise ConflictError(f"{output} exists and is not empty", hint="choose a new or empty folder")
-    adapters = open_sources(registry, sources)
-    options = replace(options, weights=tuple(s.weight for s in sources))
-    bases = [registry.base_of(a.label) for a in adapters]
-    result = merge_adapters(adapters, options, bases=bases, progress=progress)
-    if output is not None:
-        result.output = result.merged.save_pretrained(output)
-        return result
-    result.installed = register_result(registry, result.merged, name=str(name), version=version)
-    return result
-
-
-@dataclass
-class Provenance:
-    """How a MergedAdapter was made: its recipe and the adapters it was made from."""
-
-    recipe: Recipe
-    parents: list[LoraAdapter]
-
-
 def register_result(registry: Registry, merged: MergedAdapter, *, name: str, version: str | None) -> InstallResult:
-    """Register a merge result with lineage (parents by digest) and its recipe."""
-    from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME, read_peft_folder
+    """Register a merge result with lineage (parents by digest) and its recipe.
 
-    provenance: Provenance | None = getattr(merged, "provenance", None)
-    if provenance is None:
-        raise MergeError("this adapter has no recorded provenance", hint="make it with loramgr.combine / compose")
-    recipe = replace(provenance.recipe, output={"name": name, "version": version} if version else {"name": name})
-    registry.store.tmp_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=registry.store.tmp_dir) as scratch:
-        folder = merged.save_pretrained(Path(scratch) / "merged")
+    The files are written to a scratch folder that holds the store's shared lock, so a ``gc`` running
+    meanwhile waits instead of deleting them.
+    """
+    from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME, read_peft_folder
+    from ..registry import Parent
+
+    recipe = replace(merged.recipe, output=RecipeOutput(name, version))
+    with registry.store.scratch() as scratch:
+        folder = merged.save_pretrained(scratch / "merged")
         info = read_peft_folder(folder)
         lineage = []
-        for adapter, source in zip(provenance.parents, recipe.sources):
-            parent_name, _, parent_version = adapter.label.partition("==")
-            lineage.append(Parent(parent_name, parent_version, adapter.digest or "", source.weight))
+        for source in recipe.sources:
+            parent_name, _, parent_version = source.ref.partition("==")
+            lineage.append(Parent(parent_name, parent_version, source.digest or "", source.weight))
         return registry.add(
             info,
             {CONFIG_NAME: folder / CONFIG_NAME, WEIGHTS_NAME: folder / WEIGHTS_NAME},
             name=name,
             version=version,
-            source=f"combine:{recipe.merge.get('method')}",
+            source=f"combine:{recipe.method}",
             parents=lineage,
             recipe=recipe.to_record()
             | {"report": [{"module": m.name, "rank": m.rank, "kept_energy": m.kept_energy} for m in merged.modules]},
         )
-
-
-def combine_from_recipe(
-    registry: Registry,
-    path: str | Path,
-    *,
-    name: str | None = None,
-    version: str | None = None,
-    output: str | Path | None = None,
-    progress: Progress | None = None,
-) -> CombineResult:
-    from . import MergeOptions
-
-    recipe = load_recipe(path)
-    options = options_from_dict(MergeOptions, recipe.merge)
-    return combine_sources(
-        registry,
-        recipe.sources,
-        options,
-        name=name or recipe.output.get("name"),
-        version=version or recipe.output.get("version"),
-        output=output,
-        progress=progress,
-    )
-
-
-def options_from_dict(cls: Any, data: dict[str, Any]) -> Any:
-    try:
-        return cls.from_dict(data)
-    except TypeError as exc:
-        raise MergeError(f"unknown merge parameter in recipe ({exc})") from None

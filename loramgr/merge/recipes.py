@@ -22,57 +22,90 @@ checked by digest, so a recipe never silently runs on other bytes than it record
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidReferenceError, MergeError
+from ..errors import InvalidRecipeError, MissingRecipeError
+from .options import MergeOptions
 
 
-@dataclass
+@dataclass(frozen=True)
 class RecipeSource:
-    ref: str
+    """One source of a merge: how it was referred to, its weight, and the digest it resolved to."""
+
+    ref: str  # a reference (``name==version``), or the label of an adapter given as a folder or file
     weight: float
     digest: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
+class RecipeOutput:
+    """Where a merge result was registered (or is to be)."""
+
+    name: str | None = None
+    version: str | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        return {k: v for k, v in (("name", self.name), ("version", self.version)) if v is not None}
+
+
+@dataclass(frozen=True)
 class Recipe:
-    sources: list[RecipeSource]
-    merge: dict[str, Any] = field(default_factory=dict)  # MergeOptions fields, without weights
-    output: dict[str, Any] = field(default_factory=dict)  # name, version
+    """The provenance of a merged adapter: its sources (by reference and digest, with their weights),
+    the options as applied, and where it went. Enough to make the same bytes again."""
+
+    sources: tuple[RecipeSource, ...]
+    options: MergeOptions  # as applied; its weights are always the sources' weights
+    output: RecipeOutput = field(default_factory=RecipeOutput)
     loramgr_version: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", tuple(self.sources))
+        weights = tuple(float(s.weight) for s in self.sources)
+        if self.options.weights != weights:
+            object.__setattr__(self, "options", replace(self.options, weights=weights))
+
+    @property
+    def method(self) -> str:
+        return self.options.method
+
+    def merge_table(self) -> dict[str, Any]:
+        """The options without the weights (each source carries its own), as stored and written."""
+        return {k: v for k, v in self.options.to_dict().items() if k != "weights"}
 
     def to_record(self) -> dict[str, Any]:
         """The JSON stored in the registry's recipe column."""
         return {
-            "method": self.merge.get("method"),
-            "options": dict(self.merge),
+            "method": self.method,
+            "options": self.merge_table(),
             "sources": [{"ref": s.ref, "digest": s.digest, "weight": s.weight} for s in self.sources],
-            "output": dict(self.output),
+            "output": self.output.to_dict(),
             "loramgr_version": self.loramgr_version,
         }
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Recipe:
+        output = record.get("output") or {}
         return cls(
-            sources=[RecipeSource(s["ref"], float(s["weight"]), s.get("digest")) for s in record.get("sources", [])],
-            merge=dict(record.get("options") or {}),
-            output=dict(record.get("output") or {}),
+            sources=tuple(
+                RecipeSource(s["ref"], float(s["weight"]), s.get("digest")) for s in record.get("sources", [])
+            ),
+            options=MergeOptions.from_dict(dict(record.get("options") or {})),
+            output=RecipeOutput(output.get("name"), output.get("version")),
             loramgr_version=record.get("loramgr_version"),
         )
 
     def to_toml(self) -> str:
         import tomli_w
 
-        merge = {k: v for k, v in sorted(self.merge.items()) if v is not None and k != "weights"}
-        document: dict[str, Any] = {"merge": merge}
+        document: dict[str, Any] = {"merge": dict(sorted(self.merge_table().items()))}
         document["sources"] = [
             {k: v for k, v in (("ref", s.ref), ("digest", s.digest), ("weight", s.weight)) if v is not None}
             for s in self.sources
         ]
-        if self.output:
-            document["output"] = {k: v for k, v in self.output.items() if v is not None}
+        if self.output.to_dict():
+            document["output"] = self.output.to_dict()
         header = f"# loramgr recipe (made by loramgr {self.loramgr_version})\n" if self.loramgr_version else ""
         return header + tomli_w.dumps(document)
 
@@ -81,34 +114,42 @@ def recipe_toml(shown: dict[str, Any]) -> str:
     """The recipe of a version as ``Registry.show`` returns it; refuses versions that were not combined."""
     record = shown.get("recipe")
     if not record:
-        raise MergeError(
+        raise MissingRecipeError(
             f"{shown['name']}=={shown['version']} was installed, not combined, so it has no recipe",
             hint="only adapters made by 'loramgr combine' or 'compress' have one",
         )
-    recipe = Recipe.from_record(record)
-    recipe.output = {"name": shown["name"], "version": shown["version"]}
+    recipe = replace(Recipe.from_record(record), output=RecipeOutput(shown["name"], shown["version"]))
     return recipe.to_toml()
 
 
 def load_recipe(path: str | Path) -> Recipe:
+    """A recipe TOML file (as ``loramgr show REF --recipe`` writes it)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise InvalidReferenceError(f"{path}: no such recipe file", reference=str(path)) from None
+        raise InvalidRecipeError(f"{path}: no such recipe file", path=str(path)) from None
     except tomllib.TOMLDecodeError as exc:
-        raise InvalidReferenceError(f"{path}: not valid TOML ({exc})", reference=str(path)) from None
+        raise InvalidRecipeError(f"{path}: not valid TOML ({exc})", path=str(path)) from None
     sources = data.get("sources")
     if not isinstance(sources, list) or not sources:
-        raise InvalidReferenceError(
-            f"{path}: no [[sources]] entries", reference=str(path), hint="list each source with ref and weight"
-        )
+        raise InvalidRecipeError(f"{path}: no [[sources]] entries", path=str(path),
+                                 hint="list each source with ref and weight")
     parsed = []
     for i, entry in enumerate(sources):
         if not isinstance(entry, dict) or "ref" not in entry:
-            raise InvalidReferenceError(f"{path}: source {i + 1} has no ref", reference=str(path))
-        parsed.append(RecipeSource(str(entry["ref"]), float(entry.get("weight", 1.0)), entry.get("digest")))
+            raise InvalidRecipeError(f"{path}: source {i + 1} has no ref", path=str(path))
+        weight = entry.get("weight", 1.0)
+        if not isinstance(weight, int | float) or isinstance(weight, bool):
+            raise InvalidRecipeError(f"{path}: source {i + 1} has weight {weight!r}, not a number", path=str(path))
+        parsed.append(RecipeSource(str(entry["ref"]), float(weight), entry.get("digest")))
     merge = data.get("merge") or {}
     if not isinstance(merge, dict) or "method" not in merge:
-        raise InvalidReferenceError(f"{path}: [merge] must name a method", reference=str(path))
-    return Recipe(parsed, dict(merge), dict(data.get("output") or {}))
+        raise InvalidRecipeError(f"{path}: [merge] must name a method", path=str(path))
+    output = data.get("output") or {}
+    name, version = output.get("name"), output.get("version")
+    return Recipe(
+        sources=tuple(parsed),
+        options=MergeOptions.from_dict(merge),
+        output=RecipeOutput(str(name) if name is not None else None, str(version) if version is not None else None),
+    )

@@ -19,6 +19,7 @@ from loramgr.fileio import write_atomic
 from loramgr.formats.peftconfig import lora_config
 from loramgr.formats.peftconfig import pattern_key as pattern_key  # re-exported: merge callers import it from here
 from loramgr.merge.options import MergeOptions
+from loramgr.merge.recipes import Recipe
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -92,10 +93,18 @@ class MergedAdapter:
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
     modules: list[ModuleReport]
-    options: MergeOptions
-    sources: list[str] = field(default_factory=list)  # labels of the input adapters, in order
-    #: how it was made (recipe and parent adapters), set by loramgr.merge.operations for registering it
-    provenance: Any = field(default=None, repr=False, compare=False)
+    #: how it was made: its sources by reference and digest, with their weights, and the options
+    recipe: Recipe = field(repr=False, compare=False)
+
+    @property
+    def options(self) -> MergeOptions:
+        """The options as applied (weights filled in, DARE's seed fixed)."""
+        return self.recipe.options
+
+    @property
+    def sources(self) -> list[str]:
+        """Labels of the input adapters, in order."""
+        return [source.ref for source in self.recipe.sources]
 
     @property
     def dtype(self) -> str:
@@ -137,7 +146,7 @@ class MergedAdapter:
             rank=int(self.config["r"]),
             alpha=float(self.config["lora_alpha"]),
             target_modules=list(self.config["target_modules"]),
-            target_modules_found=list(self.config["target_modules"]),
+            target_modules_found=sorted({s.name.rsplit(".", 1)[-1] for s in specs}),  # as read from a folder
             base_model=self.config.get("base_model_name_or_path"),
             base_model_revision=self.config.get("revision"),
             task_type=self.config.get("task_type"),
