@@ -39,7 +39,9 @@ def build_model() -> Any:
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
     )
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config)
+    model.train(False)  # inference mode, as .eval() (which is untyped)
+    return model
 
 
 def write_adapter(folder: Path, model: Any, targets: list[str], *, rank: int, alpha: float, seed: int,

@@ -171,7 +171,7 @@ def download_adapter(
             allow_patterns=patterns,
             ignore_patterns=[f"{source.subfolder}/*/*" if source.subfolder else "*/*"],  # "*" crosses "/"
             local_files_only=offline,
-            tqdm_class=_progress_class(progress),  # type: ignore[arg-type]
+            tqdm_class=_progress_class(progress),
         )
     except Exception as exc:  # noqa: BLE001 - every client failure becomes one HubError below
         raise download_error(exc, source, offline=offline, token=token, endpoint=endpoint) from exc
@@ -292,16 +292,16 @@ def _progress_class(progress: Progress | None) -> type:
     The library must not draw (STYLE.md: only the CLI draws progress bars). huggingface_hub feeds
     the bar named "huggingface_hub.snapshot_download" with bytes written, summed over files.
     """
-    from huggingface_hub.utils import tqdm as hf_tqdm
+    from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
     lock = threading.Lock()
 
-    class _Silent(hf_tqdm):  # type: ignore[misc]
+    class _Silent(hf_tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             self._report = progress is not None and kwargs.get("name") == "huggingface_hub.snapshot_download"
             self._done = 0
             kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
 
         def update(self, n: float | None = 1) -> bool | None:
             if self._report and n and progress is not None:
@@ -391,7 +391,7 @@ def _config_base_model(path: Path) -> str | None:
 def _adapter_files(api: Any, repo_id: str, commit: str) -> list[str]:
     """Top-level files at ``commit`` that an adapter download would take (README.md aside)."""
     from huggingface_hub.hf_api import RepoFile
-    from huggingface_hub.utils import filter_repo_objects
+    from huggingface_hub.utils._paths import filter_repo_objects
 
     paths = [f.path for f in api.list_repo_tree(repo_id, revision=commit) if isinstance(f, RepoFile)]
     return [p for p in filter_repo_objects(paths, allow_patterns=adapter_patterns()) if "/" not in p]

@@ -275,12 +275,13 @@ class OciClient:
     # -- blobs ------------------------------------------------------------------------------------
 
     def has_blob(self, digest: str) -> bool:
-        return self.request("HEAD", f"blobs/{digest}", ok=(200, 404)).status_code == 200
+        status: int = self.request("HEAD", f"blobs/{digest}", ok=(200, 404)).status_code
+        return status == 200
 
     def get_blob_bytes(self, digest: str, *, limit: int = 16 << 20) -> bytes:
         """A small blob (a config), checked against its digest."""
         response = self.request("GET", f"blobs/{digest}", stream=True)
-        body = response.raw.read(limit + 1, decode_content=True)
+        body: bytes = response.raw.read(limit + 1, decode_content=True)
         if len(body) > limit:
             raise OciError(f"blob {digest[:19]} is larger than {limit} bytes", reference=str(self.ref))
         found = "sha256:" + hashlib.sha256(body).hexdigest()

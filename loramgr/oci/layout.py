@@ -163,7 +163,8 @@ class Artifact:
 
     @property
     def recipe(self) -> dict[str, Any] | None:
-        return _json_annotation(self.annotations, RECIPE, dict)
+        recipe: dict[str, Any] | None = _json_annotation(self.annotations, RECIPE, dict)
+        return recipe
 
     @property
     def base(self) -> dict[str, str]:
