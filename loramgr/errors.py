@@ -19,6 +19,7 @@
     ├── InvalidRecipeError (ValueError) a recipe file that is missing, not TOML or incomplete
     ├── RegistryError               the database cannot be opened or is from a newer loramgr
     ├── HubError                    a Hub repository, revision or download problem
+    ├── OciError                    an OCI registry, repository, tag, credential or transfer problem
     ├── InvalidBaseModelError       a base model whose files cannot be fingerprinted
     ├── EngineSpecError (ValueError) an ``--engine`` value that does not parse
     ├── MissingDependencyError (ImportError) an optional package an operation needs
@@ -124,6 +125,16 @@ class RegistryError(LoramgrError):
 
 class HubError(LoramgrError):
     """A Hugging Face Hub repository, revision, authentication or download problem."""
+
+
+class OciError(LoramgrError):
+    """An OCI registry, repository, tag, credential or transfer problem."""
+
+    def __init__(self, message: str, *, reference: str | None = None, status: int | None = None,
+                 hint: str | None = None) -> None:
+        self.reference = reference
+        self.status = status
+        super().__init__(message, hint=hint)
 
 
 class InvalidBaseModelError(LoramgrError):

@@ -64,19 +64,19 @@ def test_recipe_reproduces_the_digest_and_python_compose_agrees(sources, tmp_pat
         "--seed", "7", "--rank", "4", "--name", "mix", "--version", "1.0.0")
     registry = Registry.open()
     shown = registry.show("mix")
-    assert [(p["name"], p["weight"]) for p in shown["parents"]] == [("sql", 0.5), ("style", 0.5)]
-    assert shown["recipe"]["options"]["seed"] == 7
+    assert [(p.name, p.weight) for p in shown.parents] == [("sql", 0.5), ("style", 0.5)]
+    assert (shown.recipe or {})["options"]["seed"] == 7
     recipe = tmp_path / "mix.toml"
     recipe.write_text(run("show", "mix", "--recipe"))
     assert "already registered as mix==1.0.0" in run("combine", "--recipe", str(recipe))
     run("combine", "--recipe", str(recipe), "--name", "mix-again")
-    assert registry.show("mix-again")["digest"] == shown["digest"]
+    assert registry.show("mix-again").digest == shown.digest
     # the same merge from Python gives the same bytes, hence the same digest
     mix = loramgr.compose([("sql", 0.5), ("style", 0.5)], method="dare_ties", density=0.5, seed=7, rank=4)
-    assert loramgr.register(mix, name="mix-py").digest == shown["digest"]
+    assert loramgr.register(mix, name="mix-py").digest == shown.digest
     # another seed is another merge
     other = loramgr.compose([("sql", 0.5), ("style", 0.5)], method="dare_ties", density=0.5, seed=8, rank=4)
-    assert loramgr.register(other, name="mix-seed8").digest != shown["digest"]
+    assert loramgr.register(other, name="mix-seed8").digest != shown.digest
 
 
 def test_recipe_refuses_sources_that_changed(sources, tmp_path: Path) -> None:
@@ -94,16 +94,16 @@ def test_compress_by_energy_gives_per_module_ranks(tmp_path: Path) -> None:
     assert "lowest kept energy" in out
     registry = Registry.open()
     small = registry.show("small")
-    assert max(m["rank"] for m in small["modules"]) < 16
+    assert max(m.rank for m in small.modules) < 16
     for module in (Q, V):
         exact = dense(folder, module)
         s = torch.linalg.svdvals(exact)
         kept = registry.open_adapter("small").delta(module).double()
         energy = float((kept.norm() / exact.norm()) ** 2)
-        rank = next(m["rank"] for m in small["modules"] if m["name"] == module)
+        rank = next(m.rank for m in small.modules if m.name == module)
         assert energy >= 0.8 - 1e-6
         # the recorded per-module report states the energy actually kept
-        report = {r["module"]: r["kept_energy"] for r in small["recipe"]["report"]}
+        report = {r["module"]: r["kept_energy"] for r in (small.recipe or {})["report"]}
         assert abs(report[module] - energy) < 1e-4
         # the smallest such rank: one less would not reach 80%
         assert float((s[: rank - 1] ** 2).sum() / (s**2).sum()) < 0.8

@@ -21,7 +21,7 @@ def test_demo_installs_combines_compresses_and_loads(tmp_path) -> None:
     expected = {"sql-skill", "chat-style", "sql-chat", "sql-chat-small"}
     assert names == {(name, "1.0.0") for name in expected}
     shown = registry.show("sql-chat")
-    assert [(p["name"], p["weight"]) for p in shown["parents"]] == [("sql-skill", 0.7), ("chat-style", 0.3)]
+    assert [(p.name, p.weight) for p in shown.parents] == [("sql-skill", 0.7), ("chat-style", 0.3)]
     assert any(line.startswith("5. loaded sql-chat") for line in lines)
 
 

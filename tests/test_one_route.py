@@ -253,3 +253,14 @@ def test_the_registry_imports_nothing_above_it() -> None:
             elif isinstance(node, ast.Import):
                 upward += [f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("loramgr")]
     assert upward == []
+
+
+def test_the_export_formats_are_listed_once(tmp_path: Path) -> None:
+    """The CLI's --format choices, the export route and the converters' dispatch name the same formats."""
+    from loramgr.errors import UnknownFormatError
+    from loramgr.exporter import EXPORT_FORMATS
+    from loramgr.formats.convert import export_adapter
+
+    with pytest.raises(UnknownFormatError) as caught:
+        export_adapter(None, tmp_path / "x", "gguf-typo")  # type: ignore[arg-type]
+    assert caught.value.known == EXPORT_FORMATS

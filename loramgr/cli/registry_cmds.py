@@ -87,7 +87,7 @@ def show(reference: str, as_json: bool, as_recipe: bool) -> None:
     if as_recipe:
         from ..merge.recipes import recipe_toml
 
-        click.echo(recipe_toml(details.to_dict()), nl=False)
+        click.echo(recipe_toml(details), nl=False)
         return
     if as_json:
         echo_json(details.to_dict())

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
     from ..compat.basemodel import BaseFingerprint
 
-FORMATS = ("peft", "kohya", "diffusers")
 #: the LoraConfig fields written per component into diffusers' lora_adapter_metadata
 _DIFFUSERS_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_dropout",
                    "target_modules")
@@ -284,7 +283,10 @@ def export_adapter(adapter: LoraAdapter, dest: str | Path, fmt: str, **options: 
         "diffusers": to_diffusers_file,
     }
     if fmt not in writers:
-        raise InvalidAdapterError(f"unknown export format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+        from ..errors import UnknownFormatError
+        from ..exporter import EXPORT_FORMATS
+
+        raise UnknownFormatError(f"unknown export format {fmt!r}", format=fmt, known=EXPORT_FORMATS)
     return writers[fmt](adapter, dest, **options)
 
 

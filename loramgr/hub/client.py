@@ -289,7 +289,7 @@ def push(
 def _progress_class(progress: Progress | None) -> type:
     """A never-drawing tqdm that forwards the snapshot's byte counts to ``progress``.
 
-    The library must not draw (STYLE.md: only the CLI draws progress bars). huggingface_hub feeds
+    The library must not draw (only the CLI draws progress bars). huggingface_hub feeds
     the bar named "huggingface_hub.snapshot_download" with bytes written, summed over files.
     """
     from huggingface_hub.utils.tqdm import tqdm as hf_tqdm

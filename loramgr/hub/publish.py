@@ -36,7 +36,7 @@ def prepare_push(registry: Registry, reference: str, *, repo_id: str, private: b
         card = render_model_card(
             dataclasses.replace(details, format=fmt) if fmt != "peft" else details,  # the files uploaded
             repo_id=repo_id,
-            recipe_toml=recipe_toml(details.to_dict()) if details.recipe else None,
+            recipe_toml=recipe_toml(details) if details.recipe else None,
         )
         yield plan_push(folder, repo_id=repo_id, tag=f"v{details.version}", card=card, private=private), folder
 

@@ -24,10 +24,13 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidRecipeError, MissingRecipeError
 from .options import MergeOptions
+
+if TYPE_CHECKING:
+    from ..registry import VersionDetails
 
 
 @dataclass(frozen=True)
@@ -110,15 +113,14 @@ class Recipe:
         return header + tomli_w.dumps(document)
 
 
-def recipe_toml(shown: dict[str, Any]) -> str:
-    """The recipe of a version as ``Registry.show`` returns it; refuses versions that were not combined."""
-    record = shown.get("recipe")
-    if not record:
+def recipe_toml(details: VersionDetails) -> str:
+    """The recipe of a version as ``Registry.show`` describes it; refuses versions that were not combined."""
+    if not details.recipe:
         raise MissingRecipeError(
-            f"{shown['name']}=={shown['version']} was installed, not combined, so it has no recipe",
+            f"{details.ref} was installed, not combined, so it has no recipe",
             hint="only adapters made by 'loramgr combine' or 'compress' have one",
         )
-    recipe = replace(Recipe.from_record(record), output=RecipeOutput(shown["name"], shown["version"]))
+    recipe = replace(Recipe.from_record(details.recipe), output=RecipeOutput(details.name, details.version))
     return recipe.to_toml()
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import IntegrityError, LoramgrError, NotFoundError
+from ..errors import IntegrityError, NotFoundError, OciError
 from .reference import OciReference, url_scheme
 
 #: progress(bytes_done, bytes_total)
@@ -39,16 +39,6 @@ MANIFEST_TYPES = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 TIMEOUT = 60.0
-
-
-class OciError(LoramgrError):
-    """An OCI registry, repository, tag, credential or transfer problem."""
-
-    def __init__(self, message: str, *, reference: str | None = None, status: int | None = None,
-                 hint: str | None = None) -> None:
-        self.reference = reference
-        self.status = status
-        super().__init__(message, hint=hint)
 
 
 @dataclass(frozen=True)

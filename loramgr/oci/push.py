@@ -193,7 +193,7 @@ def _card(details: VersionDetails, target: OciReference, tag: str) -> str:
     from ..merge.recipes import recipe_toml
 
     card = render_model_card(details, repo_id=str(target),
-                             recipe_toml=recipe_toml(details.to_dict()) if details.recipe else None)
+                             recipe_toml=recipe_toml(details) if details.recipe else None)
     card = card.split("\n## Use it\n", 1)[0].rstrip() + "\n"
     host_path = f"{target.host}/{target.repository}:{tag}"
     return card + (

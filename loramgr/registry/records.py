@@ -188,10 +188,6 @@ class VersionDetails:
         data["source_details"] = self.source_details.to_dict()
         return data
 
-    def __getitem__(self, key: str) -> Any:
-        # transitional: ``show()`` returned this dict before; remove once no caller indexes it by key
-        return self.to_dict()[key]
-
 
 @dataclass
 class VersionRow:
