@@ -171,6 +171,7 @@ def test_list_when_empty():
     assert json.loads(invoke("list", "--json")) == []
 
 
+@pytest.mark.slow
 def test_help_list_and_install_do_not_import_torch(runs):
     invoke("install", "./runs/sql-lora", "--name", "sql-assistant", "--version", "1.0.0")
     code = (

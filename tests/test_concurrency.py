@@ -7,11 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from factories import write_peft_adapter
 
 from loramgr.registry import Registry, verify
 
 INSTALLS_PER_WORKER = 2
+
+
+pytestmark = pytest.mark.slow  # subprocesses and servers: outside the everyday loop
 
 
 def _worker_script(folders: list[Path], same: Path) -> str:

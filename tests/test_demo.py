@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from click.testing import CliRunner
 
 from loramgr.cli.main import cli
 from loramgr.demo import run
 from loramgr.registry import Registry
+
+pytestmark = pytest.mark.slow  # subprocesses and servers: outside the everyday loop
 
 
 def test_demo_installs_combines_compresses_and_loads(tmp_path) -> None:

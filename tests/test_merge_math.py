@@ -67,6 +67,7 @@ def test_choose_rank_edges():
     assert choose_rank(energies, 10.0, 9, None) == 4
 
 
+@pytest.mark.slow
 def test_randomized_rerank_keeps_energy_within_half_a_percent_of_exact():
     # a TIES result is near full rank with a slowly decaying spectrum: the hard case for a
     # randomized SVD. 600 x 900 is above EXACT_SVD_MAX_DIM, so rerank_dense takes the randomized path.

@@ -118,6 +118,7 @@ def test_compress_without_rank_or_energy_is_one_error_everywhere(sources) -> Non
     assert len(messages) == 1 and next(iter(messages)).startswith("compress needs --rank or --energy")
 
 
+@pytest.mark.slow
 def test_option_errors_come_before_torch_is_imported(sources) -> None:
     """A mistyped option is refused before the tensor libraries load (the step checks options first)."""
     script = (

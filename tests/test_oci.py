@@ -18,8 +18,11 @@ from ociregistry import OciRegistry, available
 import loramgr
 from loramgr.registry import Registry
 
-pytestmark = pytest.mark.skipif(not available(), reason="docker-registry (CNCF distribution) is not installed; "
-                                "apt-get install docker-registry")
+pytestmark = [
+    pytest.mark.slow,  # a registry server per module: outside the everyday loop
+    pytest.mark.skipif(not available(), reason="docker-registry (CNCF distribution) is not installed; "
+                       "apt-get install docker-registry"),
+]
 
 MODELPACK = {
     "artifact": "application/vnd.cncf.model.manifest.v1+json",

@@ -21,6 +21,9 @@ from sqlalchemy import create_engine
 MODULES = {"model.layers.0.self_attn.q_proj": (16, 16, 4), "model.layers.0.self_attn.v_proj": (16, 16, 4)}
 
 
+pytestmark = pytest.mark.slow  # a PostgreSQL server per session: outside the everyday loop
+
+
 def _as_postgres(*command: str) -> None:
     prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     subprocess.run([*prefix, *command], check=True, capture_output=True, timeout=60)

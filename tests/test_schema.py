@@ -141,6 +141,7 @@ def test_database_url_takes_any_sqlalchemy_url(tmp_path, monkeypatch, loramgr_ho
     assert not (loramgr_home / "registry.db").exists()
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_migrations(tmp_path):
     """Build the wheel from a copy of the sources (the shared tree stays clean) and look inside."""
     src = tmp_path / "src"
