@@ -85,6 +85,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-oci-", dir=args.dir))
     os.environ["LORAMGR_HOME"] = str(work / "home")
+    from loramgr.installer import InstallOptions, install_source
     from loramgr.oci.pull import fetch, install_from_oci
     from loramgr.oci.push import plan_push, run_push
     from loramgr.registry import Registry
@@ -93,7 +94,7 @@ def main() -> None:
         adapter = write_adapter(work / "adapter", args.size_mb)
         size = sum(f.stat().st_size for f in adapter.iterdir())
         registry = Registry.open()
-        registry.install(adapter, name="big", version="1.0.0")
+        install_source(registry, adapter, InstallOptions(name="big", version="1.0.0"))
         rows: dict[str, list[float]] = {k: [] for k in ("loramgr push", "oras push", "loramgr fetch",
                                                          "loramgr install oci://", "oras pull")}
         with OciRegistry(work / "registry") as reg:
@@ -120,7 +121,7 @@ def main() -> None:
                 shutil.rmtree(folder)
                 fresh = Registry.open(work / f"home-{round_}")
                 rows["loramgr install oci://"].append(timed(lambda fresh=fresh, ours=ours: install_from_oci(
-                    fresh, reg.url(ours) + ":1.0.0")))
+                    fresh, reg.url(ours) + ":1.0.0", InstallOptions())))
                 shutil.rmtree(work / f"home-{round_}")
         report = render(rows, size, args)
         print(report)
