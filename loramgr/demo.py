@@ -97,15 +97,18 @@ def run(home: Path | None = None, echo: Callable[[str], None] = print) -> DemoRe
     echo(f"1. built a tiny Llama ({LAYERS} layers, hidden {HIDDEN}): "
          f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
-    work = Path(tempfile.mkdtemp(prefix="loramgr-demo-adapters-"))
-    sql = write_adapter(work / "sql-skill", model, ["q_proj", "k_proj", "v_proj", "o_proj"], rank=8, alpha=16, seed=1)
-    chat = write_adapter(work / "chat-style", model, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
-                         rank=4, alpha=8, seed=2, use_rslora=True)
-    for folder, name in ((sql, "sql-skill"), (chat, "chat-style")):
-        result = install_source(registry, folder, InstallOptions(name=name, version="1.0.0"))
-        shown = registry.show(result.ref)
-        echo(f"2. installed {result.ref}: rank {shown.rank}, {shown.n_modules} modules "
-             f"({', '.join(shown.target_modules)}), {result.digest[:19]}")
+    # the training runs' folders are only the install's input: the store keeps its own copy
+    with tempfile.TemporaryDirectory(prefix="loramgr-demo-adapters-") as runs:
+        work = Path(runs)
+        sql = write_adapter(work / "sql-skill", model, ["q_proj", "k_proj", "v_proj", "o_proj"], rank=8, alpha=16,
+                            seed=1)
+        chat = write_adapter(work / "chat-style", model, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+                             rank=4, alpha=8, seed=2, use_rslora=True)
+        for folder, name in ((sql, "sql-skill"), (chat, "chat-style")):
+            result = install_source(registry, folder, InstallOptions(name=name, version="1.0.0"))
+            shown = registry.show(result.ref)
+            echo(f"2. installed {result.ref}: rank {shown.rank}, {shown.n_modules} modules "
+                 f"({', '.join(shown.target_modules)}), {result.digest[:19]}")
 
     combined = combine(["sql-skill==1.0.0", "chat-style==1.0.0"], MergeOptions(method="linear", weights=(0.7, 0.3)),
                        registry=registry, name="sql-chat", version="1.0.0")
