@@ -414,6 +414,7 @@ def test_check_llama_cpp_warns_where_its_converter_scales_wrongly(tmp_path: Path
     (pattern,) = warnings(modules=GOOD, alpha=16.0, alpha_pattern={"v_proj": 64.0})
     assert pattern.module == "model.layers.0.self_attn.v_proj" and "x0.25" in pattern.message
     assert pattern.severity == "warning"
-    saved = read_peft_folder(write_peft_adapter(tmp_path / "saved", GOOD, extra_config={"modules_to_save": ["lm_head"]}))
+    saved_folder = write_peft_adapter(tmp_path / "saved", GOOD, extra_config={"modules_to_save": ["lm_head"]})
+    saved = read_peft_folder(saved_folder)
     assert [f.code for f in errors(check_adapters([saved], base=llama_base, engine="llama.cpp"))] == [
         "engine-modules-to-save"]

@@ -60,7 +60,8 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 def test_deploy_vllm_gives_the_filesystem_resolver_loadable_immutable_names(tmp_path: Path, installed) -> None:
     cache = tmp_path / "lora-cache"
-    out = run_cli("deploy", "vllm", str(cache), "--served-model", SERVED, "sql-chat==1.2.0", "house-style@stable").output
+    args = ("deploy", "vllm", str(cache), "--served-model", SERVED, "sql-chat==1.2.0", "house-style@stable")
+    out = run_cli(*args).output
     assert "2 written, 0 unchanged, 0 removed" in out
     assert f"VLLM_LORA_RESOLVER_CACHE_DIR={cache.absolute()}" in out
     assert f"--lora-modules sql-chat@1.2.0={cache.absolute() / 'sql-chat@1.2.0'}" in out

@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
-import loramgr.api
 import pytest
 import torch
 import transformers
 from factories import one_line_error, run_cli, write_peft_adapter
 
+import loramgr.api
 from loramgr.exporter import export_version
 
 # test-side tables, written from llama.cpp's convert_hf_to_gguf.py / convert_lora_to_gguf.py, not from loramgr

@@ -166,7 +166,7 @@ def _entries(registry: Registry, references: list[str], lock: str | os.PathLike[
         details = registry.show(reference)
         entry = _Entry(details, f"{details.name}=={details.version}")
         entries.setdefault(entry.name, entry)
-    for locked in read_lock(lock) if lock is not None else []:
+    for locked in read_lock(Path(lock)) if lock is not None else []:
         details = registry.show(f"{locked.name}=={locked.version}")
         if details.digest != locked.digest:
             raise IntegrityError(f"{locked.name}=={locked.version} is {details.digest[:19]} in the registry, the lock "

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import IncompatibleError, MissingDependencyError, UnsupportedAdapterError
 from ..fileio import write_atomic
@@ -44,7 +44,7 @@ GGUF_ARCHITECTURES = {
 _ROTARY_PERMUTED = {"LLAMA"}
 
 
-def _gguf():  # type: ignore[no-untyped-def]
+def _gguf() -> Any:
     try:
         import gguf
     except ImportError as exc:
