@@ -3,8 +3,10 @@ and ``loramgr push``.
 
 A version stored as a PEFT folder and exported as one gets its stored bytes back, file for file; any
 other pair converts (:mod:`loramgr.formats.convert`), with a base model linked at install supplying
-the module paths that kohya names need. Every write is atomic (:mod:`loramgr.fileio`): an error
-leaves no destination behind.
+the module paths that kohya names need. ``gguf`` writes a llama.cpp LoRA GGUF and ``ollama`` a folder
+with that GGUF and a Modelfile (:mod:`loramgr.serve.gguf`); both need the base model's architecture
+(the base linked at install, or ``base``) and run the llama.cpp check first. Every write is atomic
+(:mod:`loramgr.fileio`): an error leaves no destination behind.
 """
 
 from __future__ import annotations
@@ -18,20 +20,31 @@ from .errors import UnknownFormatError
 from .fileio import atomic_folder, require_new_file, require_new_folder
 
 if TYPE_CHECKING:
+    from .compat.basemodel import BaseFingerprint
     from .registry import Registry, VersionDetails
 
-#: the formats ``export`` writes: a PEFT folder, a kohya file, a diffusers file
-EXPORT_FORMATS = ("peft", "kohya", "diffusers")
+#: the formats ``export`` writes: a PEFT folder, a kohya file, a diffusers file, a llama.cpp GGUF file,
+#: an Ollama folder (GGUF + Modelfile)
+EXPORT_FORMATS = ("peft", "kohya", "diffusers", "gguf", "ollama")
 
 
 def export_version(
-    registry: Registry, reference: str, destination: str | os.PathLike[str], *, fmt: str = "peft"
+    registry: Registry,
+    reference: str,
+    destination: str | os.PathLike[str],
+    *,
+    fmt: str = "peft",
+    base: str | os.PathLike[str] | BaseFingerprint | None = None,
 ) -> Path:
-    """Write version ``reference`` to ``destination`` (a new or empty folder for peft, a new file otherwise)."""
+    """Write version ``reference`` to ``destination`` (a new or empty folder for peft and ollama, a new file
+    otherwise). ``base`` (a registered base's name, a path or a fingerprint) overrides the base linked at
+    install, for the formats that need one (gguf, ollama: the architecture, and Ollama's FROM line)."""
     if fmt not in EXPORT_FORMATS:
         raise UnknownFormatError(f"unknown export format {fmt!r}", format=fmt, known=EXPORT_FORMATS)
     destination = Path(destination)
     details = registry.show(reference)
+    if fmt in ("gguf", "ollama"):
+        return _export_gguf(registry, details, destination, fmt=fmt, base=base)
     if fmt == "peft":
         require_new_folder(destination)
         if details.format == "peft":
@@ -50,4 +63,34 @@ def _copy_stored(registry: Registry, details: VersionDetails, destination: Path)
             target = staging / entry.path
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(registry.store.path(entry.digest), target)
+    return destination
+
+
+def _export_gguf(
+    registry: Registry,
+    details: VersionDetails,
+    destination: Path,
+    *,
+    fmt: str,
+    base: str | os.PathLike[str] | BaseFingerprint | None,
+) -> Path:
+    from .errors import IncompatibleError
+    from .serve.gguf import gguf_architecture, ollama_modelfile, write_lora_gguf
+    from .serve.guard import open_base, require_engine_ok
+
+    (require_new_folder if fmt == "ollama" else require_new_file)(destination)
+    reference = f"{details.name}=={details.version}"
+    fingerprint = open_base(base, registry) if base is not None else registry.base_of(reference)
+    if fingerprint is None:
+        raise IncompatibleError(f"{fmt} export of {reference} needs its base model's architecture",
+                                hint="pass --base NAME (see 'loramgr base list') or install it with --base")
+    gguf_architecture(fingerprint)  # an architecture without a name map is refused before anything is read
+    adapter = registry.open_adapter(reference)
+    label = f"{details.name}@{details.version}"
+    require_engine_ok([adapter], "ollama" if fmt == "ollama" else "llama.cpp", labels=[label], base=fingerprint)
+    if fmt == "gguf":
+        return write_lora_gguf(adapter, fingerprint, destination)
+    with atomic_folder(destination) as staging:
+        write_lora_gguf(adapter, fingerprint, staging / "adapter.gguf")
+        (staging / "Modelfile").write_text(ollama_modelfile(fingerprint.name or label, "adapter.gguf"))
     return destination

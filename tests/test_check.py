@@ -317,3 +317,104 @@ def test_cli_and_python_api_give_the_same_error(check_inputs: dict[str, str]) ->
         loramgr.check([check_inputs["good"]], engine="vllm:max-rank=17")
     usage = run_cli("check", check_inputs["good"], "--engine", "vllm:max-rank=17", code=2)
     assert str(bad_engine.value) in usage.output.replace("\n", " ")
+
+
+# vLLM's PEFTHelper (vllm/lora/peft_helper.py: _validate_features, validate_legal, __post_init__), restated here
+# from its source as an independent table: vLLM needs a GPU and cannot be installed where these tests run
+def peft_helper_errors(config: dict, max_lora_rank: int) -> list[str]:
+    r = config["r"]
+    if r <= 0:
+        return ["rank must be a positive integer"]
+    found = []
+    if [m for m in config.get("modules_to_save") or [] if m not in ("classifier", "score")]:
+        found.append("modules_to_save")
+    if config.get("use_dora"):
+        found.append("DoRA")
+    if config.get("lora_bias"):
+        found.append("lora_bias")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in ("gaussian", "eva", "orthogonal", "mica", "lora_ga"):
+        found.append("init")
+    for key in ("alora_invocation_tokens", "layer_replication", "use_bdlora", "use_qalora"):
+        if config.get(key):
+            found.append(key)
+    if max([r, *(config.get("rank_pattern") or {}).values()]) > max_lora_rank:
+        found.append("rank")
+    if config.get("bias", "none") != "none":
+        found.append("bias")
+    return found
+
+
+PEFT_HELPER_CASES = {
+    "plain": {},
+    "rank-above": {"r": 32},  # the tensors get the ranks the config declares (see _ranked)
+    "rank-pattern-above": {"rank_pattern": {"model.layers.0.self_attn.q_proj": 32}},
+    "rank-pattern-within": {"rank_pattern": {"model.layers.0.self_attn.q_proj": 16}},
+    "dora": {"use_dora": True},
+    "modules-to-save-lm-head": {"modules_to_save": ["lm_head"]},
+    "modules-to-save-score": {"modules_to_save": ["score"]},
+    "modules-to-save-classifier-and-score": {"modules_to_save": ["classifier", "score"]},
+    "lora-bias": {"lora_bias": True},
+    "bias-all": {"bias": "all"},
+    "pissa": {"init_lora_weights": "pissa"},
+    "pissa-niter": {"init_lora_weights": "pissa_niter_4"},
+    "olora": {"init_lora_weights": "olora"},
+    "corda": {"init_lora_weights": "corda"},
+    "loftq": {"init_lora_weights": "loftq"},
+    "unknown-init": {"init_lora_weights": "future_init"},
+    "gaussian": {"init_lora_weights": "gaussian"},
+    "eva": {"init_lora_weights": "eva"},
+    "init-false": {"init_lora_weights": False},
+    "alora": {"alora_invocation_tokens": [1, 2]},
+    "layer-replication": {"layer_replication": [[0, 2]]},
+    "bdlora": {"use_bdlora": {"nblocks": 2}},
+    "qalora": {"use_qalora": True},
+    "rslora": {"use_rslora": True},
+}
+
+
+@pytest.mark.parametrize("case", list(PEFT_HELPER_CASES))
+def test_check_vllm_agrees_with_vllm_peft_helper(tmp_path: Path, llama_base, case: str) -> None:
+    change = PEFT_HELPER_CASES[case]
+    pattern = change.get("rank_pattern", {})
+    ranked = {name: (d_in, d_out, pattern.get(name, change.get("r", r))) for name, (d_in, d_out, r) in GOOD.items()}
+    folder = write_peft_adapter(tmp_path / "a", ranked, rank=change.get("r", 8))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(change)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    info = read_peft_folder(folder)
+    if config.get("use_dora"):
+        info.use_dora = True  # the DoRA flag alone, as vLLM reads it (the magnitudes do not matter to the rule)
+    expected = peft_helper_errors(config, 16)
+    found = errors(check_adapters([info], base=llama_base, engine="vllm:max-rank=16"))
+    assert bool(found) == bool(expected), (expected, [str(f) for f in found])
+    assert len(found) >= len(expected)
+
+
+@pytest.mark.parametrize("rank", [0, -8])
+def test_non_positive_rank_is_refused_on_read_as_vllm_refuses_it(tmp_path: Path, rank: int) -> None:
+    folder = write_peft_adapter(tmp_path / "a", GOOD, extra_config={"r": rank})
+    assert peft_helper_errors(json.loads((folder / "adapter_config.json").read_text()), 16)
+    with pytest.raises(LoramgrError, match="r must be a positive number"):
+        read_peft_folder(folder)
+
+
+def test_check_llama_cpp_warns_where_its_converter_scales_wrongly(tmp_path: Path, llama_base) -> None:
+    def warnings(**options) -> list:
+        info = read_peft_folder(write_peft_adapter(tmp_path / str(len(list(tmp_path.iterdir()))), **options))
+        found = check_adapters([info], base=llama_base, engine="llama.cpp")
+        return [f for f in found if f.code == "engine-converter-scale"]
+
+    assert warnings(modules=GOOD, alpha=16.0) == []  # one rank, one alpha: alpha / rank is right
+    mixed = {**GOOD, "model.layers.1.mlp.down_proj": (64, 32, 4)}
+    # rank_pattern with the one alpha is alpha / r_m in PEFT and in llama.cpp alike
+    assert warnings(modules=mixed, alpha=16.0, rank=8) == []
+    (rs,) = warnings(modules=GOOD, alpha=16.0, use_rslora=True)
+    assert "x0.354" in rs.message and "export --format gguf" in rs.message  # (16 / 8) / (16 / sqrt(8))
+    (pattern,) = warnings(modules=GOOD, alpha=16.0, alpha_pattern={"v_proj": 64.0})
+    assert pattern.module == "model.layers.0.self_attn.v_proj" and "x0.25" in pattern.message
+    assert pattern.severity == "warning"
+    saved_folder = write_peft_adapter(tmp_path / "saved", GOOD, extra_config={"modules_to_save": ["lm_head"]})
+    saved = read_peft_folder(saved_folder)
+    assert [f.code for f in errors(check_adapters([saved], base=llama_base, engine="llama.cpp"))] == [
+        "engine-modules-to-save"]

@@ -85,15 +85,28 @@ def plain_lora_only(s: Subject) -> Iterable[Finding]:
         yield s.finding("error", "engine-type", f"{TYPE_NAMES.get(s.kind, s.kind)} adapters are not supported")
 
 
-def lora_or_peft_dora(s: Subject) -> Iterable[Finding]:
-    if s.kind != "lora" and not (s.kind == "dora" and s.info.format != "kohya"):
-        yield s.finding("error", "engine-type", f"{TYPE_NAMES.get(s.kind, s.kind)} adapters are not supported")
+def peft_loadable(s: Subject) -> Iterable[Finding]:
+    """PEFT loads LoRA, DoRA, and LoHa / LoKr in its own folder format (peft_type LOHA / LOKR)."""
+    if s.kind in ("lora", "dora") and s.info.format != "kohya":
+        return
+    if s.kind in ("loha", "lokr") and s.info.format == "peft":
+        return
+    name = TYPE_NAMES.get(s.kind, s.kind)
+    if s.kind in ("loha", "lokr"):
+        yield s.finding("error", "engine-type", f"PEFT loads {name} only as a PEFT folder (peft_type "
+                        f"{s.kind.upper()}), not as a {s.info.format} file")
+    elif s.kind != "lora":
+        yield s.finding("error", "engine-type", f"{name} adapters are not supported")
 
 
 def vllm_max_rank(s: Subject) -> Iterable[Finding]:
     limit = s.engine.options["max-rank"]
     pattern = s.info.config.get("rank_pattern") or {}
-    top = max([m.rank for m in s.info.modules] + [int(v) for v in pattern.values()] + [s.info.rank or 0])
+    declared = s.info.config.get("r", s.info.rank)
+    if declared is not None and int(declared) <= 0:
+        yield s.finding("error", "engine-rank", f"rank r={declared} is not a positive integer")
+        return
+    top = max([m.rank for m in s.info.modules] + [int(v) for v in pattern.values()] + [int(declared or 0)])
     if top > limit:
         need = next((r for r in VLLM_RANKS if r >= top), None)
         hint = f"serve with --max-lora-rank {need}" if need else "vLLM has no max_lora_rank that large"
@@ -101,16 +114,40 @@ def vllm_max_rank(s: Subject) -> Iterable[Finding]:
         yield s.finding("error", "engine-rank", f"rank {top} exceeds max_lora_rank {limit} ({hint})", worst)
 
 
+#: the modules_to_save vLLM loads: the heads of classification models
+VLLM_MODULES_TO_SAVE = ("classifier", "score")
+#: init_lora_weights values that only set the starting factors (a saved adapter is a plain LoRA)
+VLLM_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+#: adapter_config.json features vLLM refuses, with the words it uses for them
+VLLM_REFUSED_FEATURES = (
+    ("alora_invocation_tokens", "Activated LoRA (aLoRA)"),
+    ("layer_replication", "layer_replication"),
+    ("use_bdlora", "block-diagonal LoRA (BD-LoRA)"),
+    ("use_qalora", "QALoRA"),
+)
+
+
 def vllm_config(s: Subject) -> Iterable[Finding]:
-    if s.info.config.get("modules_to_save"):
-        yield s.finding("error", "engine-modules-to-save",
-                        f"modules_to_save {s.info.config['modules_to_save']} is not supported")
-    bias = s.info.config.get("bias", "none")
+    config = s.info.config
+    unsupported = [m for m in config.get("modules_to_save") or [] if m not in VLLM_MODULES_TO_SAVE]
+    if unsupported:
+        yield s.finding("error", "engine-modules-to-save", f"modules_to_save {unsupported} is not supported "
+                        f"(only {list(VLLM_MODULES_TO_SAVE)}, the heads of classification models)")
+    bias = config.get("bias", "none")
     if bias not in (None, "none"):
         yield s.finding("error", "engine-bias", f"bias {bias!r} is not supported (needs \"none\")")
+    if config.get("lora_bias"):
+        yield s.finding("error", "engine-bias", "lora_bias (a trained bias on lora_B) is not supported")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in VLLM_PLAIN_INITS:
+        yield s.finding("error", "engine-init", f"init_lora_weights={init!r} is not supported: it changes the "
+                        "base weights when PEFT loads the adapter")
+    for key, feature in VLLM_REFUSED_FEATURES:
+        if config.get(key):
+            yield s.finding("error", "engine-feature", f"{feature} is not supported ({key} is set)")
 
 
-def vllm_linear_only(s: Subject) -> Iterable[Finding]:
+def linear_only(s: Subject) -> Iterable[Finding]:
     for spec in s.info.modules:
         if spec.kind == "conv":
             yield s.finding("error", "engine-conv", "LoRA on convolutions is not supported (linear layers only)",
@@ -134,6 +171,28 @@ def same_architecture(s: Subject) -> Iterable[Finding]:
     elif s.engine.name != "llama.cpp" and own.name and base.name and own.name != base.name:
         yield s.finding("warning", "engine-base-name", f"same architecture, other base name ({own.name} vs "
                         f"{base.name})")
+
+
+def no_modules_to_save(s: Subject) -> Iterable[Finding]:
+    saved = s.info.config.get("modules_to_save")
+    if saved:
+        yield s.finding("error", "engine-modules-to-save", f"modules_to_save {list(saved)} cannot be written as a "
+                        "LoRA GGUF (full tensors, not lora_A / lora_B)")
+
+
+def llamacpp_converter_scale(s: Subject) -> Iterable[Finding]:
+    """llama.cpp's convert_lora_to_gguf.py writes the one lora_alpha and llama.cpp scales each module by
+    alpha / its own rank: rank and alpha patterns, rsLoRA and mixed ranks come out wrong."""
+    alpha = s.info.config.get("lora_alpha", s.info.alpha)
+    if alpha is None:
+        return
+    wrong = [(m, (float(alpha) / m.rank) / m.scale) for m in s.info.modules
+             if m.rank and m.scale and abs(float(alpha) / m.rank - m.scale) > 1e-6 * abs(m.scale)]
+    if wrong:
+        module, ratio = max(wrong, key=lambda pair: abs(pair[1] - 1))
+        yield s.finding("warning", "engine-converter-scale", f"its convert_lora_to_gguf.py would scale "
+                        f"{len(wrong)} module(s) wrongly (by up to x{ratio:.3g}: rank/alpha patterns, rsLoRA or mixed "
+                        "ranks); 'loramgr export --format gguf' writes them exactly", module.name)
 
 
 def base_needed(s: Subject) -> Iterable[Finding]:
@@ -164,15 +223,19 @@ class Engine:
 
 ENGINES: dict[str, Engine] = {
     "vllm": Engine(
-        rules=(peft_folders_only, plain_lora_only, vllm_max_rank, vllm_config, vllm_linear_only, vllm_served_name),
+        rules=(peft_folders_only, plain_lora_only, vllm_max_rank, vllm_config, linear_only, vllm_served_name),
         options={"max-rank": int},
         defaults={"max-rank": 16},
         validate=_check_vllm_options,
     ),
+    "sglang": Engine(rules=(peft_folders_only, plain_lora_only, vllm_config, linear_only)),
     "lorax": Engine(rules=(peft_folders_only, plain_lora_only, same_architecture)),
     "tgi": Engine(rules=(peft_folders_only, plain_lora_only, same_architecture)),
-    "llama.cpp": Engine(rules=(peft_folders_only, plain_lora_only, same_architecture, base_needed)),
-    "peft": Engine(rules=(no_kohya_files, lora_or_peft_dora)),
+    "llama.cpp": Engine(rules=(peft_folders_only, plain_lora_only, no_modules_to_save, linear_only,
+                               llamacpp_converter_scale, same_architecture, base_needed)),
+    "ollama": Engine(rules=(peft_folders_only, plain_lora_only, no_modules_to_save, linear_only,
+                            same_architecture, base_needed)),
+    "peft": Engine(rules=(no_kohya_files, peft_loadable)),
 }
 
 
