@@ -70,13 +70,15 @@ def export(
     destination: str | os.PathLike[str],
     *,
     format: str = "peft",
+    base: str | os.PathLike[str] | None = None,
     registry_: Registry | None = None,
 ) -> Path:
-    """Write a registered version as a PEFT folder, a kohya file or a diffusers file, as ``loramgr export``
-    does; returns the path written."""
+    """Write a registered version as a PEFT folder, a kohya, diffusers or llama.cpp GGUF file, or an Ollama
+    folder (GGUF + Modelfile), as ``loramgr export`` does; returns the path written. ``base`` (a registered
+    base model's name or a checkpoint folder) replaces the base linked at install."""
     from .exporter import export_version
 
-    return export_version(registry_ or registry(), reference, destination, fmt=format)
+    return export_version(registry_ or registry(), reference, destination, fmt=format, base=base)
 
 
 def get(reference: str, *, registry_: Registry | None = None) -> LoraAdapter:

@@ -20,6 +20,7 @@
     ├── RegistryError               the database cannot be opened or is from a newer loramgr
     ├── HubError                    a Hub repository, revision or download problem
     ├── OciError                    an OCI registry, repository, tag, credential or transfer problem
+    ├── ServerError                 a serving engine that refused a load or unload, or cannot be reached
     ├── InvalidBaseModelError       a base model whose files cannot be fingerprinted
     ├── EngineSpecError (ValueError) an ``--engine`` value that does not parse
     ├── MissingDependencyError (ImportError) an optional package an operation needs
@@ -133,6 +134,15 @@ class OciError(LoramgrError):
     def __init__(self, message: str, *, reference: str | None = None, status: int | None = None,
                  hint: str | None = None) -> None:
         self.reference = reference
+        self.status = status
+        super().__init__(message, hint=hint)
+
+
+class ServerError(LoramgrError):
+    """A serving engine refused a load or unload request, or could not be reached."""
+
+    def __init__(self, message: str, *, url: str, status: int | None = None, hint: str | None = None) -> None:
+        self.url = url
         self.status = status
         super().__init__(message, hint=hint)
 

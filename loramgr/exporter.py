@@ -51,9 +51,11 @@ def export_version(
             return _copy_stored(registry, details, destination)
     else:
         require_new_file(destination)
+    from .compat.check import open_base
     from .formats.convert import export_converted
 
-    return export_converted(registry.open_adapter(reference), destination, fmt=fmt, base=registry.base_of(reference))
+    fingerprint = open_base(base, registry) if base is not None else registry.base_of(reference)
+    return export_converted(registry.open_adapter(reference), destination, fmt=fmt, base=fingerprint)
 
 
 def _copy_stored(registry: Registry, details: VersionDetails, destination: Path) -> Path:
@@ -74,9 +76,10 @@ def _export_gguf(
     fmt: str,
     base: str | os.PathLike[str] | BaseFingerprint | None,
 ) -> Path:
+    from .compat.check import open_base
     from .errors import IncompatibleError
     from .serve.gguf import gguf_architecture, ollama_modelfile, write_lora_gguf
-    from .serve.guard import open_base, require_engine_ok
+    from .serve.guard import require_engine_ok
 
     (require_new_folder if fmt == "ollama" else require_new_file)(destination)
     reference = f"{details.name}=={details.version}"

@@ -12,7 +12,6 @@ import transformers
 from factories import one_line_error, run_cli, write_peft_adapter
 
 import loramgr.api
-from loramgr.exporter import export_version
 
 # test-side tables, written from llama.cpp's convert_hf_to_gguf.py / convert_lora_to_gguf.py, not from loramgr
 GGUF_LEAF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -135,8 +134,12 @@ def test_gguf_of_a_mixed_rank_merge_result(tmp_path: Path, kind: str) -> None:
                                               seed=1)), "--name", "b", "--base", f"tiny-{kind}")
     run_cli("combine", "a", "b", "--weights", "0.7,0.3", "--name", "merged", "--version", "1.0.0")
     run_cli("export", "merged==1.0.0", str(tmp_path / "merged"), "--format", "peft")
-    # a merge result has no base linked at install: the library's export takes one
-    export_version(loramgr.api.registry(), "merged==1.0.0", tmp_path / "merged.gguf", fmt="gguf", base=f"tiny-{kind}")
+    # a merge result has no base linked at install: --base names one (the CLI and the API take the same)
+    refused = one_line_error("export", "merged==1.0.0", str(tmp_path / "x.gguf"), "--format", "gguf")
+    assert "needs its base model's architecture" in refused and not (tmp_path / "x.gguf").exists()
+    run_cli("export", "merged==1.0.0", str(tmp_path / "merged.gguf"), "--format", "gguf", "--base", f"tiny-{kind}")
+    loramgr.api.export("merged==1.0.0", tmp_path / "api.gguf", format="gguf", base=f"tiny-{kind}")
+    assert (tmp_path / "api.gguf").read_bytes() == (tmp_path / "merged.gguf").read_bytes()
     expected = _peft_deltas(base_folder, tmp_path / "merged")
     # the merge is exact: ΔW = 0.7 ΔW_a + 0.3 ΔW_b, so the GGUF must give that too
     a_deltas, b_deltas = _peft_deltas(base_folder, tmp_path / "a"), _peft_deltas(base_folder, tmp_path / "b")

@@ -156,11 +156,14 @@ def untag(name: str, tag_name: str) -> None:
 @click.argument("destination", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="peft", show_default=True,
               help="File format to write.")
-def export(reference: str, destination: str, fmt: str) -> None:
-    """Write a stored adapter version out as a folder (PEFT) or file (kohya, diffusers)."""
+@click.option("--base", default=None, metavar="NAME|PATH",
+              help="Base model (a registered name or a checkpoint folder) instead of the one linked at install: "
+                   "gguf and ollama need its architecture, kohya names need its module paths.")
+def export(reference: str, destination: str, fmt: str, base: str | None) -> None:
+    """Write a stored adapter version out as a folder (PEFT, Ollama) or file (kohya, diffusers, GGUF)."""
     from ..exporter import export_version
 
-    path = export_version(open_registry(), reference, destination, fmt=fmt)
+    path = export_version(open_registry(), reference, destination, fmt=fmt, base=base)
     click.echo(f"exported {reference} to {path}")
 
 

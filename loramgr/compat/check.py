@@ -255,12 +255,15 @@ def _open_adapter(source: Source, registry: _Registry) -> tuple[str, LoraAdapter
     return source, adapter, linked
 
 
-def _open_base(source: BaseSource, registry: _Registry) -> BaseFingerprint:
+def open_base(source: BaseSource, registry: Registry | Callable[[], Registry]) -> BaseFingerprint:
+    """A base model as users name it (``check --base``, ``export --base``, ``deploy``): a fingerprint, a
+    checkpoint path (fingerprinted now, headers only) or a registered base's name."""
     if isinstance(source, BaseFingerprint):
         return source
     if isinstance(source, os.PathLike) or os.path.exists(source):
         return fingerprint_base_model(Path(source))
-    found: BaseFingerprint = registry().get_base(source)
+    opened = registry if not callable(registry) else registry()
+    found: BaseFingerprint = opened.get_base(source)
     return found
 
 
@@ -286,7 +289,7 @@ def check(
     opened = [_open_adapter(source, opener) for source in adapters]
     labels = [label for label, _, _ in opened]
     linked = [b for _, _, b in opened]
-    base_fp = _open_base(base, opener) if base is not None else None
+    base_fp = open_base(base, opener) if base is not None else None
     if base_fp is None and all(b is not None for b in linked) and len({b.structural for b in linked if b}) == 1:
         base_fp = linked[0]  # every adapter was installed for the same registered base: check against it
     reader = safetensors_reader([str(a.weights_path) for _, a, _ in opened]) if values else None

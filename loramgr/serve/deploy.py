@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..compat.check import open_base
 from ..compat.engines import VLLM_RANKS
 from ..errors import EngineSpecError, IntegrityError
 from ..fileio import atomic_folder, write_atomic
-from .guard import open_base, require_engine_ok
+from .guard import require_engine_ok
 
 if TYPE_CHECKING:
     from ..compat.basemodel import BaseFingerprint

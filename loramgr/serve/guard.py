@@ -7,8 +7,6 @@ the rule, with the count of further errors.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import IncompatibleError
@@ -18,7 +16,6 @@ if TYPE_CHECKING:
     from ..compat.basemodel import BaseFingerprint
     from ..compat.engines import EngineSpec
     from ..compat.findings import Finding
-    from ..registry import Registry
 
 
 def require_engine_ok(
@@ -42,14 +39,3 @@ def require_engine_ok(
         raise IncompatibleError(f"{first.adapter}{where}: {first.message}{more}",
                                 hint=f"nothing was written; 'loramgr check --engine {engine}' lists every finding")
     return [f for f in findings if f.severity == "warning"]
-
-
-def open_base(source: str | os.PathLike[str] | BaseFingerprint, registry: Registry) -> BaseFingerprint:
-    """A base model given as ``loramgr check --base`` takes it: a fingerprint, a path, or a registered name."""
-    from ..compat.basemodel import BaseFingerprint, fingerprint_base_model
-
-    if isinstance(source, BaseFingerprint):
-        return source
-    if isinstance(source, os.PathLike) or os.path.exists(source):
-        return fingerprint_base_model(Path(source))
-    return registry.get_base(source)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import EngineSpecError, LoramgrError
+from ..errors import EngineSpecError, ServerError
 
 if TYPE_CHECKING:
     from ..registry import Registry
@@ -29,15 +29,6 @@ ENDPOINTS = {
     "vllm": ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"),
     "sglang": ("/load_lora_adapter", "/unload_lora_adapter"),
 }
-
-
-class ServerError(LoramgrError):
-    """A serving engine refused a load or unload request, or could not be reached."""
-
-    def __init__(self, message: str, *, url: str, status: int | None = None, hint: str | None = None) -> None:
-        self.url = url
-        self.status = status
-        super().__init__(message, hint=hint)
 
 
 @dataclass(frozen=True)
