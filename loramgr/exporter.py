@@ -20,8 +20,9 @@ from .fileio import atomic_folder, require_new_file, require_new_folder
 if TYPE_CHECKING:
     from .registry import Registry, VersionDetails
 
-#: the formats ``export`` writes: a PEFT folder, a kohya file, a diffusers file
-EXPORT_FORMATS = ("peft", "kohya", "diffusers")
+#: the formats ``export`` writes: a PEFT folder, a kohya file, a diffusers file, and for diffusion
+#: transformers (Flux, Wan, Qwen-Image) a ComfyUI / original-names file or an XLabs file
+EXPORT_FORMATS = ("peft", "kohya", "diffusers", "comfyui", "xlabs")
 
 
 def export_version(

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from ..compat.basemodel import BaseFingerprint
 
-FORMATS = ("peft", "kohya", "diffusers")
+FORMATS = ("peft", "kohya", "diffusers", "comfyui", "xlabs")
 #: the LoraConfig fields written per component into diffusers' lora_adapter_metadata
 _DIFFUSERS_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_dropout",
                    "target_modules")
@@ -283,6 +283,10 @@ def export_adapter(adapter: LoraAdapter, dest: str | Path, fmt: str, **options: 
         "kohya": to_kohya_file,
         "diffusers": to_diffusers_file,
     }
+    from .diffusion.write import export_diffusion, is_diffusion
+
+    if fmt in FORMATS and is_diffusion(adapter.info):
+        return export_diffusion(adapter, dest, fmt, overwrite=bool(options.get("overwrite")))
     if fmt not in writers:
         raise InvalidAdapterError(f"unknown export format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
     return writers[fmt](adapter, dest, **options)
