@@ -96,6 +96,8 @@ def show(reference: str, as_json: bool, as_recipe: bool) -> None:
 
 
 def render_show(d: VersionDetails) -> str:
+    from ..compat.identify import show_lines
+
     ranks = d.ranks_found
     rank = str(d.rank) + (f" (found {', '.join(map(str, ranks))})" if ranks and ranks != [d.rank] else "")
     lines = [
@@ -112,6 +114,7 @@ def render_show(d: VersionDetails) -> str:
     ]
     if d.task_type:
         lines.append(f"  task type     {d.task_type}")
+    lines += show_lines(d.config)
     if d.card.get("license"):
         lines.append(f"  license       {d.card['license']}")
     if d.card.get("description"):

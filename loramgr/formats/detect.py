@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..adapter import AdapterInfo
+from ..compat.identify import identify_adapter
 from ..errors import InvalidAdapterError, UnsupportedAdapterError
 from ..safetensors_io import SafetensorsHeader, read_header
 from .diffusers import looks_like_diffusers, read_diffusers
@@ -56,6 +57,10 @@ def read_adapter_file(path: str | Path) -> AdapterInfo:
     info = _read_known(header, keys)
     if info is not None:
         info.config["hashes"] = file_hashes(path)
+        identity = identify_adapter(info)
+        if identity is not None:
+            info.config["base_identity"] = identity.to_dict()
+            info.notes.extend(identity.warnings)
         return info
     fmt = detect_format(keys)
     if fmt == "peft":

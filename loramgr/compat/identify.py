@@ -1,0 +1,186 @@
+"""Which base model an adapter is for, from its shapes (and what its metadata claims), without the base.
+
+:data:`PUBLISHED` holds the dimensions of the published configs (hidden width ``dim``, feed-forward width
+``ffn``, cross-attention context width ``context``); an adapter's module names give the family (the module
+tables of :mod:`loramgr.formats.diffusion.families`, or the UNet names of Stable Diffusion) and its
+factors' shapes the dimensions, which pick the variant. The same function reads a base model's
+fingerprint, so ``check`` can say "a Wan 1.3B LoRA, a Wan 14B base" instead of listing shape errors.
+Metadata (``ss_base_model_version``, ``modelspec.architecture``) is kept next to what the shapes say;
+a disagreement is a warning.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..adapter import AdapterInfo
+
+
+@dataclass(frozen=True)
+class Published:
+    """One published model: family, variant, size and the dimensions that tell it apart."""
+
+    family: str
+    variant: str
+    size: str
+    dims: dict[str, int]
+
+
+PUBLISHED: tuple[Published, ...] = (
+    Published("sd1", "Stable Diffusion 1.x", "0.9B", {"context": 768}),
+    Published("sd2", "Stable Diffusion 2.x", "0.9B", {"context": 1024}),
+    Published("sdxl", "Stable Diffusion XL", "2.6B", {"context": 2048}),
+    Published("flux1", "Flux.1 [dev] / [schnell]", "12B", {"dim": 3072, "ffn": 12288}),
+    Published("wan", "Wan 2.1 / 2.2 1.3B", "1.3B", {"dim": 1536, "ffn": 8960}),
+    Published("wan", "Wan 2.2 TI2V 5B", "5B", {"dim": 3072, "ffn": 14336}),
+    Published("wan", "Wan 2.1 / 2.2 14B", "14B", {"dim": 5120, "ffn": 13824}),
+    Published("qwen-image", "Qwen-Image", "20B", {"dim": 3072, "ffn": 12288}),
+)
+
+#: the words of ss_base_model_version / modelspec.architecture -> family
+_DECLARED = (("flux", "flux1"), ("sdxl", "sdxl"), ("stable-diffusion-xl", "sdxl"), ("wan", "wan"),
+             ("qwen", "qwen-image"), ("sd_v2", "sd2"), ("stable-diffusion-v2", "sd2"), ("sd_v1", "sd1"),
+             ("stable-diffusion-v1", "sd1"))
+#: module-path patterns whose (out, in) give each dimension: family -> dim name -> (regex, which side)
+_PROBES: dict[str, dict[str, tuple[str, str]]] = {
+    "flux1": {"dim": (r"(double_blocks\.\d+\.img_attn\.qkv|transformer_blocks\.\d+\.attn\.to_q)$", "in"),
+              "ffn": (r"(double_blocks\.\d+\.img_mlp\.0|transformer_blocks\.\d+\.ff\.net\.0\.proj)$", "out")},
+    "wan": {"dim": (r"blocks\.\d+\.(self_attn\.q|attn1\.to_q)$", "in"),
+            "ffn": (r"blocks\.\d+\.(ffn\.0|ffn\.net\.0\.proj)$", "out")},
+    "qwen-image": {"dim": (r"transformer_blocks\.\d+\.attn\.to_q$", "in"),
+                   "ffn": (r"transformer_blocks\.\d+\.img_mlp\.net\.0\.proj$", "out")},
+    "sd": {"context": (r"attn2[._]to_k$", "in")},
+}
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
+
+
+@dataclass
+class Identification:
+    """What the shapes say (family, variant, size, task) and what the metadata claims."""
+
+    family: str
+    dims: dict[str, int]
+    variant: str | None = None
+    size: str | None = None
+    task: str | None = None  # "I2V" when image-conditioning modules are adapted
+    declared: str | None = None  # the metadata's claim, as written
+    warnings: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        dims = ", ".join(f"{k} {v}" for k, v in sorted(self.dims.items()))
+        name = self.variant or f"{self.family} (no published size with {dims})"
+        return name + (f" {self.task}" if self.task else "") + (f" ({dims})" if dims and self.variant else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _strip(path: str) -> str:
+    for prefix in _PREFIXES:
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path
+
+
+def _family(paths: list[str]) -> str | None:
+    from ..formats.diffusion.families import FAMILIES
+
+    if any(re.search(_PROBES["sd"]["context"][0], p) for p in paths):
+        return "sd"
+    scores = Counter()
+    for family in FAMILIES:
+        scores[family.name] = sum(1 for p in paths if family.rule_for_original(p) or family.rule_for_part(p))
+    best = scores.most_common()
+    if not best or best[0][1] == 0:
+        return None
+    # Flux and Qwen-Image share diffusers' attention names; Flux's own modules decide
+    if len(best) > 1 and best[0][1] == best[1][1]:
+        return "flux1" if any("single_" in p or "double_blocks" in p for p in paths) else best[0][0]
+    return best[0][0]
+
+
+def identify_shapes(shapes: Mapping[str, tuple[int, int]], *, is_sdxl: bool = False) -> Identification | None:
+    """Identify a model family and variant from module path -> (out_features, in_features)."""
+    stripped = {_strip(k): v for k, v in shapes.items()}
+    family = _family(list(stripped))
+    if family is None:
+        return None
+    dims: dict[str, int] = {}
+    for dim, (pattern, side) in _PROBES[family].items():
+        found = Counter(v[1] if side == "in" else v[0] for p, v in stripped.items() if re.search(pattern, p))
+        if found:
+            dims[dim] = found.most_common(1)[0][0]
+    candidates = [p for p in PUBLISHED if (p.family == family or (family == "sd" and p.family.startswith("sd")))
+                  and dims and all(p.dims.get(k) == v for k, v in dims.items() if k in p.dims)]
+    if family == "sd" and is_sdxl:
+        candidates = [p for p in candidates if p.family == "sdxl"]
+    ident = Identification(family=candidates[0].family if len(candidates) == 1 else family, dims=dims)
+    if len(candidates) == 1:
+        ident.variant, ident.size = candidates[0].variant, candidates[0].size
+    if family == "wan" and any(re.search(r"(k_img|add_k_proj)$", p) for p in stripped):
+        ident.task = "I2V"
+    if family == "flux1" and any("guidance" in p for p in stripped):
+        ident.variant = "Flux.1 [dev]"
+    return ident
+
+
+def declared_family(metadata: Mapping[str, str]) -> tuple[str, str] | None:
+    """(what the metadata says, the family it names) from ss_base_model_version or modelspec.architecture."""
+    for key in ("ss_base_model_version", "modelspec.architecture"):
+        text = metadata.get(key)
+        if text:
+            lowered = text.lower()
+            for word, family in _DECLARED:
+                if word in lowered:
+                    return text, family
+            return text, ""
+    return None
+
+
+def identify_adapter(info: AdapterInfo) -> Identification | None:
+    """Identify the base an adapter was made for, from its modules' shapes, with the metadata's claim."""
+    names: Iterable[str] = (m.name for m in info.modules)
+    shapes = {n: (m.out_features, m.in_features) for n, m in zip(names, info.modules, strict=True)}
+    sdxl = any(m.name.startswith(("lora_te2_", "text_encoder_2.")) for m in info.modules)
+    ident = identify_shapes(shapes, is_sdxl=sdxl)
+    claim = declared_family(info.file_metadata)
+    if ident is None:
+        return None
+    if claim is not None:
+        ident.declared = claim[0]
+        if claim[1] and claim[1] != ident.family and not (ident.family == "sd" and claim[1].startswith("sd")):
+            ident.warnings.append(f"metadata says {claim[0]!r}, the shapes say {ident.describe()}")
+    return ident
+
+
+def identify_base_shapes(shapes: Mapping[str, Any]) -> Identification | None:
+    """Identify a base model from its module shapes (``compat.basemodel.module_shapes``)."""
+    return identify_shapes({k: (s.out_features, s.in_features) for k, s in shapes.items()},
+                           is_sdxl=any(k.startswith("text_encoder_2.") for k in shapes))
+
+
+def mismatch(adapter: Identification | None, base: Identification | None) -> str | None:
+    """A sentence when adapter and base are the same family but another variant (a Wan 1.3B LoRA, a 14B base)."""
+    if adapter is None or base is None or adapter.family != base.family:
+        return None
+    if adapter.dims and base.dims and any(base.dims.get(k, v) != v for k, v in adapter.dims.items()):
+        return f"this LoRA is for {adapter.describe()}, the base is {base.describe()}: its modules do not fit"
+    return None
+
+
+def show_lines(config: Mapping[str, Any]) -> list[str]:
+    """The lines ``loramgr show`` prints for a version's base identification and file hashes."""
+    lines = []
+    ident = config.get("base_identity")
+    if ident:
+        found = Identification(**ident)
+        lines.append(f"  base (shapes) {found.describe()}" + (f"; metadata: {found.declared}" if found.declared else ""))
+    hashes = config.get("hashes")
+    if hashes:
+        lines.append(f"  hashes        AutoV2 {hashes['autov2']}  AutoV3 {hashes['autov3']}  CRC32 {hashes['crc32']}")
+        lines.append(f"  tensors       sha256:{hashes['tensors_sha256']}")
+    return lines
