@@ -52,9 +52,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import base_cmd, check_cmd, demo_cmd, hub_cmds, merge_cmds, oci_cmds, registry_cmds
+    from . import base_cmd, check_cmd, demo_cmd, diffusion_cmds, hub_cmds, merge_cmds, oci_cmds, registry_cmds
 
-    for module in (registry_cmds, merge_cmds, base_cmd, check_cmd, hub_cmds, oci_cmds, demo_cmd):
+    for module in (registry_cmds, merge_cmds, base_cmd, check_cmd, hub_cmds, oci_cmds, demo_cmd, diffusion_cmds):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..safetensors_io import read_header
+
+if TYPE_CHECKING:
+    from ..registry import Registry
 
 #: the reference schemes ``loramgr show`` accepts, with the number of hex digits each is written with
 HASH_SCHEMES = {"autov2": 10, "autov3": 12, "crc32": 8, "tensors": 64}
@@ -49,3 +54,31 @@ def matches(hashes: dict[str, str], scheme: str, value: str) -> bool:
     if scheme == "tensors":
         return len(value) >= 6 and hashes.get("tensors_sha256", "").startswith(value)
     return hashes.get(scheme, "").lower() == value
+
+
+def version_matches(record: Mapping[str, Any] | None, scheme: str, value: str) -> bool:
+    """Whether a stored version's info record answers ``scheme:value``; AutoV2 also from the file digest."""
+    config = (record or {}).get("config") or {}
+    return matches(config.get("hashes") or {}, scheme, value)
+
+
+def duplicate_groups(versions: Iterable[tuple[str, Mapping[str, Any]]]) -> list[list[str]]:
+    """Versions (reference, adapter config) whose tensor payloads are equal, in groups of two or more.
+
+    Equal tensors under different headers (renamed, re-tagged, metadata edited) are the same adapter.
+    """
+    groups: dict[str, list[str]] = {}
+    for ref, config in versions:
+        tensors = (config.get("hashes") or {}).get("tensors_sha256")
+        if tensors:
+            groups.setdefault(tensors, []).append(ref)
+    return [sorted(refs) for _, refs in sorted(groups.items()) if len(refs) > 1]
+
+
+def find_duplicates(registry: Registry) -> list[list[str]]:
+    """Groups of installed versions (``name==version``) with the same tensors under different headers."""
+    versions = []
+    for row in registry.list_versions():
+        ref = f"{row.name}=={row.version}"
+        versions.append((ref, registry.show(ref).config))
+    return duplicate_groups(versions)

@@ -1,0 +1,51 @@
+"""Identity that survives metadata edits: the tensor-payload digest, AutoV2 / AutoV3 / CRC32 references,
+and ``loramgr duplicates``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from loramgr.cli.main import cli
+
+
+def _payload_sha256(path) -> str:
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+
+
+def test_metadata_edit_keeps_tensor_digest_and_duplicates_finds_the_pair(tmp_path):
+    tensors = {"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.randn(2, 16),
+               "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.randn(16, 2),
+               "lora_unet_blocks_0_self_attn_q.alpha": torch.tensor(2.0)}
+    first = tmp_path / "style.safetensors"
+    save_file(tensors, str(first), metadata={"ss_network_module": "networks.lora"})
+    edited = tmp_path / "style-renamed.safetensors"  # what a metadata editor writes: same tensors, new header
+    save_file(load_file(str(first)), str(edited), metadata={"ss_network_module": "networks.lora",
+                                                            "modelspec.title": "My style (edited)"})
+    assert first.read_bytes() != edited.read_bytes()
+    runner = CliRunner()
+    for path, name in ((first, "style"), (edited, "style-edited")):
+        assert runner.invoke(cli, ["install", str(path), "--name", name]).exit_code == 0
+    shown = {n: json.loads(runner.invoke(cli, ["show", n, "--json"]).output) for n in ("style", "style-edited")}
+    a, b = (shown[n]["config"]["hashes"] for n in ("style", "style-edited"))
+    assert a["tensors_sha256"] == b["tensors_sha256"] == _payload_sha256(first) == _payload_sha256(edited)
+    assert a["sha256"] != b["sha256"] and shown["style"]["digest"] != shown["style-edited"]["digest"]
+    assert a["autov2"] == hashlib.sha256(first.read_bytes()).hexdigest()[:10]
+    assert a["crc32"] == f"{zlib.crc32(first.read_bytes()):08X}"
+    assert a["autov3"] == _payload_sha256(first)[:12]
+    # the hashes are references
+    for scheme in ("autov2", "crc32"):
+        out = runner.invoke(cli, ["show", f"{scheme}:{b[scheme]}"])
+        assert out.exit_code == 0 and out.output.startswith("style-edited "), out.output
+    both = runner.invoke(cli, ["show", f"autov3:{a['autov3']}"])
+    assert both.exit_code == 1 and "matches 2 versions" in both.output
+    assert f"AutoV2 {a['autov2']}" in runner.invoke(cli, ["show", "style"]).output
+    dupes = runner.invoke(cli, ["duplicates", "--json"])
+    assert json.loads(dupes.output) == [["style-edited==0.1.0", "style==0.1.0"]]
+    assert "same tensors: style-edited==0.1.0, style==0.1.0" in runner.invoke(cli, ["duplicates"]).output
