@@ -20,16 +20,17 @@ from .fileio import atomic_folder, require_new_file, require_new_folder
 if TYPE_CHECKING:
     from .registry import Registry, VersionDetails
 
-#: the formats ``export`` writes: a PEFT folder, a kohya file, a diffusers file, and for diffusion
-#: transformers (Flux, Wan, Qwen-Image) a ComfyUI / original-names file or an XLabs file
-EXPORT_FORMATS = ("peft", "kohya", "diffusers", "comfyui", "xlabs")
+#: the formats ``export`` writes for any LoRA: a PEFT folder, a kohya file, a diffusers file
+EXPORT_FORMATS = ("peft", "kohya", "diffusers")
+#: and for diffusion transformers (Flux, Wan, Qwen-Image): a ComfyUI / original-names file, an XLabs file
+DIFFUSION_EXPORT_FORMATS = ("comfyui", "xlabs")
 
 
 def export_version(
     registry: Registry, reference: str, destination: str | os.PathLike[str], *, fmt: str = "peft"
 ) -> Path:
     """Write version ``reference`` to ``destination`` (a new or empty folder for peft, a new file otherwise)."""
-    if fmt not in EXPORT_FORMATS:
+    if fmt not in EXPORT_FORMATS + DIFFUSION_EXPORT_FORMATS:
         raise UnknownFormatError(f"unknown export format {fmt!r}", format=fmt, known=EXPORT_FORMATS)
     destination = Path(destination)
     details = registry.show(reference)

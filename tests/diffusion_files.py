@@ -56,8 +56,8 @@ def flux_to_diffusers_rows(name: str, d: int) -> list[tuple[str, slice]]:
     if name.endswith("linear1"):
         i = name.split(".")[1]
         s = f"single_transformer_blocks.{i}."
-        return [(s + "attn.to_q", slice(0, d)), (s + "attn.to_k", slice(d, 2 * d)), (s + "attn.to_v", slice(2 * d, 3 * d)),
-                (s + "proj_mlp", slice(3 * d, None))]
+        return [(s + "attn.to_q", slice(0, d)), (s + "attn.to_k", slice(d, 2 * d)),
+                (s + "attn.to_v", slice(2 * d, 3 * d)), (s + "proj_mlp", slice(3 * d, None))]
     simple = {"img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out", "img_mlp.0": "ff.net.0.proj",
               "img_mlp.2": "ff.net.2", "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2",
               "img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear"}
@@ -71,7 +71,7 @@ def flux_to_diffusers_rows(name: str, d: int) -> list[tuple[str, slice]]:
     return [(top[name], slice(None))]
 
 
-def random_factors(shapes: dict[str, tuple[int, int]], seed: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+def random_factors(shapes: dict[str, tuple[int, int]], seed: int = 1) -> dict:
     """name -> (A, B, alpha): rank 4, alphas that differ between modules."""
     gen = torch.Generator().manual_seed(seed)
     result = {}

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..exporter import EXPORT_FORMATS
+from ..exporter import DIFFUSION_EXPORT_FORMATS, EXPORT_FORMATS
 from .render import echo_json, human_size, progress_bars, table
 
 if TYPE_CHECKING:
@@ -157,7 +157,8 @@ def untag(name: str, tag_name: str) -> None:
 @click.command()
 @click.argument("reference")
 @click.argument("destination", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="peft", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS + DIFFUSION_EXPORT_FORMATS), default="peft",
+              show_default=True,
               help="File format to write.")
 def export(reference: str, destination: str, fmt: str) -> None:
     """Write a stored adapter version out as a folder (PEFT) or file (kohya, diffusers)."""

@@ -32,8 +32,8 @@ from ..adapter import AdapterInfo, LoraAdapter, ModuleSpec
 from ..errors import InvalidAdapterError
 from .basemodel import BaseFingerprint, ModuleShape, fingerprint_base_model, module_shapes
 from .engines import EngineSpec, Subject, engine_findings, parse_engine, same_name
-from .identify import identify_adapter, identify_base_shapes, mismatch
 from .findings import BASE_MISMATCH_CODES, CODES, Finding
+from .identify import identify_adapter, identify_base_shapes, mismatch
 from .names import ModuleIndex
 
 if TYPE_CHECKING:

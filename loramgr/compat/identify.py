@@ -91,16 +91,16 @@ def _family(paths: list[str]) -> str | None:
 
     if any(re.search(_PROBES["sd"]["context"][0], p) for p in paths):
         return "sd"
-    scores = Counter()
+    scores: Counter[str] = Counter()
     for family in FAMILIES:
         scores[family.name] = sum(1 for p in paths if family.rule_for_original(p) or family.rule_for_part(p))
-    best = scores.most_common()
+    best: list[tuple[str, int]] = scores.most_common()
     if not best or best[0][1] == 0:
         return None
     # Flux and Qwen-Image share diffusers' attention names; Flux's own modules decide
     if len(best) > 1 and best[0][1] == best[1][1]:
-        return "flux1" if any("single_" in p or "double_blocks" in p for p in paths) else best[0][0]
-    return best[0][0]
+        return "flux1" if any("single_" in p or "double_blocks" in p for p in paths) else str(best[0][0])
+    return str(best[0][0])
 
 
 def identify_shapes(shapes: Mapping[str, tuple[int, int]], *, is_sdxl: bool = False) -> Identification | None:
@@ -178,7 +178,8 @@ def show_lines(config: Mapping[str, Any]) -> list[str]:
     ident = config.get("base_identity")
     if ident:
         found = Identification(**ident)
-        lines.append(f"  base (shapes) {found.describe()}" + (f"; metadata: {found.declared}" if found.declared else ""))
+        declared = f"; metadata: {found.declared}" if found.declared else ""
+        lines.append(f"  base (shapes) {found.describe()}{declared}")
     hashes = config.get("hashes")
     if hashes:
         lines.append(f"  hashes        AutoV2 {hashes['autov2']}  AutoV3 {hashes['autov3']}  CRC32 {hashes['crc32']}")

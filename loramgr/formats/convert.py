@@ -285,8 +285,15 @@ def export_adapter(adapter: LoraAdapter, dest: str | Path, fmt: str, **options: 
     }
     from .diffusion.write import export_diffusion, is_diffusion
 
+    info_format = adapter.info.format
     if fmt in FORMATS and is_diffusion(adapter.info):
         return export_diffusion(adapter, dest, fmt, overwrite=bool(options.get("overwrite")))
+    if fmt in FORMATS and fmt not in writers:
+        raise UnsupportedAdapterError(
+            f"{fmt} files hold LoRAs of diffusion transformers (Flux, Wan, Qwen-Image), and this {info_format} "
+            "adapter is not one", adapter_type=adapter.info.adapter_type, hint="export with --format peft, kohya "
+            "or diffusers",
+        )
     if fmt not in writers:
         raise InvalidAdapterError(f"unknown export format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
     return writers[fmt](adapter, dest, **options)

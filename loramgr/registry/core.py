@@ -8,7 +8,7 @@ leaves ``list`` unchanged and at most orphan blobs or temporary files, which ``g
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -244,8 +244,10 @@ class Registry:
             if ref.kind == "hash":
                 from ..formats.hashes import version_matches
 
-                rows = [r for r in session.scalars(select(AdapterVersion).options(*_eager())).all()
-                        if version_matches(r.info, str(ref.tag), prefix)]
+                rows: Sequence[AdapterVersion] = [
+                    r for r in session.scalars(select(AdapterVersion).options(*_eager())).all()
+                    if version_matches(r.info, str(ref.tag), prefix)
+                ]
             else:
                 rows = session.scalars(
                     select(AdapterVersion).where(AdapterVersion.digest.startswith(prefix)).options(*_eager())

@@ -39,7 +39,9 @@ _PARTS = {
     ".lora_A.weight": "a", ".lora_down.weight": "a", ".lora_B.weight": "b", ".lora_up.weight": "b",
     ".alpha": "alpha", ".diff": "diff", ".diff_b": "diff", ".dora_scale": "dora",
 }  # fmt: skip
-_XLABS = re.compile(r"^(?:diffusion_model\.)?double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])\.(down|up)\.weight$")
+_XLABS = re.compile(
+    r"^(?:diffusion_model\.)?double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])\.(down|up)\.weight$"
+)
 _XLABS_MODULES = {("qkv", "1"): "img_attn.qkv", ("qkv", "2"): "txt_attn.qkv",
                   ("proj", "1"): "img_attn.proj", ("proj", "2"): "txt_attn.proj"}
 
@@ -130,7 +132,8 @@ def read_original(header: SafetensorsHeader, convention: str, family: Family, mo
     metadata = dict(header.metadata)
     notes = []
     if other:
-        notes.append(f"{len(other)} full-weight (diff / diff_b) tensor(s) besides the LoRA factors, e.g. {sorted(other)[0]}")
+        notes.append(f"{len(other)} full-weight (diff / diff_b) tensor(s) besides the LoRA factors, "
+                     f"e.g. {sorted(other)[0]}")
     if convention == "xlabs":
         notes.append("XLabs files carry no alpha: scale 1 (alpha = rank), as XLabs and diffusers load them")
     config: dict[str, Any] = {

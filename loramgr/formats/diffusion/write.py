@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     import torch
 
 #: export format -> the namespace its module names are in
-TARGETS = {"kohya": "original", "comfyui": "original", "xlabs": "original", "diffusers": "diffusers", "peft": "diffusers"}
+TARGETS = {"kohya": "original", "comfyui": "original", "xlabs": "original", "diffusers": "diffusers",
+           "peft": "diffusers"}
 
 
 @dataclass
@@ -86,6 +87,8 @@ def _split(rule: Rule, index: str, f: Factors) -> dict[str, Factors]:
         return {names[0]: Factors(f.a, torch.cat([f.b[half:], f.b[:half]]), f.scale)}
     if rule.layout == "rename":
         return {names[0]: f}
+    import torch
+
     out = f.b.shape[0]
     if rule.layout == "split":
         sizes = [out // len(names)] * len(names)
@@ -97,7 +100,7 @@ def _split(rule: Rule, index: str, f: Factors) -> dict[str, Factors]:
             f"module {rule.original_path(index)}: {out} output rows do not split into {len(names)} parts",
             module=rule.original_path(index),
         )
-    rows = f.b.split(sizes)
+    rows = torch.split(f.b, sizes)
     return {name: Factors(f.a, part, f.scale) for name, part in zip(names, rows, strict=True)}
 
 
@@ -204,7 +207,8 @@ def export_diffusion(adapter: LoraAdapter, destination: str | Path, fmt: str, *,
     if fmt in ("kohya", "comfyui"):
         for name, f in factors.items():
             base = KOHYA_PREFIX + name.replace(".", "_") if fmt == "kohya" else COMFY_PREFIX + name
-            down, up = (".lora_down.weight", ".lora_up.weight") if fmt == "kohya" else (".lora_A.weight", ".lora_B.weight")
+            kohya = fmt == "kohya"
+            down, up = (".lora_down.weight", ".lora_up.weight") if kohya else (".lora_A.weight", ".lora_B.weight")
             tensors[base + down], tensors[base + up] = f.a, f.b
             tensors[base + ".alpha"] = torch.tensor(f.scale * f.rank, dtype=torch.float32)
         if fmt == "kohya":
