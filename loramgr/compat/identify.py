@@ -38,17 +38,21 @@ PUBLISHED: tuple[Published, ...] = (
     Published("wan", "Wan 2.1 / 2.2 1.3B", "1.3B", {"dim": 1536, "ffn": 8960}),
     Published("wan", "Wan 2.2 TI2V 5B", "5B", {"dim": 3072, "ffn": 14336}),
     Published("wan", "Wan 2.1 / 2.2 14B", "14B", {"dim": 5120, "ffn": 13824}),
+    Published("hunyuan-video", "HunyuanVideo", "13B", {"dim": 3072, "ffn": 12288}),
     Published("qwen-image", "Qwen-Image", "20B", {"dim": 3072, "ffn": 12288}),
 )
 
 #: the words of ss_base_model_version / modelspec.architecture -> family
-_DECLARED = (("flux", "flux1"), ("sdxl", "sdxl"), ("stable-diffusion-xl", "sdxl"), ("wan", "wan"),
+_DECLARED = (("flux", "flux1"), ("hunyuan", "hunyuan-video"), ("sdxl", "sdxl"), ("stable-diffusion-xl", "sdxl"), ("wan", "wan"),
              ("qwen", "qwen-image"), ("sd_v2", "sd2"), ("stable-diffusion-v2", "sd2"), ("sd_v1", "sd1"),
              ("stable-diffusion-v1", "sd1"))
 #: module-path patterns whose (out, in) give each dimension: family -> dim name -> (regex, which side)
 _PROBES: dict[str, dict[str, tuple[str, str]]] = {
     "flux1": {"dim": (r"(double_blocks\.\d+\.img_attn\.qkv|transformer_blocks\.\d+\.attn\.to_q)$", "in"),
               "ffn": (r"(double_blocks\.\d+\.img_mlp\.0|transformer_blocks\.\d+\.ff\.net\.0\.proj)$", "out")},
+    "hunyuan-video": {
+        "dim": (r"(double_blocks\.\d+\.img_attn_qkv|^transformer_blocks\.\d+\.attn\.to_q)$", "in"),
+        "ffn": (r"(double_blocks\.\d+\.img_mlp\.fc1|^transformer_blocks\.\d+\.ff\.net\.0\.proj)$", "out")},
     "wan": {"dim": (r"blocks\.\d+\.(self_attn\.q|attn1\.to_q)$", "in"),
             "ffn": (r"blocks\.\d+\.(ffn\.0|ffn\.net\.0\.proj)$", "out")},
     "qwen-image": {"dim": (r"transformer_blocks\.\d+\.attn\.to_q$", "in"),
@@ -103,10 +107,12 @@ def _family(paths: list[str]) -> str | None:
     return str(best[0][0])
 
 
-def identify_shapes(shapes: Mapping[str, tuple[int, int]], *, is_sdxl: bool = False) -> Identification | None:
-    """Identify a model family and variant from module path -> (out_features, in_features)."""
+def identify_shapes(
+    shapes: Mapping[str, tuple[int, int]], *, is_sdxl: bool = False, family: str | None = None
+) -> Identification | None:
+    """Identify a model family (unless given) and variant from module path -> (out_features, in_features)."""
     stripped = {_strip(k): v for k, v in shapes.items()}
-    family = _family(list(stripped))
+    family = family or _family(list(stripped))
     if family is None:
         return None
     dims: dict[str, int] = {}
@@ -146,7 +152,7 @@ def identify_adapter(info: AdapterInfo) -> Identification | None:
     names: Iterable[str] = (m.name for m in info.modules)
     shapes = {n: (m.out_features, m.in_features) for n, m in zip(names, info.modules, strict=True)}
     sdxl = any(m.name.startswith(("lora_te2_", "text_encoder_2.")) for m in info.modules)
-    ident = identify_shapes(shapes, is_sdxl=sdxl)
+    ident = identify_shapes(shapes, is_sdxl=sdxl, family=info.config.get("family"))
     claim = declared_family(info.file_metadata)
     if ident is None:
         return None

@@ -79,7 +79,7 @@ def read_adapter_file(path: str | Path) -> AdapterInfo:
 
 def _read_known(header: SafetensorsHeader, keys: list[str]) -> AdapterInfo | None:
     """A diffusion-transformer convention first (its kohya names resolve without a base), then kohya, diffusers."""
-    convention = detect_convention(keys)
+    convention = detect_convention(keys, dict(header.metadata))
     if convention is not None:
         return read_original(header, *convention)
     fmt = detect_format(keys)

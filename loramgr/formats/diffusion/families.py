@@ -142,6 +142,43 @@ FLUX1 = Family("flux1", "Flux.1", (
     Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), "swap"),
 ))
 
+_HY_REFINER = "txt_in.individual_token_refiner.blocks.{i}."
+_HY_REFINER_D = "context_embedder.token_refiner.refiner_blocks.{i}."
+HUNYUAN_VIDEO = Family("hunyuan-video", "HunyuanVideo", (
+    Rule("double_blocks.{i}.img_attn_qkv", tuple(_FLUX_DOUBLE + f"attn.to_{x}" for x in "qkv"), "split"),
+    Rule("double_blocks.{i}.txt_attn_qkv", tuple(_FLUX_DOUBLE + f"attn.add_{x}_proj" for x in "qkv"), "split"),
+    Rule("double_blocks.{i}.img_attn_proj", (_FLUX_DOUBLE + "attn.to_out.0",)),
+    Rule("double_blocks.{i}.txt_attn_proj", (_FLUX_DOUBLE + "attn.to_add_out",)),
+    Rule("double_blocks.{i}.img_mod.linear", (_FLUX_DOUBLE + "norm1.linear",)),
+    Rule("double_blocks.{i}.txt_mod.linear", (_FLUX_DOUBLE + "norm1_context.linear",)),
+    Rule("double_blocks.{i}.img_mlp.fc1", (_FLUX_DOUBLE + "ff.net.0.proj",)),
+    Rule("double_blocks.{i}.img_mlp.fc2", (_FLUX_DOUBLE + "ff.net.2",)),
+    Rule("double_blocks.{i}.txt_mlp.fc1", (_FLUX_DOUBLE + "ff_context.net.0.proj",)),
+    Rule("double_blocks.{i}.txt_mlp.fc2", (_FLUX_DOUBLE + "ff_context.net.2",)),
+    Rule("single_blocks.{i}.linear1", (*(_FLUX_SINGLE + f"attn.to_{x}" for x in "qkv"), _FLUX_SINGLE + "proj_mlp"),
+         "split_mlp"),
+    Rule("single_blocks.{i}.linear2", (_FLUX_SINGLE + "proj_out",)),
+    Rule("single_blocks.{i}.modulation.linear", (_FLUX_SINGLE + "norm.linear",)),
+    Rule("time_in.mlp.0", ("time_text_embed.timestep_embedder.linear_1",)),
+    Rule("time_in.mlp.2", ("time_text_embed.timestep_embedder.linear_2",)),
+    Rule("guidance_in.mlp.0", ("time_text_embed.guidance_embedder.linear_1",)),
+    Rule("guidance_in.mlp.2", ("time_text_embed.guidance_embedder.linear_2",)),
+    Rule("vector_in.in_layer", ("time_text_embed.text_embedder.linear_1",)),
+    Rule("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",)),
+    Rule("final_layer.linear", ("proj_out",)),
+    Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), "swap"),
+    Rule("txt_in.input_embedder", ("context_embedder.proj_in",)),
+    Rule("txt_in.t_embedder.mlp.0", ("context_embedder.time_text_embed.timestep_embedder.linear_1",)),
+    Rule("txt_in.t_embedder.mlp.2", ("context_embedder.time_text_embed.timestep_embedder.linear_2",)),
+    Rule("txt_in.c_embedder.linear_1", ("context_embedder.time_text_embed.text_embedder.linear_1",)),
+    Rule("txt_in.c_embedder.linear_2", ("context_embedder.time_text_embed.text_embedder.linear_2",)),
+    Rule(_HY_REFINER + "self_attn_qkv", tuple(_HY_REFINER_D + f"attn.to_{x}" for x in "qkv"), "split"),
+    Rule(_HY_REFINER + "self_attn_proj", (_HY_REFINER_D + "attn.to_out.0",)),
+    Rule(_HY_REFINER + "mlp.fc1", (_HY_REFINER_D + "ff.net.0.proj",)),
+    Rule(_HY_REFINER + "mlp.fc2", (_HY_REFINER_D + "ff.net.2",)),
+    Rule(_HY_REFINER + "adaLN_modulation.1", (_HY_REFINER_D + "norm_out.linear",)),
+))
+
 WAN = Family("wan", "Wan 2.x", (
     *(Rule(f"blocks.{{i}}.self_attn.{o}", (f"blocks.{{i}}.attn1.{c}",))
       for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"), strict=True)),
@@ -169,7 +206,23 @@ QWEN_IMAGE = Family("qwen-image", "Qwen-Image", _same(
     "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
 ))
 
-FAMILIES: tuple[Family, ...] = (FLUX1, WAN, QWEN_IMAGE)
+FAMILIES: tuple[Family, ...] = (FLUX1, HUNYUAN_VIDEO, WAN, QWEN_IMAGE)
+#: what ss_base_model_version / modelspec.architecture call each family (lower case, a substring)
+DECLARED_NAMES = {"flux1": ("flux",), "hunyuan-video": ("hunyuan",), "wan": ("wan",), "qwen-image": ("qwen",)}
+
+
+def choose(candidates: list[Family], metadata: dict[str, str]) -> Family | None:
+    """The one family among ``candidates``: the only one, or the one the metadata names; None if undecided.
+
+    Flux and HunyuanVideo share kohya names (``double_blocks_0_img_attn_qkv``) and diffusers names, and
+    Flux and Qwen-Image share diffusers' attention names: a file adapting only those modules is told
+    apart by its metadata or not at all.
+    """
+    if len(candidates) == 1:
+        return candidates[0]
+    claim = " ".join(metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture")).lower()
+    named = [f for f in candidates if any(word in claim for word in DECLARED_NAMES[f.name])]
+    return named[0] if len(named) == 1 else None
 
 
 def by_name(name: str) -> Family:

@@ -29,7 +29,7 @@ from ...adapter import AdapterInfo, ModuleSpec, factors_fit
 from ...errors import InvalidAdapterError
 from ...safetensors_io import SafetensorsHeader
 from ..kohya import kohya_summary, read_scalars
-from .families import COMPONENT, FAMILIES, Family, families_of_diffusers, families_of_original
+from .families import COMPONENT, FAMILIES, FLUX1, Family, choose, families_of_diffusers, families_of_original
 
 CONVENTIONS = ("kohya", "comfyui", "xlabs", "diffusers")
 COMFY_PREFIX = "diffusion_model."
@@ -53,11 +53,14 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
-def detect_convention(keys: list[str]) -> tuple[str, Family, dict[str, str]] | None:
-    """(convention, family, tensor key -> module path) for a file in an original-names convention, else None.
+def detect_convention(
+    keys: list[str], metadata: dict[str, str] | None = None
+) -> tuple[str, list[Family], dict[str, str]] | None:
+    """(convention, candidate families, tensor key -> module path) for an original-names file, else None.
 
-    Every key must belong to one module of one family (a Flux kohya file with CLIP modules, say, is
-    left to the plain kohya reader, which resolves names against a base model).
+    Every key must belong to one module of a family (a Flux kohya file with CLIP modules, say, is left to
+    the plain kohya reader, which resolves names against a base model). Several candidates remain when
+    the modules exist in several families (see :func:`.families.choose`); the paths are the first's.
     """
     if not keys:
         return None
@@ -67,29 +70,40 @@ def detect_convention(keys: list[str]) -> tuple[str, Family, dict[str, str]] | N
             match = _XLABS.match(key)
             assert match is not None  # every key matched just above
             modules[key] = f"double_blocks.{match[1]}.{_XLABS_MODULES[(match[2], match[3])]}"
-        return "xlabs", FAMILIES[0], modules
-    split = {k: _split(k) for k in keys}
+        return "xlabs", [FLUX1], modules
+    # PEFT state dicts saved with the adapter name ("lora_A.default.weight"), as diffusers' Qwen loader accepts
+    split = {k: _split(k.replace(".default.", ".")) for k in keys}
     if any(s is None for s in split.values()):
         return None
     bodies = {k: s[0] for k, s in split.items() if s is not None}
     if all(b.startswith(KOHYA_PREFIX) for b in bodies.values()):
         names = {b.removeprefix(KOHYA_PREFIX) for b in bodies.values()}
+        found: list[tuple[Family, dict[str, str]]] = []
         for family in FAMILIES:
             resolved = {n: family.resolve_kohya(n) for n in names}
             if all(resolved.values()):
-                return "kohya", family, {k: str(resolved[b.removeprefix(KOHYA_PREFIX)]) for k, b in bodies.items()}
-        return None
-    if all(b.startswith(COMFY_PREFIX) for b in bodies.values()):
+                found.append((family, {k: str(resolved[b.removeprefix(KOHYA_PREFIX)]) for k, b in bodies.items()}))
+        if not found:
+            return None
+        chosen = choose([f for f, _ in found], metadata or {})
+        family, paths = next((f, p) for f, p in found if f is (chosen or found[0][0]))
+        return "kohya", [family] if chosen else [f for f, _ in found], paths
+    if all(b.startswith(COMFY_PREFIX) for b in bodies.values()) or not any(
+        b.startswith(KOHYA_PREFIX) for b in bodies.values()
+    ):  # ComfyUI's diffusion_model. prefix, or the bare module paths of the original checkpoint
         paths = {k: b.removeprefix(COMFY_PREFIX) for k, b in bodies.items()}
         families = families_of_original(set(paths.values()))
         if families:
-            return "comfyui", families[0], paths
+            return "comfyui", families, paths
     return None
 
 
-def read_original(header: SafetensorsHeader, convention: str, family: Family, modules: dict[str, str]) -> AdapterInfo:
+def read_original(
+    header: SafetensorsHeader, convention: str, candidates: list[Family], modules: dict[str, str]
+) -> AdapterInfo:
     """Describe a kohya / ComfyUI / XLabs diffusion-transformer file; names are original module paths."""
     path = str(header.path)
+    family = choose(candidates, dict(header.metadata))
     parts: dict[str, dict[str, tuple[str, tuple[int, ...], str]]] = {}
     other: list[str] = []
     for key, module in modules.items():
@@ -97,7 +111,7 @@ def read_original(header: SafetensorsHeader, convention: str, family: Family, mo
         if convention == "xlabs":
             role = "a" if key.endswith(".down.weight") else "b"
         else:
-            split = _split(key)
+            split = _split(key.replace(".default.", "."))
             role = split[1] if split else "other"
         if role in ("diff", "other"):
             other.append(key)
@@ -136,8 +150,12 @@ def read_original(header: SafetensorsHeader, convention: str, family: Family, mo
                      f"e.g. {sorted(other)[0]}")
     if convention == "xlabs":
         notes.append("XLabs files carry no alpha: scale 1 (alpha = rank), as XLabs and diffusers load them")
+    if family is None:
+        notes.append(f"the modules exist in {' and '.join(f.title for f in candidates)}; the metadata does not "
+                     "say which: conversions between module layouts are refused")
     config: dict[str, Any] = {
-        "family": family.name,
+        "family": family.name if family else None,
+        "families": [f.name for f in candidates],
         "namespace": "original",
         "convention": convention,
         "module_names": "paths",
@@ -174,6 +192,6 @@ def annotate_diffusers(info: AdapterInfo) -> AdapterInfo:
         info.config["namespace"] = "diffusers"
         info.config["convention"] = "diffusers"
         info.config["families"] = [f.name for f in families]
-        if len(families) == 1:
-            info.config["family"] = families[0].name
+        chosen = choose(families, info.file_metadata)
+        info.config["family"] = chosen.name if chosen else None
     return info
