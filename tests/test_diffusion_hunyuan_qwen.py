@@ -45,8 +45,8 @@ _HY = {
     "double_blocks.0.img_mlp.fc1": (["transformer_blocks.0.ff.net.0.proj"], ""),
     "double_blocks.0.img_mlp.fc2": (["transformer_blocks.0.ff.net.2"], ""),
     "double_blocks.0.txt_mod.linear": (["transformer_blocks.0.norm1_context.linear"], ""),
-    "single_blocks.0.linear1": (["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
-                                 "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp"], "mlp"),
+    "single_blocks.0.linear1": ([f"single_transformer_blocks.0.attn.to_{x}" for x in "qkv"]
+                                + ["single_transformer_blocks.0.proj_mlp"], "mlp"),
     "single_blocks.0.linear2": (["single_transformer_blocks.0.proj_out"], ""),
     "single_blocks.0.modulation.linear": (["single_transformer_blocks.0.norm.linear"], ""),
     "txt_in.individual_token_refiner.blocks.0.self_attn_qkv": (
@@ -63,7 +63,7 @@ _HY = {
 def hunyuan_factors(model, *, with_linear1: bool = True):
     mods = dict(model.named_modules())
     shapes = {}
-    for orig, (targets, layout) in _HY.items():
+    for orig, (targets, _layout) in _HY.items():
         if orig.endswith("linear1") and not with_linear1:
             continue
         outs = [mods[t].out_features for t in targets]

@@ -43,7 +43,8 @@ PUBLISHED: tuple[Published, ...] = (
 )
 
 #: the words of ss_base_model_version / modelspec.architecture -> family
-_DECLARED = (("flux", "flux1"), ("hunyuan", "hunyuan-video"), ("sdxl", "sdxl"), ("stable-diffusion-xl", "sdxl"), ("wan", "wan"),
+_DECLARED = (("flux", "flux1"), ("hunyuan", "hunyuan-video"),
+             ("sdxl", "sdxl"), ("stable-diffusion-xl", "sdxl"), ("wan", "wan"),
              ("qwen", "qwen-image"), ("sd_v2", "sd2"), ("stable-diffusion-v2", "sd2"), ("sd_v1", "sd1"),
              ("stable-diffusion-v1", "sd1"))
 #: module-path patterns whose (out, in) give each dimension: family -> dim name -> (regex, which side)
