@@ -49,3 +49,43 @@ def test_metadata_edit_keeps_tensor_digest_and_duplicates_finds_the_pair(tmp_pat
     dupes = runner.invoke(cli, ["duplicates", "--json"])
     assert json.loads(dupes.output) == [["style-edited==0.1.0", "style==0.1.0"]]
     assert "same tensors: style-edited==0.1.0, style==0.1.0" in runner.invoke(cli, ["duplicates"]).output
+
+
+def _wan_lora(path, dim: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.randn(2, dim, generator=gen),
+               "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.randn(dim, 2, generator=gen),
+               "lora_unet_blocks_0_self_attn_q.alpha": torch.tensor(1.0)}, str(path))
+
+
+def test_install_recursive_link_and_base_family(tmp_path):
+    import os
+
+    tree = tmp_path / "models" / "loras"
+    _wan_lora(tree / "wan" / "Anime Style.safetensors", 1536, 1)
+    _wan_lora(tree / "wan" / "v2" / "detail.safetensors", 1536, 2)
+    (tree / "broken.safetensors").write_bytes(b"not a safetensors file")
+    (tree / "notes.txt").write_text("ignored")
+    runner = CliRunner()
+    first = runner.invoke(cli, ["install", str(tree), "--recursive", "--json"])
+    assert first.exit_code == 1  # one file could not be read; the others are installed
+    report = json.loads(first.output)
+    assert sorted(r["name"] for r in report["installed"]) == ["wan-anime-style", "wan-v2-detail"]
+    assert [f["path"] for f in report["failed"]] == [str(tree / "broken.safetensors")]
+    (tree / "broken.safetensors").unlink()
+    again = runner.invoke(cli, ["install", str(tree), "--recursive"])
+    assert again.exit_code == 0 and "0 installed, 2 already installed, 0 could not be read" in again.output
+    listed = json.loads(runner.invoke(cli, ["list", "--base-family", "wan", "--json"]).output)
+    assert sorted(r["name"] for r in listed) == ["wan-anime-style", "wan-v2-detail"]
+    assert json.loads(runner.invoke(cli, ["list", "--base-family", "flux1", "--json"]).output) == []
+    unknown = runner.invoke(cli, ["list", "--base-family", "sd5"])
+    assert unknown.exit_code != 0 and "unknown base family 'sd5'" in unknown.output
+    ui = tmp_path / "ui-loras"
+    linked = runner.invoke(cli, ["link", str(ui)])
+    assert linked.exit_code == 0, linked.output
+    target = ui / "wan-anime-style.safetensors"
+    assert target.read_bytes() == (tree / "wan" / "Anime Style.safetensors").read_bytes()
+    assert os.stat(target).st_nlink >= 2  # a hard link into the store, not a copy
+    assert runner.invoke(cli, ["link", str(ui)]).exit_code == 0  # idempotent
+    assert runner.invoke(cli, ["verify"]).exit_code == 0

@@ -15,9 +15,15 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..adapter import AdapterInfo
+
+if TYPE_CHECKING:
+    from ..registry import Registry, VersionRow
+
+#: the family names :func:`identify_shapes` gives (``loramgr list --base-family``)
+FAMILY_NAMES = ("sd1", "sd2", "sdxl", "flux1", "hunyuan-video", "wan", "qwen-image")
 
 
 @dataclass(frozen=True)
@@ -192,3 +198,18 @@ def show_lines(config: Mapping[str, Any]) -> list[str]:
         lines.append(f"  hashes        AutoV2 {hashes['autov2']}  AutoV3 {hashes['autov3']}  CRC32 {hashes['crc32']}")
         lines.append(f"  tensors       sha256:{hashes['tensors_sha256']}")
     return lines
+
+
+def versions_for_family(registry: Registry, family: str, name: str | None = None) -> list[VersionRow]:
+    """The installed versions whose shapes identify base family ``family`` (``list --base-family``)."""
+    if family not in FAMILY_NAMES:
+        from ..errors import InvalidReferenceError
+
+        raise InvalidReferenceError(f"unknown base family {family!r}", reference=family,
+                                    hint=f"use one of {', '.join(FAMILY_NAMES)}")
+    rows = []
+    for row in registry.list_versions(name):
+        ident = registry.show(f"{row.name}=={row.version}").config.get("base_identity") or {}
+        if ident.get("family") == family:
+            rows.append(row)
+    return rows
