@@ -128,6 +128,19 @@ def _kohya_names(info: AdapterInfo) -> dict[str, str]:
     return names
 
 
+def _common_alpha(info: AdapterInfo) -> float:
+    """The one alpha a converted kohya file declares for every module.
+
+    sd-scripts and ComfyUI read each module's ``.alpha``, but diffusers (0.42) turns differing alphas into
+    an ``alpha_pattern`` whose keys PEFT never matches, so a module whose alpha is not the most common one
+    is applied with the wrong scale (x8 for alpha 32 among alphas 4). With one alpha everywhere every
+    reader agrees: a module whose own alpha differs gets the ratio folded into its lora_up, which changes
+    its ΔW by one float rounding of lora_up and nothing else.
+    """
+    alphas = Counter(alpha_for(m, False) for m in info.modules)
+    return float(min(alphas, key=lambda a: (-alphas[a], a)))
+
+
 def to_kohya_file(
     adapter: LoraAdapter,
     path: str | Path,
@@ -155,6 +168,7 @@ def to_kohya_file(
     else:
         import torch
 
+        common = _common_alpha(info) if not same_format else None
         for spec in info.modules:
             name = names[spec.name]
             keys = [spec.key_a, spec.key_b] + ([spec.key_alpha] if spec.key_alpha else [])
@@ -163,6 +177,12 @@ def to_kohya_file(
             tensors[f"{name}.lora_up.weight"] = loaded[spec.key_b]
             if same_format and spec.key_alpha:
                 tensors[f"{name}.alpha"] = loaded[spec.key_alpha]  # the original tensor, same dtype
+            elif common is not None:
+                alpha = alpha_for(spec, False)
+                if alpha != common:  # fold the module's own scale into lora_up (see _common_alpha)
+                    up = loaded[spec.key_b]
+                    tensors[f"{name}.lora_up.weight"] = (up.double() * (alpha / common)).to(up.dtype)
+                tensors[f"{name}.alpha"] = torch.tensor(common, dtype=torch.float32)
             elif not (same_format and spec.alpha == spec.rank):
                 tensors[f"{name}.alpha"] = torch.tensor(alpha_for(spec, False), dtype=torch.float32)
     metadata = dict(info.file_metadata) if same_format else {"ss_network_module": "networks.lora"}
