@@ -399,3 +399,53 @@ def test_converted_kohya_file_is_scaled_alike_by_diffusers_and_sd_scripts(tmp_pa
     assert sorted(got) == sorted(expected)
     for path in alphas:
         assert torch.allclose(got[path], expected[path], atol=1e-5), path
+
+
+def test_clip_text_encoder_without_text_model_level(tmp_path: Path, pipeline: TinyPipeline) -> None:
+    """transformers 5's CLIPTextModel has no ``text_model`` level: sd-scripts names still resolve against it,
+    and the diffusers export of the text-encoder part loads in diffusers with the same ΔW."""
+    import loramgr.api
+    from click.testing import CliRunner
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from peft.tuners.lora import LoraLayer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from loramgr.cli.main import cli
+    from loramgr.compat.basemodel import fingerprint_from_state_dict
+
+    def clip() -> CLIPTextModel:
+        torch.manual_seed(0)
+        return CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=24, num_hidden_layers=1,
+                                            num_attention_heads=2, vocab_size=50, max_position_embeddings=16,
+                                            bos_token_id=0, eos_token_id=1, pad_token_id=1))
+
+    assert not hasattr(clip(), "text_model")
+    base = nn.Module()
+    base.unet, base.text_encoder = TinyUNet(), clip()
+    loramgr.api.registry().add_base(fingerprint_from_state_dict(base, name="sd-tf5"))
+    targets = {k: v for k, v in TARGETS.items() if k.startswith("unet.") or k.startswith("text_encoder.")}
+    src = write_kohya_file(tmp_path / "sd.safetensors", pipeline, targets, dtype=torch.float32)
+    installed = CliRunner().invoke(cli, ["install", str(src), "--name", "sd", "--base", "sd-tf5"])
+    assert installed.exit_code == 0, installed.output
+    original = load_file(str(src))
+    names = loramgr.get("sd").module_names
+    assert "text_encoder.encoder.layers.0.self_attn.q_proj" in names
+    # the same file resolved against a transformers 4 layout keeps text_model. in its names
+    loramgr.api.registry().add_base(fingerprint_from_state_dict(pipeline, name="sd-tf4"))
+    assert CliRunner().invoke(cli, ["install", str(src), "--name", "sd4", "--base", "sd-tf4"]).exit_code == 0
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj" in loramgr.get("sd4").module_names
+    expected = kohya_delta(original, "lora_te1_text_model_encoder_layers_0_self_attn_q_proj")
+    for ref in ("sd", "sd4"):
+        out = tmp_path / f"{ref}-diffusers.safetensors"
+        loramgr.export(ref, out, format="diffusers")
+        state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
+            str(out), return_alphas=True, return_lora_metadata=True)
+        encoder = clip()
+        StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
+            state_dict, alphas, encoder, prefix="text_encoder", adapter_name="t", metadata=metadata)
+        got = {n: m.get_delta_weight("t").double() for n, m in encoder.named_modules() if isinstance(m, LoraLayer)}
+        assert list(got) == ["encoder.layers.0.self_attn.q_proj"], ref
+        assert torch.allclose(got["encoder.layers.0.self_attn.q_proj"], expected, atol=1e-5), ref
+    back = tmp_path / "back.safetensors"
+    loramgr.export("sd", back, format="kohya")
+    assert set(load_file(str(back))) == set(original)

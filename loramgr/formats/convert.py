@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ..adapter import AdapterInfo, LoraAdapter, ModuleSpec
 from ..errors import ConflictError, InvalidAdapterError, UnsupportedAdapterError
 from .diffusers import COMPONENTS, METADATA_KEY
-from .kohya import kohya_name, resolve_kohya_info
+from .kohya import CLIP_LEAVES, COMPONENT_PREFIXES, kohya_name, resolve_kohya_info
 from .lycoris import require_plain_lora
 from .peft import PEFT_PREFIX, write_peft_folder
 from .peftconfig import alpha_for, lora_config, module_scales
@@ -121,8 +121,12 @@ def _kohya_names(info: AdapterInfo) -> dict[str, str]:
             names[spec.name] = known[spec.name]
             continue
         component, _, rest = spec.name.partition(".")
+        if component.startswith("text_encoder") and rest.replace(".", "_").startswith(CLIP_LEAVES):
+            rest = "text_model." + rest  # sd-scripts and ComfyUI name CLIP modules with the transformers 4 level
         if component == "text_encoder" and rest and "text_encoder_2" in components:
             names[spec.name] = kohya_name(rest, "lora_te1_")
+        elif component in COMPONENT_PREFIXES and rest:
+            names[spec.name] = kohya_name(rest, COMPONENT_PREFIXES[component])
         else:
             names[spec.name] = kohya_name(spec.name)
     return names
@@ -290,10 +294,36 @@ def to_diffusers_file(
     for comp, specs in sorted(by_component.items()):
         rslora, scales = module_scales((m.name, m) for m in specs)
         config = lora_config(scales, use_rslora=rslora)
+        if comp.startswith("text_encoder"):
+            config = _either_clip_layout(config)
         packed.update({f"{comp}.{k}": config[k] for k in _DIFFUSERS_KEYS})
     metadata = {"format": "pt", METADATA_KEY: json.dumps(packed, sort_keys=True)}
     _atomic_save(tensors, path, metadata)
     return path
+
+
+def _either_clip_layout(config: dict[str, Any]) -> dict[str, Any]:
+    """A text encoder's config whose module names match with or without CLIP's ``text_model.`` level.
+
+    diffusers 0.42 strips ``text_model.`` from the tensor keys when the CLIPTextModel has no such level
+    (transformers 5) but not from ``lora_adapter_metadata``, so full names and ``^``-anchored patterns that
+    contain it match no module. Names written from below that level match in both layouts, as PEFT
+    matches target names and pattern keys as suffixes at a dot; below ``text_model`` they are unique.
+    """
+    import re
+
+    def short(name: str) -> str:
+        return name.removeprefix("text_model.")
+
+    def key(pattern: str) -> str:
+        name = pattern.removeprefix("^").replace("\\", "")
+        return re.escape(short(name))
+
+    config = dict(config)
+    config["target_modules"] = [short(n) for n in config["target_modules"]]
+    config["alpha_pattern"] = {key(k): v for k, v in config["alpha_pattern"].items()}
+    config["rank_pattern"] = {key(k): v for k, v in config["rank_pattern"].items()}
+    return config
 
 
 def export_adapter(adapter: LoraAdapter, dest: str | Path, fmt: str, **options: Any) -> Path:
