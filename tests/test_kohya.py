@@ -404,12 +404,12 @@ def test_converted_kohya_file_is_scaled_alike_by_diffusers_and_sd_scripts(tmp_pa
 def test_clip_text_encoder_without_text_model_level(tmp_path: Path, pipeline: TinyPipeline) -> None:
     """transformers 5's CLIPTextModel has no ``text_model`` level: sd-scripts names still resolve against it,
     and the diffusers export of the text-encoder part loads in diffusers with the same ΔW."""
-    import loramgr.api
     from click.testing import CliRunner
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from peft.tuners.lora import LoraLayer
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    import loramgr.api
     from loramgr.cli.main import cli
     from loramgr.compat.basemodel import fingerprint_from_state_dict
 
