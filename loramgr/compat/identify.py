@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..registry import Registry, VersionRow
 
 #: the family names :func:`identify_shapes` gives (``loramgr list --base-family``)
-FAMILY_NAMES = ("sd1", "sd2", "sdxl", "flux1", "hunyuan-video", "wan", "qwen-image")
+FAMILY_NAMES = ("sd1", "sd2", "sdxl", "sd3", "flux1", "hunyuan-video", "wan", "qwen-image")
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,12 @@ PUBLISHED: tuple[Published, ...] = (
     Published("wan", "Wan 2.1 / 2.2 14B", "14B", {"dim": 5120, "ffn": 13824}),
     Published("hunyuan-video", "HunyuanVideo", "13B", {"dim": 3072, "ffn": 12288}),
     Published("qwen-image", "Qwen-Image", "20B", {"dim": 3072, "ffn": 12288}),
+    Published("sd3", "Stable Diffusion 3 / 3.5 Medium", "2B", {"dim": 1536, "ffn": 6144}),
+    Published("sd3", "Stable Diffusion 3.5 Large", "8B", {"dim": 2432, "ffn": 9728}),
 )
 
 #: the words of ss_base_model_version / modelspec.architecture -> family
-_DECLARED = (("flux", "flux1"), ("hunyuan", "hunyuan-video"),
+_DECLARED = (("flux", "flux1"), ("hunyuan", "hunyuan-video"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"),
              ("sdxl", "sdxl"), ("stable-diffusion-xl", "sdxl"), ("wan", "wan"),
              ("qwen", "qwen-image"), ("sd_v2", "sd2"), ("stable-diffusion-v2", "sd2"), ("sd_v1", "sd1"),
              ("stable-diffusion-v1", "sd1"))
@@ -64,7 +66,9 @@ _PROBES: dict[str, dict[str, tuple[str, str]]] = {
             "ffn": (r"blocks\.\d+\.(ffn\.0|ffn\.net\.0\.proj)$", "out")},
     "qwen-image": {"dim": (r"transformer_blocks\.\d+\.attn\.to_q$", "in"),
                    "ffn": (r"transformer_blocks\.\d+\.img_mlp\.net\.0\.proj$", "out")},
-    "sd": {"context": (r"attn2[._]to_k$", "in")},
+    "sd3": {"dim": (r"transformer_blocks\.\d+\.attn\.to_q$", "in"),
+            "ffn": (r"transformer_blocks\.\d+\.ff\.net\.0\.proj$", "out")},
+    "sd": {"context": (r"attentions[._]\d+[._]transformer_blocks[._]\d+[._]attn2[._]to_k$", "in")},
 }
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
 
@@ -159,7 +163,13 @@ def identify_adapter(info: AdapterInfo) -> Identification | None:
     names: Iterable[str] = (m.name for m in info.modules)
     shapes = {n: (m.out_features, m.in_features) for n, m in zip(names, info.modules, strict=True)}
     sdxl = any(m.name.startswith(("lora_te2_", "text_encoder_2.")) for m in info.modules)
-    ident = identify_shapes(shapes, is_sdxl=sdxl, family=info.config.get("family"))
+    family = info.config.get("family")
+    candidates = info.config.get("families") or []
+    if not family and len(candidates) > 1:  # shared module names: the published widths may still decide
+        found = [i for i in (identify_shapes(shapes, family=c) for c in candidates) if i and i.variant]
+        if len(found) == 1:
+            family = found[0].family
+    ident = identify_shapes(shapes, is_sdxl=sdxl, family=family)
     claim = declared_family(info.file_metadata)
     if ident is None:
         return None

@@ -80,6 +80,8 @@ class Family:
     name: str
     title: str
     rules: tuple[Rule, ...]
+    #: False when loramgr has no table of the original checkpoint's names (they are diffusers' own here)
+    original_names: bool = True
 
     @property
     def same_names(self) -> bool:
@@ -102,6 +104,8 @@ class Family:
 
     def resolve_kohya(self, body: str) -> str | None:
         """The original module path of a kohya name without its ``lora_unet_`` prefix, or None."""
+        if not self.original_names:
+            return None
         for rule in self.rules:
             index = rule.match_kohya(body)
             if index is not None:
@@ -206,9 +210,23 @@ QWEN_IMAGE = Family("qwen-image", "Qwen-Image", _same(
     "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
 ))
 
-FAMILIES: tuple[Family, ...] = (FLUX1, HUNYUAN_VIDEO, WAN, QWEN_IMAGE)
+_SD3_ATTN = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+#: SD3 / SD3.5 in diffusers' names only: diffusers loads no other convention for it, so none is written here
+SD3 = Family("sd3", "Stable Diffusion 3 / 3.5", _same(
+    *(f"transformer_blocks.{{i}}.attn.{m}" for m in _SD3_ATTN),
+    *(f"transformer_blocks.{{i}}.attn2.{m}" for m in ("to_q", "to_k", "to_v", "to_out.0")),
+    "transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.2",
+    "transformer_blocks.{i}.ff_context.net.0.proj", "transformer_blocks.{i}.ff_context.net.2",
+    "transformer_blocks.{i}.norm1.linear", "transformer_blocks.{i}.norm1_context.linear",
+    "context_embedder", "proj_out", "norm_out.linear",
+    "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+    "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2",
+), original_names=False)
+
+FAMILIES: tuple[Family, ...] = (FLUX1, HUNYUAN_VIDEO, WAN, QWEN_IMAGE, SD3)
 #: what ss_base_model_version / modelspec.architecture call each family (lower case, a substring)
-DECLARED_NAMES = {"flux1": ("flux",), "hunyuan-video": ("hunyuan",), "wan": ("wan",), "qwen-image": ("qwen",)}
+DECLARED_NAMES = {"flux1": ("flux",), "hunyuan-video": ("hunyuan",), "wan": ("wan",), "qwen-image": ("qwen",),
+                  "sd3": ("sd3", "stable-diffusion-3")}
 
 
 def choose(candidates: list[Family], metadata: dict[str, str]) -> Family | None:
@@ -232,7 +250,7 @@ def by_name(name: str) -> Family:
 def families_of_original(paths: Iterable[str]) -> list[Family]:
     """The families whose original checkpoint has every one of ``paths``."""
     paths = list(paths)
-    return [f for f in FAMILIES if paths and all(f.rule_for_original(p) for p in paths)]
+    return [f for f in FAMILIES if f.original_names and paths and all(f.rule_for_original(p) for p in paths)]
 
 
 def families_of_diffusers(paths: Iterable[str]) -> list[Family]:

@@ -192,6 +192,24 @@ def annotate_diffusers(info: AdapterInfo) -> AdapterInfo:
         info.config["namespace"] = "diffusers"
         info.config["convention"] = "diffusers"
         info.config["families"] = [f.name for f in families]
-        chosen = choose(families, info.file_metadata)
+        chosen = choose(families, info.file_metadata) or _by_width(families, info)
         info.config["family"] = chosen.name if chosen else None
+        if chosen is None and len(families) > 1:
+            info.notes.append(f"the modules exist in {' and '.join(f.title for f in families)}; neither the metadata "
+                              "nor the widths say which: conversions to original names are refused")
     return info
+
+
+def _by_width(families: list[Family], info: AdapterInfo) -> Family | None:
+    """The one candidate family with a published model of this width (Flux 3072, SD3 1536 / 2432, ...)."""
+    from ...compat.identify import PUBLISHED, identify_shapes
+
+    shapes = {m.name: (m.out_features, m.in_features) for m in info.modules}
+    fitting = []
+    for family in families:
+        found = identify_shapes(shapes, family=family.name)
+        dims = found.dims if found else {}
+        if dims and any(p.family == family.name and all(p.dims.get(k) == v for k, v in dims.items() if k in p.dims)
+                        for p in PUBLISHED):
+            fitting.append(family)
+    return fitting[0] if len(fitting) == 1 else None

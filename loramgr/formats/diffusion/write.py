@@ -170,10 +170,16 @@ def to_original(family: Family, factors: dict[str, Factors]) -> dict[str, Factor
 def factors_in(adapter: LoraAdapter, namespace: str) -> dict[str, Factors]:
     """The adapter's factors with module names of ``namespace`` ("original" or "diffusers")."""
     info = adapter.info
-    family = family_of(info)
     factors = load_factors(adapter)
-    own = info.config.get("namespace")
-    if own == namespace or family.same_names:
+    if info.config.get("namespace") == namespace:
+        return factors
+    family = family_of(info)
+    if not family.original_names:
+        raise UnsupportedAdapterError(
+            f"loramgr has no table of the original checkpoint's module names for {family.title}",
+            adapter_type=info.adapter_type, hint="export with --format diffusers or peft",
+        )
+    if family.same_names:
         return factors
     return to_diffusers(family, factors) if namespace == "diffusers" else to_original(family, factors)
 
