@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..registry import Registry, VersionRow
 
 #: the family names :func:`identify_shapes` gives (``loramgr list --base-family``)
-FAMILY_NAMES = ("sd1", "sd2", "sdxl", "sd3", "flux1", "hunyuan-video", "wan", "qwen-image")
+FAMILY_NAMES = ("sd1", "sd2", "sdxl", "sd3", "flux1", "flux2", "hunyuan-video", "wan", "qwen-image")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ PUBLISHED: tuple[Published, ...] = (
     Published("sd2", "Stable Diffusion 2.x", "0.9B", {"context": 1024}),
     Published("sdxl", "Stable Diffusion XL", "2.6B", {"context": 2048}),
     Published("flux1", "Flux.1 [dev] / [schnell]", "12B", {"dim": 3072, "ffn": 12288}),
+    Published("flux2", "Flux.2 [dev]", "32B", {"dim": 6144, "ffn": 36864}),
     Published("wan", "Wan 2.1 / 2.2 1.3B", "1.3B", {"dim": 1536, "ffn": 8960}),
     Published("wan", "Wan 2.2 TI2V 5B", "5B", {"dim": 3072, "ffn": 14336}),
     Published("wan", "Wan 2.1 / 2.2 14B", "14B", {"dim": 5120, "ffn": 13824}),
@@ -51,7 +52,8 @@ PUBLISHED: tuple[Published, ...] = (
 )
 
 #: the words of ss_base_model_version / modelspec.architecture -> family
-_DECLARED = (("flux", "flux1"), ("hunyuan", "hunyuan-video"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"),
+_DECLARED = (("flux2", "flux2"), ("flux-2", "flux2"), ("flux.2", "flux2"), ("flux", "flux1"),
+             ("hunyuan", "hunyuan-video"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"),
              ("sdxl", "sdxl"), ("stable-diffusion-xl", "sdxl"), ("wan", "wan"),
              ("qwen", "qwen-image"), ("sd_v2", "sd2"), ("stable-diffusion-v2", "sd2"), ("sd_v1", "sd1"),
              ("stable-diffusion-v1", "sd1"))
@@ -59,6 +61,8 @@ _DECLARED = (("flux", "flux1"), ("hunyuan", "hunyuan-video"), ("sd3", "sd3"), ("
 _PROBES: dict[str, dict[str, tuple[str, str]]] = {
     "flux1": {"dim": (r"(double_blocks\.\d+\.img_attn\.qkv|transformer_blocks\.\d+\.attn\.to_q)$", "in"),
               "ffn": (r"(double_blocks\.\d+\.img_mlp\.0|transformer_blocks\.\d+\.ff\.net\.0\.proj)$", "out")},
+    "flux2": {"dim": (r"(double_blocks\.\d+\.img_attn\.qkv|transformer_blocks\.\d+\.attn\.to_q)$", "in"),
+              "ffn": (r"(double_blocks\.\d+\.img_mlp\.0|transformer_blocks\.\d+\.ff\.linear_in)$", "out")},
     "hunyuan-video": {
         "dim": (r"(double_blocks\.\d+\.img_attn_qkv|^transformer_blocks\.\d+\.attn\.to_q)$", "in"),
         "ffn": (r"(double_blocks\.\d+\.img_mlp\.fc1|^transformer_blocks\.\d+\.ff\.net\.0\.proj)$", "out")},

@@ -146,6 +146,31 @@ FLUX1 = Family("flux1", "Flux.1", (
     Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), "swap"),
 ))
 
+FLUX2 = Family("flux2", "Flux.2", (
+    Rule("double_blocks.{i}.img_attn.qkv", tuple(_FLUX_DOUBLE + f"attn.to_{x}" for x in "qkv"), "split"),
+    Rule("double_blocks.{i}.txt_attn.qkv", tuple(_FLUX_DOUBLE + f"attn.add_{x}_proj" for x in "qkv"), "split"),
+    Rule("double_blocks.{i}.img_attn.proj", (_FLUX_DOUBLE + "attn.to_out.0",)),
+    Rule("double_blocks.{i}.txt_attn.proj", (_FLUX_DOUBLE + "attn.to_add_out",)),
+    Rule("double_blocks.{i}.img_mlp.0", (_FLUX_DOUBLE + "ff.linear_in",)),
+    Rule("double_blocks.{i}.img_mlp.2", (_FLUX_DOUBLE + "ff.linear_out",)),
+    Rule("double_blocks.{i}.txt_mlp.0", (_FLUX_DOUBLE + "ff_context.linear_in",)),
+    Rule("double_blocks.{i}.txt_mlp.2", (_FLUX_DOUBLE + "ff_context.linear_out",)),
+    Rule("single_blocks.{i}.linear1", (_FLUX_SINGLE + "attn.to_qkv_mlp_proj",)),
+    Rule("single_blocks.{i}.linear2", (_FLUX_SINGLE + "attn.to_out",)),
+    Rule("img_in", ("x_embedder",)),
+    Rule("txt_in", ("context_embedder",)),
+    Rule("time_in.in_layer", ("time_guidance_embed.timestep_embedder.linear_1",)),
+    Rule("time_in.out_layer", ("time_guidance_embed.timestep_embedder.linear_2",)),
+    Rule("guidance_in.in_layer", ("time_guidance_embed.guidance_embedder.linear_1",)),
+    Rule("guidance_in.out_layer", ("time_guidance_embed.guidance_embedder.linear_2",)),
+    Rule("double_stream_modulation_img.lin", ("double_stream_modulation_img.linear",)),
+    Rule("double_stream_modulation_txt.lin", ("double_stream_modulation_txt.linear",)),
+    Rule("single_stream_modulation.lin", ("single_stream_modulation.linear",)),
+    Rule("final_layer.linear", ("proj_out",)),
+    # diffusers' Flux.2 weight conversion swaps (shift, scale) here; its LoRA conversion (0.42) does not
+    Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), "swap"),
+))
+
 _HY_REFINER = "txt_in.individual_token_refiner.blocks.{i}."
 _HY_REFINER_D = "context_embedder.token_refiner.refiner_blocks.{i}."
 HUNYUAN_VIDEO = Family("hunyuan-video", "HunyuanVideo", (
@@ -223,9 +248,10 @@ SD3 = Family("sd3", "Stable Diffusion 3 / 3.5", _same(
     "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2",
 ), original_names=False)
 
-FAMILIES: tuple[Family, ...] = (FLUX1, HUNYUAN_VIDEO, WAN, QWEN_IMAGE, SD3)
+FAMILIES: tuple[Family, ...] = (FLUX1, FLUX2, HUNYUAN_VIDEO, WAN, QWEN_IMAGE, SD3)
 #: what ss_base_model_version / modelspec.architecture call each family (lower case, a substring)
-DECLARED_NAMES = {"flux1": ("flux",), "hunyuan-video": ("hunyuan",), "wan": ("wan",), "qwen-image": ("qwen",),
+DECLARED_NAMES = {"flux1": ("flux1", "flux-1", "flux.1", "flux_1"), "flux2": ("flux2", "flux-2", "flux.2", "flux_2"),
+                  "hunyuan-video": ("hunyuan",), "wan": ("wan",), "qwen-image": ("qwen",),
                   "sd3": ("sd3", "stable-diffusion-3")}
 
 

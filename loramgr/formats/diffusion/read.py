@@ -103,7 +103,6 @@ def read_original(
 ) -> AdapterInfo:
     """Describe a kohya / ComfyUI / XLabs diffusion-transformer file; names are original module paths."""
     path = str(header.path)
-    family = choose(candidates, dict(header.metadata))
     parts: dict[str, dict[str, tuple[str, tuple[int, ...], str]]] = {}
     other: list[str] = []
     for key, module in modules.items():
@@ -144,6 +143,7 @@ def read_original(
     if not specs:
         raise InvalidAdapterError(f"{path}: no LoRA factors found", path=path, hint="is this a LoRA file?")
     metadata = dict(header.metadata)
+    family = choose(candidates, metadata) or _by_width(candidates, specs)
     notes = []
     if other:
         notes.append(f"{len(other)} full-weight (diff / diff_b) tensor(s) besides the LoRA factors, "
@@ -192,7 +192,7 @@ def annotate_diffusers(info: AdapterInfo) -> AdapterInfo:
         info.config["namespace"] = "diffusers"
         info.config["convention"] = "diffusers"
         info.config["families"] = [f.name for f in families]
-        chosen = choose(families, info.file_metadata) or _by_width(families, info)
+        chosen = choose(families, info.file_metadata) or _by_width(families, info.modules)
         info.config["family"] = chosen.name if chosen else None
         if chosen is None and len(families) > 1:
             info.notes.append(f"the modules exist in {' and '.join(f.title for f in families)}; neither the metadata "
@@ -200,11 +200,13 @@ def annotate_diffusers(info: AdapterInfo) -> AdapterInfo:
     return info
 
 
-def _by_width(families: list[Family], info: AdapterInfo) -> Family | None:
+def _by_width(families: list[Family], modules: list[ModuleSpec]) -> Family | None:
     """The one candidate family with a published model of this width (Flux 3072, SD3 1536 / 2432, ...)."""
+    if len(families) == 1:
+        return families[0]
     from ...compat.identify import PUBLISHED, identify_shapes
 
-    shapes = {m.name: (m.out_features, m.in_features) for m in info.modules}
+    shapes = {m.name: (m.out_features, m.in_features) for m in modules}
     fitting = []
     for family in families:
         found = identify_shapes(shapes, family=family.name)
