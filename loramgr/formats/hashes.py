@@ -4,7 +4,8 @@
 - ``tensors_sha256``: of the tensor payload, the bytes after the 8-byte length and the JSON header
   (kohya's ``sshs_model_hash`` is this digest of the file as saved). It stays the same when a tool
   rewrites the header metadata, so it is the identity that survives renames and metadata edits;
-  **AutoV3** is shown as its first 12 hex digits.
+  **AutoV3** is shown as its first 12 hex digits (Civitai documents AutoV3 as a hash that ignores the
+  metadata; this definition is not checked against Civitai's own code).
 - ``crc32``: of the whole file, 8 upper-case hex digits, as Civitai lists it.
 """
 
