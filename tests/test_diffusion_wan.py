@@ -126,3 +126,29 @@ def test_wan_13b_lora_refused_on_14b_base(tmp_path):
     big = tmp_path / "big.safetensors"
     _published_wan_lora(big, dim, ffn)
     assert CliRunner().invoke(cli, ["install", str(big), "--base", "wan-14b"]).exit_code == 0
+
+
+def test_diff_parts_recognised_carried_to_comfyui_and_refused_elsewhere(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = wan_model()
+    factors = random_factors(wan_original_shapes(model))
+    path = tmp_path / "with-diff.safetensors"
+    write_comfyui(path, factors)
+    tensors = load_file(str(path))
+    dim = model.config.num_attention_heads * model.config.attention_head_dim
+    extra = {"diffusion_model.blocks.0.norm3.diff": torch.randn(dim),
+             "diffusion_model.blocks.0.self_attn.q.diff_b": torch.randn(dim)}
+    save_file(tensors | extra, str(path))
+    loramgr.install(path, name="wan-diff")
+    adapter = loramgr.get("wan-diff")
+    assert adapter.info.config["other_keys"] == sorted(extra)
+    assert any("2 full-weight (diff / diff_b)" in note for note in adapter.info.notes)
+    close(deltas(adapter, "original"), dense(factors))
+    out = tmp_path / "comfy.safetensors"
+    loramgr.export("wan-diff", out, format="comfyui")
+    written = load_file(str(out))
+    for key, value in extra.items():
+        assert torch.equal(written[key], value)
+    refused = CliRunner().invoke(cli, ["export", "wan-diff", str(tmp_path / "k.safetensors"), "--format", "kohya"])
+    assert refused.exit_code == 1 and "blocks.0.norm3.diff" in refused.output

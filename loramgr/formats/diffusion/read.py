@@ -92,7 +92,9 @@ def detect_convention(
         b.startswith(KOHYA_PREFIX) for b in bodies.values()
     ):  # ComfyUI's diffusion_model. prefix, or the bare module paths of the original checkpoint
         paths = {k: b.removeprefix(COMFY_PREFIX) for k, b in bodies.items()}
-        families = families_of_original(set(paths.values()))
+        # full-weight deltas (diff / diff_b) may sit on any module (norms, biases): the LoRA modules decide
+        lora_paths = {paths[k] for k, part in split.items() if part is not None and part[1] != "diff"}
+        families = families_of_original(lora_paths)
         if families:
             return "comfyui", families, paths
     return None

@@ -202,7 +202,9 @@ def export_diffusion(adapter: LoraAdapter, destination: str | Path, fmt: str, *,
         raise ConflictError(f"{destination} already exists", hint="choose another output path or remove the file")
     info = adapter.info
     other = info.config.get("other_keys") or []
-    if other:
+    # diff / diff_b tensors of an original-names file carry over to ComfyUI's names, the one target that reads them
+    carried = other if fmt == "comfyui" and info.config.get("namespace") == "original" else []
+    if other and not carried:
         raise UnsupportedAdapterError(
             f"export to {fmt} would drop {len(other)} tensor(s) that are not LoRA factors, e.g. {other[0]}",
             adapter_type=info.adapter_type, hint="keep the file in its own convention",
@@ -219,6 +221,12 @@ def export_diffusion(adapter: LoraAdapter, destination: str | Path, fmt: str, *,
             tensors[base + ".alpha"] = torch.tensor(f.scale * f.rank, dtype=torch.float32)
         if fmt == "kohya":
             metadata.update({"ss_network_module": "networks.lora", "ss_base_model_version": family_of(info).name})
+        if carried:
+            from safetensors import safe_open
+
+            with safe_open(str(adapter.weights_path), framework="pt") as handle:
+                for key in carried:
+                    tensors[COMFY_PREFIX + key.removeprefix(COMFY_PREFIX)] = handle.get_tensor(key)
     elif fmt == "xlabs":
         xlabs = {"img_attn.qkv": "qkv_lora1", "txt_attn.qkv": "qkv_lora2", "img_attn.proj": "proj_lora1",
                  "txt_attn.proj": "proj_lora2"}
