@@ -89,3 +89,27 @@ def test_install_recursive_link_and_base_family(tmp_path):
     assert os.stat(target).st_nlink >= 2  # a hard link into the store, not a copy
     assert runner.invoke(cli, ["link", str(ui)]).exit_code == 0  # idempotent
     assert runner.invoke(cli, ["verify"]).exit_code == 0
+
+
+def test_llm_adapters_identified_by_published_widths(tmp_path):
+    """A PEFT adapter's widths (hidden, k_proj, MLP) and layer indices name the published model."""
+    from factories import write_peft_adapter
+
+    from loramgr.compat.identify import identify_adapter
+    from loramgr.formats.peft import read_peft_folder
+
+    def adapter(folder, hidden: int, kv: int, ffn: int, layer: int):
+        modules = {f"model.layers.{layer}.self_attn.q_proj": (hidden, hidden, 1),
+                   f"model.layers.{layer}.self_attn.k_proj": (hidden, kv, 1),
+                   f"model.layers.{layer}.mlp.up_proj": (hidden, ffn, 1)}  # (in, out, rank)
+        write_peft_adapter(folder, modules)
+        return read_peft_folder(folder)
+
+    small = adapter(tmp_path / "q05", 896, 128, 4864, 23)
+    assert small.config["base_identity"]["variant"] == "Qwen2.5 0.5B"
+    assert small.config["base_identity"]["family"] == "qwen2"
+    # Llama 3 8B and Mistral 7B have the same widths: both are named
+    same = identify_adapter(adapter(tmp_path / "l8", 4096, 1024, 14336, 31))
+    assert same is not None and same.variant == "Llama 3 / 3.1 8B or Mistral 7B"
+    # a layer index past a model's last layer rules it out
+    assert identify_adapter(adapter(tmp_path / "deep", 2048, 512, 8192, 20)).variant is None

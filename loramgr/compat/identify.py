@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from ..registry import Registry, VersionRow
 
 #: the family names :func:`identify_shapes` gives (``loramgr list --base-family``)
-FAMILY_NAMES = ("sd1", "sd2", "sdxl", "sd3", "flux1", "flux2", "hunyuan-video", "wan", "qwen-image")
+FAMILY_NAMES = ("sd1", "sd2", "sdxl", "sd3", "flux1", "flux2", "hunyuan-video", "wan", "qwen-image", "llama",
+                "mistral", "qwen2", "llm")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,18 @@ PUBLISHED: tuple[Published, ...] = (
     Published("qwen-image", "Qwen-Image", "20B", {"dim": 3072, "ffn": 12288}),
     Published("sd3", "Stable Diffusion 3 / 3.5 Medium", "2B", {"dim": 1536, "ffn": 6144}),
     Published("sd3", "Stable Diffusion 3.5 Large", "8B", {"dim": 2432, "ffn": 9728}),
+    # decoder LLMs: hidden size, k_proj width (kv heads x head dim), MLP width, layers
+    Published("llama", "Llama 2 7B", "7B", {"dim": 4096, "kv": 4096, "ffn": 11008, "layers": 32}),
+    Published("llama", "Llama 3 / 3.1 8B", "8B", {"dim": 4096, "kv": 1024, "ffn": 14336, "layers": 32}),
+    Published("llama", "Llama 3.2 1B", "1B", {"dim": 2048, "kv": 512, "ffn": 8192, "layers": 16}),
+    Published("llama", "Llama 3.2 3B", "3B", {"dim": 3072, "kv": 1024, "ffn": 8192, "layers": 28}),
+    Published("mistral", "Mistral 7B", "7B", {"dim": 4096, "kv": 1024, "ffn": 14336, "layers": 32}),
+    Published("qwen2", "Qwen2.5 0.5B", "0.5B", {"dim": 896, "kv": 128, "ffn": 4864, "layers": 24}),
+    Published("qwen2", "Qwen2.5 1.5B", "1.5B", {"dim": 1536, "kv": 256, "ffn": 8960, "layers": 28}),
+    Published("qwen2", "Qwen2.5 7B", "7B", {"dim": 3584, "kv": 512, "ffn": 18944, "layers": 28}),
 )
+#: families whose published rows are decoder LLMs (identified by the ``llm`` probes)
+_LLM_FAMILIES = ("llama", "mistral", "qwen2")
 
 #: the words of ss_base_model_version / modelspec.architecture -> family
 _DECLARED = (("flux2", "flux2"), ("flux-2", "flux2"), ("flux.2", "flux2"), ("flux", "flux1"),
@@ -72,6 +84,8 @@ _PROBES: dict[str, dict[str, tuple[str, str]]] = {
                    "ffn": (r"transformer_blocks\.\d+\.img_mlp\.net\.0\.proj$", "out")},
     "sd3": {"dim": (r"transformer_blocks\.\d+\.attn\.to_q$", "in"),
             "ffn": (r"transformer_blocks\.\d+\.ff\.net\.0\.proj$", "out")},
+    "llm": {"dim": (r"layers\.\d+\.self_attn\.q_proj$", "in"), "kv": (r"layers\.\d+\.self_attn\.k_proj$", "out"),
+            "ffn": (r"layers\.\d+\.mlp\.(up_proj|gate_proj)$", "out")},
     "sd": {"context": (r"attentions[._]\d+[._]transformer_blocks[._]\d+[._]attn2[._]to_k$", "in")},
 }
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
@@ -110,6 +124,8 @@ def _family(paths: list[str]) -> str | None:
 
     if any(re.search(_PROBES["sd"]["context"][0], p) for p in paths):
         return "sd"
+    if any(re.search(r"layers\.\d+\.(self_attn|mlp)\.", p) for p in paths):
+        return "llm"
     scores: Counter[str] = Counter()
     for family in FAMILIES:
         scores[family.name] = sum(1 for p in paths if family.rule_for_original(p) or family.rule_for_part(p))
@@ -135,13 +151,27 @@ def identify_shapes(
         found = Counter(v[1] if side == "in" else v[0] for p, v in stripped.items() if re.search(pattern, p))
         if found:
             dims[dim] = found.most_common(1)[0][0]
-    candidates = [p for p in PUBLISHED if (p.family == family or (family == "sd" and p.family.startswith("sd")))
-                  and dims and all(p.dims.get(k) == v for k, v in dims.items() if k in p.dims)]
+    if family == "llm":  # the highest layer index seen is a lower bound of the model's layers
+        layers = [int(m.group(1)) for p in stripped if (m := re.search(r"layers\.(\d+)\.", p))]
+        seen_layers = max(layers) + 1 if layers else 0
+
+    def fits(p: Published) -> bool:
+        if family == "llm":
+            return (p.family in _LLM_FAMILIES and p.dims["layers"] >= seen_layers
+                    and all(p.dims.get(k) == v for k, v in dims.items()))
+        related = p.family == family or (family == "sd" and p.family.startswith("sd") and p.family != "sd3")
+        return related and all(p.dims.get(k) == v for k, v in dims.items() if k in p.dims)
+
+    candidates = [p for p in PUBLISHED if dims and fits(p)]
     if family == "sd" and is_sdxl:
         candidates = [p for p in candidates if p.family == "sdxl"]
-    ident = Identification(family=candidates[0].family if len(candidates) == 1 else family, dims=dims)
+    families = sorted({p.family for p in candidates})
+    ident = Identification(family=families[0] if len(families) == 1 else family, dims=dims)
     if len(candidates) == 1:
         ident.variant, ident.size = candidates[0].variant, candidates[0].size
+    elif len(candidates) > 1 and all(p.dims == candidates[0].dims for p in candidates):  # same shapes, several models
+        ident.variant = " or ".join(p.variant for p in candidates)
+        ident.size = " / ".join(dict.fromkeys(p.size for p in candidates))
     if family == "wan" and any(re.search(r"(k_img|add_k_proj)$", p) for p in stripped):
         ident.task = "I2V"
     if family == "flux1" and any("guidance" in p for p in stripped):
@@ -192,7 +222,8 @@ def identify_base_shapes(shapes: Mapping[str, Any]) -> Identification | None:
 
 def mismatch(adapter: Identification | None, base: Identification | None) -> str | None:
     """A sentence when adapter and base are the same family but another variant (a Wan 1.3B LoRA, a 14B base)."""
-    if adapter is None or base is None or adapter.family != base.family:
+    # only between published models: for anything else the per-module shape check says more
+    if adapter is None or base is None or adapter.family != base.family or not (adapter.variant and base.variant):
         return None
     if adapter.dims and base.dims and any(base.dims.get(k, v) != v for k, v in adapter.dims.items()):
         return f"this LoRA is for {adapter.describe()}, the base is {base.describe()}: its modules do not fit"
