@@ -23,9 +23,10 @@ if TYPE_CHECKING:
     from .compat.basemodel import BaseFingerprint
     from .registry import Registry, VersionDetails
 
-#: the formats ``export`` writes: a PEFT folder, a kohya file, a diffusers file, a llama.cpp GGUF file,
-#: an Ollama folder (GGUF + Modelfile)
-EXPORT_FORMATS = ("peft", "kohya", "diffusers", "gguf", "ollama")
+#: every format ``export`` writes: a PEFT folder, a kohya file, a diffusers file (any LoRA); a ComfyUI /
+#: original-names file, an XLabs file (diffusion transformers: Flux, Wan, Qwen-Image); a llama.cpp GGUF
+#: file, an Ollama folder (GGUF + Modelfile) (LLMs). A format that cannot hold an adapter refuses it by name.
+EXPORT_FORMATS = ("peft", "kohya", "diffusers", "comfyui", "xlabs", "gguf", "ollama")
 
 
 def export_version(

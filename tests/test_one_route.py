@@ -123,7 +123,9 @@ def _contents(path: Path) -> tuple[dict[str, str], dict[str, bytes]]:
         return handle.metadata(), {k: handle.get_tensor(k).numpy().tobytes() for k in handle.keys()}  # noqa: SIM118
 
 
-@pytest.mark.parametrize("fmt", [f for f in EXPORT_FORMATS if f not in ("gguf", "ollama")])  # GGUF: test_serve_gguf.py
+# the formats any LoRA exports to; comfyui / xlabs (diffusion transformers) are covered by tests/test_diffusion_*.py,
+# gguf / ollama (LLMs on llama.cpp) by tests/test_serve_gguf.py
+@pytest.mark.parametrize("fmt", ["peft", "kohya", "diffusers"])
 def test_export_writes_the_same_files_from_the_cli_and_the_api(fmt: str, stored: Path, tmp_path: Path) -> None:
     suffix = "" if fmt == "peft" else ".safetensors"
     by_cli, by_api = tmp_path / f"cli-out{suffix}", tmp_path / f"api-out{suffix}"
@@ -168,9 +170,14 @@ def test_export_mistakes_are_the_same_one_line_error(stored: Path, tmp_path: Pat
     with pytest.raises(UnknownFormatError) as unknown:
         loramgr.export("sql", tmp_path / "x", format="onnx")
     assert unknown.value.known == EXPORT_FORMATS and str(unknown.value) == (
-        "unknown export format 'onnx': use one of peft, kohya, diffusers, gguf, ollama")
+        "unknown export format 'onnx': use one of peft, kohya, diffusers, comfyui, xlabs, gguf, ollama")
     assert all(f"'{fmt}'" in refused for fmt in EXPORT_FORMATS)
     assert not (tmp_path / "x").exists()
+    # a format that cannot hold this adapter refuses it by name, the same from either, writing nothing
+    from_cli = one_line_error("export", "sql", str(tmp_path / "x.safetensors"), "--format", "comfyui")
+    assert "comfyui files hold LoRAs of diffusion transformers" in from_cli
+    assert from_cli == api_error(lambda: loramgr.export("sql", tmp_path / "x.safetensors", format="comfyui"))
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_a_converted_peft_export_that_fails_midway_leaves_no_folder(stored: Path, tmp_path: Path,

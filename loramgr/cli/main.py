@@ -52,9 +52,20 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import base_cmd, check_cmd, demo_cmd, hub_cmds, merge_cmds, oci_cmds, registry_cmds, serve_cmds
+    from . import (
+        base_cmd,
+        check_cmd,
+        demo_cmd,
+        diffusion_cmds,
+        hub_cmds,
+        merge_cmds,
+        oci_cmds,
+        registry_cmds,
+        serve_cmds,
+    )
 
-    for module in (registry_cmds, merge_cmds, base_cmd, check_cmd, hub_cmds, oci_cmds, demo_cmd, serve_cmds):
+    for module in (registry_cmds, merge_cmds, base_cmd, check_cmd, hub_cmds, oci_cmds, serve_cmds, diffusion_cmds,
+                   demo_cmd):
         for command in module.COMMANDS:
             cli.add_command(command)
 

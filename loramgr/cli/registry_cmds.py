@@ -27,13 +27,18 @@ def open_registry() -> Registry:
               help="Load a pickled adapter_model.bin (weights only) and store it as safetensors.")
 @click.option("--base", "base", help="Record this registered base model for the adapter.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--recursive", is_flag=True, help="Install every .safetensors file under the folder SOURCE.")
 def install(source: str, name: str | None, version: str | None, allow_pickle: bool, base: str | None,
-            as_json: bool) -> None:
+            as_json: bool, recursive: bool) -> None:
     """Install an adapter from a PEFT folder, a .safetensors file or hf://owner/repo[@rev][:subfolder]."""
     from ..installer import InstallOptions, install_source
 
     options = InstallOptions(name=name, version=version, base=base, allow_pickle=allow_pickle)
     registry = open_registry()
+    if recursive:
+        from .diffusion_cmds import install_recursive
+
+        return install_recursive(registry, source, options, as_json)
     with progress_bars() as progress:
         result = install_source(registry, source, options, progress=progress)
     if as_json:
@@ -52,12 +57,17 @@ def install(source: str, name: str | None, version: str | None, allow_pickle: bo
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print every version as JSON.")
 @click.option("--digests", is_flag=True, help="Show full digests.")
-def list_(name: str | None, as_json: bool, digests: bool) -> None:
+@click.option("--base-family", help="Only versions whose shapes say this base family (flux1, wan, sdxl, ...).")
+def list_(name: str | None, as_json: bool, digests: bool, base_family: str | None) -> None:
     """List installed adapter versions (all, or one adapter's)."""
     from .. import paths
     from ..registry.quicklist import quick_list
 
-    rows = quick_list(paths.home(), name)
+    rows = quick_list(paths.home(), name) if not base_family else None
+    if base_family:
+        from ..compat.identify import versions_for_family
+
+        rows = versions_for_family(open_registry(), base_family, name)
     if rows is None:
         rows = open_registry().list_versions(name)
     if as_json:
@@ -96,6 +106,8 @@ def show(reference: str, as_json: bool, as_recipe: bool) -> None:
 
 
 def render_show(d: VersionDetails) -> str:
+    from ..compat.identify import show_lines
+
     ranks = d.ranks_found
     rank = str(d.rank) + (f" (found {', '.join(map(str, ranks))})" if ranks and ranks != [d.rank] else "")
     lines = [
@@ -112,6 +124,7 @@ def render_show(d: VersionDetails) -> str:
     ]
     if d.task_type:
         lines.append(f"  task type     {d.task_type}")
+    lines += show_lines(d.config)
     if d.card.get("license"):
         lines.append(f"  license       {d.card['license']}")
     if d.card.get("description"):
@@ -154,7 +167,8 @@ def untag(name: str, tag_name: str) -> None:
 @click.command()
 @click.argument("reference")
 @click.argument("destination", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="peft", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="peft",
+              show_default=True,
               help="File format to write.")
 @click.option("--base", default=None, metavar="NAME|PATH",
               help="Base model (a registered name or a checkpoint folder) instead of the one linked at install: "

@@ -33,6 +33,7 @@ from ..errors import InvalidAdapterError
 from .basemodel import BaseFingerprint, ModuleShape, fingerprint_base_model, module_shapes
 from .engines import EngineSpec, Subject, engine_findings, parse_engine, same_name
 from .findings import BASE_MISMATCH_CODES, CODES, Finding
+from .identify import identify_adapter, identify_base_shapes, mismatch
 from .names import ModuleIndex
 
 if TYPE_CHECKING:
@@ -76,6 +77,9 @@ def _fits(spec: ModuleSpec, shape: ModuleShape, fan_in_fan_out: bool) -> str | N
 def _check_against_base(info: AdapterInfo, label: str, base: BaseFingerprint) -> list[Finding]:
     findings: list[Finding] = []
     shapes = module_shapes(base)
+    size_problem = mismatch(identify_adapter(info), identify_base_shapes(shapes))
+    if size_problem:  # another size of the same family: say that, not one shape error per module
+        return [Finding("error", "base-structure", label, None, size_problem)]
     mapping, unresolved = ModuleIndex(shapes).resolve(
         [m.name for m in info.modules], where=f"base {base.name or base.source}"
     )

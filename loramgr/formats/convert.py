@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ..adapter import AdapterInfo, LoraAdapter, ModuleSpec
 from ..errors import ConflictError, InvalidAdapterError, UnsupportedAdapterError
 from .diffusers import COMPONENTS, METADATA_KEY
-from .kohya import kohya_name, resolve_kohya_info
+from .kohya import CLIP_LEAVES, COMPONENT_PREFIXES, kohya_name, resolve_kohya_info
 from .lycoris import require_plain_lora
 from .peft import PEFT_PREFIX, write_peft_folder
 from .peftconfig import alpha_for, lora_config, module_scales
@@ -120,11 +120,28 @@ def _kohya_names(info: AdapterInfo) -> dict[str, str]:
             names[spec.name] = known[spec.name]
             continue
         component, _, rest = spec.name.partition(".")
+        if component.startswith("text_encoder") and rest.replace(".", "_").startswith(CLIP_LEAVES):
+            rest = "text_model." + rest  # sd-scripts and ComfyUI name CLIP modules with the transformers 4 level
         if component == "text_encoder" and rest and "text_encoder_2" in components:
             names[spec.name] = kohya_name(rest, "lora_te1_")
+        elif component in COMPONENT_PREFIXES and rest:
+            names[spec.name] = kohya_name(rest, COMPONENT_PREFIXES[component])
         else:
             names[spec.name] = kohya_name(spec.name)
     return names
+
+
+def _common_alpha(info: AdapterInfo) -> float:
+    """The one alpha a converted kohya file declares for every module.
+
+    sd-scripts and ComfyUI read each module's ``.alpha``, but diffusers (0.42) turns differing alphas into
+    an ``alpha_pattern`` whose keys PEFT never matches, so a module whose alpha is not the most common one
+    is applied with the wrong scale (x8 for alpha 32 among alphas 4). With one alpha everywhere every
+    reader agrees: a module whose own alpha differs gets the ratio folded into its lora_up, which changes
+    its ΔW by one float rounding of lora_up and nothing else.
+    """
+    alphas = Counter(alpha_for(m, False) for m in info.modules)
+    return float(min(alphas, key=lambda a: (-alphas[a], a)))
 
 
 def to_kohya_file(
@@ -154,6 +171,7 @@ def to_kohya_file(
     else:
         import torch
 
+        common = _common_alpha(info) if not same_format else None
         for spec in info.modules:
             name = names[spec.name]
             keys = [spec.key_a, spec.key_b] + ([spec.key_alpha] if spec.key_alpha else [])
@@ -162,6 +180,12 @@ def to_kohya_file(
             tensors[f"{name}.lora_up.weight"] = loaded[spec.key_b]
             if same_format and spec.key_alpha:
                 tensors[f"{name}.alpha"] = loaded[spec.key_alpha]  # the original tensor, same dtype
+            elif common is not None:
+                alpha = alpha_for(spec, False)
+                if alpha != common:  # fold the module's own scale into lora_up (see _common_alpha)
+                    up = loaded[spec.key_b]
+                    tensors[f"{name}.lora_up.weight"] = (up.double() * (alpha / common)).to(up.dtype)
+                tensors[f"{name}.alpha"] = torch.tensor(common, dtype=torch.float32)
             elif not (same_format and spec.alpha == spec.rank):
                 tensors[f"{name}.alpha"] = torch.tensor(alpha_for(spec, False), dtype=torch.float32)
     metadata = dict(info.file_metadata) if same_format else {"ss_network_module": "networks.lora"}
@@ -269,10 +293,36 @@ def to_diffusers_file(
     for comp, specs in sorted(by_component.items()):
         rslora, scales = module_scales((m.name, m) for m in specs)
         config = lora_config(scales, use_rslora=rslora)
+        if comp.startswith("text_encoder"):
+            config = _either_clip_layout(config)
         packed.update({f"{comp}.{k}": config[k] for k in _DIFFUSERS_KEYS})
     metadata = {"format": "pt", METADATA_KEY: json.dumps(packed, sort_keys=True)}
     _atomic_save(tensors, path, metadata)
     return path
+
+
+def _either_clip_layout(config: dict[str, Any]) -> dict[str, Any]:
+    """A text encoder's config whose module names match with or without CLIP's ``text_model.`` level.
+
+    diffusers 0.42 strips ``text_model.`` from the tensor keys when the CLIPTextModel has no such level
+    (transformers 5) but not from ``lora_adapter_metadata``, so full names and ``^``-anchored patterns that
+    contain it match no module. Names written from below that level match in both layouts, as PEFT
+    matches target names and pattern keys as suffixes at a dot; below ``text_model`` they are unique.
+    """
+    import re
+
+    def short(name: str) -> str:
+        return name.removeprefix("text_model.")
+
+    def key(pattern: str) -> str:
+        name = pattern.removeprefix("^").replace("\\", "")
+        return re.escape(short(name))
+
+    config = dict(config)
+    config["target_modules"] = [short(n) for n in config["target_modules"]]
+    config["alpha_pattern"] = {key(k): v for k, v in config["alpha_pattern"].items()}
+    config["rank_pattern"] = {key(k): v for k, v in config["rank_pattern"].items()}
+    return config
 
 
 def export_adapter(adapter: LoraAdapter, dest: str | Path, fmt: str, **options: Any) -> Path:
@@ -282,11 +332,22 @@ def export_adapter(adapter: LoraAdapter, dest: str | Path, fmt: str, **options: 
         "kohya": to_kohya_file,
         "diffusers": to_diffusers_file,
     }
-    if fmt not in writers:
+    from ..exporter import EXPORT_FORMATS
+    from .diffusion.write import TARGETS as DIFFUSION_TARGETS
+    from .diffusion.write import export_diffusion, is_diffusion
+
+    if fmt not in writers and fmt not in DIFFUSION_TARGETS:
         from ..errors import UnknownFormatError
-        from ..exporter import EXPORT_FORMATS
 
         raise UnknownFormatError(f"unknown export format {fmt!r}", format=fmt, known=EXPORT_FORMATS)
+    if fmt in DIFFUSION_TARGETS and is_diffusion(adapter.info):
+        return export_diffusion(adapter, dest, fmt, overwrite=bool(options.get("overwrite")))
+    if fmt not in writers:
+        raise UnsupportedAdapterError(
+            f"{fmt} files hold LoRAs of diffusion transformers (Flux, Wan, Qwen-Image), and this "
+            f"{adapter.info.format} adapter is not one", adapter_type=adapter.info.adapter_type,
+            hint="export with --format peft, kohya or diffusers",
+        )
     return writers[fmt](adapter, dest, **options)
 
 

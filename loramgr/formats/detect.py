@@ -11,9 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..adapter import AdapterInfo
+from ..compat.identify import identify_adapter
 from ..errors import InvalidAdapterError, UnsupportedAdapterError
-from ..safetensors_io import read_header
+from ..safetensors_io import SafetensorsHeader, read_header
 from .diffusers import looks_like_diffusers, read_diffusers
+from .diffusion.read import annotate_diffusers, detect_convention, read_original
+from .hashes import file_hashes
 from .kohya import kohya_prefix, read_kohya
 from .lycoris import split_key
 
@@ -51,11 +54,15 @@ def read_adapter_file(path: str | Path) -> AdapterInfo:
         )
     header = read_header(path)
     keys = list(header.tensors)
+    info = _read_known(header, keys)
+    if info is not None:
+        info.config["hashes"] = file_hashes(path)
+        identity = identify_adapter(info)
+        if identity is not None:
+            info.config["base_identity"] = identity.to_dict()
+            info.notes.extend(identity.warnings)
+        return info
     fmt = detect_format(keys)
-    if fmt == "kohya":
-        return read_kohya(header)
-    if fmt == "diffusers":
-        return read_diffusers(header)
     if fmt == "peft":
         raise UnsupportedAdapterError(
             f"{path}: PEFT weights (base_model.model.* keys) without their adapter_config.json",
@@ -68,3 +75,16 @@ def read_adapter_file(path: str | Path) -> AdapterInfo:
         path=str(path),
         hint="if this is a base-model checkpoint, add it with 'loramgr base add'",
     )
+
+
+def _read_known(header: SafetensorsHeader, keys: list[str]) -> AdapterInfo | None:
+    """A diffusion-transformer convention first (its kohya names resolve without a base), then kohya, diffusers."""
+    convention = detect_convention(keys, dict(header.metadata))
+    if convention is not None:
+        return read_original(header, *convention)
+    fmt = detect_format(keys)
+    if fmt == "kohya":
+        return read_kohya(header)
+    if fmt == "diffusers":
+        return annotate_diffusers(read_diffusers(header))
+    return None

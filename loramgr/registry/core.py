@@ -8,7 +8,7 @@ leaves ``list`` unchanged and at most orphan blobs or temporary files, which ``g
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -239,11 +239,19 @@ class Registry:
             with self.session() as own:
                 return self.resolve(reference, own)
         ref = refs.parse_reference(reference)
-        if ref.kind == "digest":
+        if ref.kind in ("digest", "hash"):
             prefix = ref.digest_prefix or ""
-            rows = session.scalars(
-                select(AdapterVersion).where(AdapterVersion.digest.startswith(prefix)).options(*_eager())
-            ).all()
+            if ref.kind == "hash":
+                from ..formats.hashes import version_matches
+
+                rows: Sequence[AdapterVersion] = [
+                    r for r in session.scalars(select(AdapterVersion).options(*_eager())).all()
+                    if version_matches(r.info, str(ref.tag), prefix)
+                ]
+            else:
+                rows = session.scalars(
+                    select(AdapterVersion).where(AdapterVersion.digest.startswith(prefix)).options(*_eager())
+                ).all()
             if not rows:
                 raise NotFoundError(f"no adapter version with digest {prefix}…", reference=reference,
                                     hint="run 'loramgr list --digests' to see stored digests")

@@ -6,6 +6,8 @@
 - ``name>=1.0,<2`` (any PEP 440 specifier set): the newest matching final release.
 - ``name@stable``: the version a tag points at (tags move only when ``loramgr tag`` moves them).
 - ``sha256:ab12cd`` (at least 6 hex digits): the version whose digest starts so.
+- ``autov2:1a2b3c4d5e``, ``autov3:…``, ``crc32:…``, ``tensors:<sha256 prefix>``: the version whose weights file
+  has that hash (:mod:`loramgr.formats.hashes`).
 
 Names compare as ``packaging.utils.canonicalize_name`` normalises them.
 """
@@ -21,6 +23,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from ..errors import InvalidReferenceError
+from ..formats.hashes import HASH_SCHEMES
 
 _NAME = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -32,7 +35,7 @@ LATEST = "latest"
 @dataclass(frozen=True)
 class Reference:
     text: str
-    kind: str  # "name" | "exact" | "specifier" | "tag" | "digest"
+    kind: str  # "name" | "exact" | "specifier" | "tag" | "digest" | "hash" (tag = the scheme)
     name: str | None = None  # canonical
     version: Version | None = None
     specifier: SpecifierSet | None = None
@@ -90,6 +93,9 @@ def check_tag(tag: str) -> str:
 
 def parse_reference(text: str) -> Reference:
     text = text.strip()
+    scheme, colon, value = text.partition(":")
+    if colon and scheme.lower() in HASH_SCHEMES and re.fullmatch(r"[0-9a-fA-F]{6,64}", value):
+        return Reference(text, "hash", tag=scheme.lower(), digest_prefix=value.lower())
     if text.startswith("sha256:"):
         match = _DIGEST.match(text.lower())
         if not match:

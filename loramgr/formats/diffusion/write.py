@@ -1,0 +1,261 @@
+"""The factors of a diffusion-transformer LoRA in either namespace, ΔW per module, and export to each convention.
+
+Original -> diffusers is exact: a fused module's A is shared by its parts and B is split by rows
+(what diffusers' loaders do), a ``swap`` module has its B row halves exchanged. Diffusers -> original
+fuses the parts of a fused module block-diagonally: A = [A_q; A_k; A_v], B = diag(B_q, B_k, B_v), rank
+r_q + r_k + r_v; a part the file lacks contributes zero rows. When the parts' scales differ the scales are
+folded into B (alpha = rank, scale 1), which changes ΔW by one float rounding of B and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ...adapter import AdapterInfo, LoraAdapter
+from ...errors import ConflictError, InvalidAdapterError, UnsupportedAdapterError
+from ..lycoris import require_plain_lora
+from .families import COMPONENT, Family, Rule, by_name
+from .read import COMFY_PREFIX, KOHYA_PREFIX
+
+if TYPE_CHECKING:
+    import torch
+
+#: export format -> the namespace its module names are in
+TARGETS = {"kohya": "original", "comfyui": "original", "xlabs": "original", "diffusers": "diffusers",
+           "peft": "diffusers"}
+
+
+@dataclass
+class Factors:
+    """One module's LoRA factors: ΔW = scale · B · A."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.b.double() @ self.a.double())
+
+
+def is_diffusion(info: AdapterInfo) -> bool:
+    """Whether ``info`` is a diffusion-transformer adapter read by this package (a family is known)."""
+    return bool(info.config.get("namespace")) and bool(info.config.get("family") or info.config.get("families"))
+
+
+def family_of(info: AdapterInfo) -> Family:
+    name = info.config.get("family")
+    if not name:
+        candidates = " or ".join(info.config.get("families") or [])
+        raise UnsupportedAdapterError(
+            f"the modules of this adapter exist in several model families ({candidates}), and the conversion "
+            "between module layouts differs between them",
+            adapter_type=info.adapter_type,
+            hint="export it in its own convention (diffusers)",
+        )
+    return by_name(str(name))
+
+
+def load_factors(adapter: LoraAdapter) -> dict[str, Factors]:
+    """Every module's factors under its name in the adapter's own namespace (no component prefix)."""
+    from safetensors import safe_open
+
+    info = adapter.info
+    require_plain_lora(info, "reading the factors of a diffusion LoRA")
+    result: dict[str, Factors] = {}
+    with safe_open(str(adapter.weights_path), framework="pt") as handle:
+        for spec in info.modules:
+            a = handle.get_tensor(spec.key_a)
+            b = handle.get_tensor(spec.key_b)
+            name = spec.name.removeprefix(COMPONENT + ".") if info.config.get("namespace") == "diffusers" else spec.name
+            result[name] = Factors(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), spec.scale)
+    return result
+
+
+def _split(rule: Rule, index: str, f: Factors) -> dict[str, Factors]:
+    names = rule.part_paths(index)
+    if rule.layout == "swap":
+        half = f.b.shape[0] // 2
+        import torch
+
+        return {names[0]: Factors(f.a, torch.cat([f.b[half:], f.b[:half]]), f.scale)}
+    if rule.layout == "rename":
+        return {names[0]: f}
+    import torch
+
+    out = f.b.shape[0]
+    if rule.layout == "split":
+        sizes = [out // len(names)] * len(names)
+    else:  # split_mlp: q, k, v have dim rows each (dim = the input width), the MLP the rest
+        dim = f.a.shape[1]
+        sizes = [dim, dim, dim, out - 3 * dim]
+    if sum(sizes) != out or min(sizes) <= 0:
+        raise InvalidAdapterError(
+            f"module {rule.original_path(index)}: {out} output rows do not split into {len(names)} parts",
+            module=rule.original_path(index),
+        )
+    rows = torch.split(f.b, sizes)
+    return {name: Factors(f.a, part, f.scale) for name, part in zip(names, rows, strict=True)}
+
+
+def to_diffusers(family: Family, factors: dict[str, Factors]) -> dict[str, Factors]:
+    """Original-namespace factors as diffusers-namespace factors (exact)."""
+    result: dict[str, Factors] = {}
+    for name, f in factors.items():
+        found = family.rule_for_original(name)
+        if found is None:
+            raise UnsupportedAdapterError(f"module {name} has no counterpart in diffusers' {family.title} model",
+                                          adapter_type="lora")
+        result.update(_split(*found, f))
+    return result
+
+
+def _fuse(rule: Rule, index: str, parts: dict[int, Factors]) -> Factors:
+    import torch
+
+    present = list(parts.values())
+    sizes: list[int] = []
+    for number in range(len(rule.parts)):
+        if number in parts:
+            sizes.append(parts[number].b.shape[0])
+        elif rule.layout == "split":
+            sizes.append(present[0].b.shape[0])
+        else:  # the MLP part of Flux's linear1 is 4 x dim wide (mlp_ratio 4), the attention parts dim
+            dim = present[0].a.shape[1]
+            sizes.append(4 * dim if number == 3 else dim)
+    scales = {f.scale for f in present}
+    fold = len(scales) > 1
+    scale = 1.0 if fold else present[0].scale
+    dtype = present[0].b.dtype
+    a = torch.cat([parts[n].a for n in sorted(parts)])
+    b = torch.zeros(sum(sizes), a.shape[0], dtype=dtype)
+    row = col = 0
+    for number, size in enumerate(sizes):
+        if number in parts:
+            part = parts[number]
+            block = (part.b.double() * part.scale).to(dtype) if fold else part.b
+            b[row : row + size, col : col + part.rank] = block
+            col += part.rank
+        row += size
+    return Factors(a, b, scale)
+
+
+def to_original(family: Family, factors: dict[str, Factors]) -> dict[str, Factors]:
+    """Diffusers-namespace factors as original-namespace factors (block-diagonal fusion, see the module doc)."""
+    result: dict[str, Factors] = {}
+    groups: dict[tuple[Rule, str], dict[int, Factors]] = {}
+    for name, f in factors.items():
+        found = family.rule_for_part(name)
+        if found is None:
+            raise UnsupportedAdapterError(f"module {name} has no counterpart in the original {family.title} checkpoint",
+                                          adapter_type="lora")
+        rule, number, index = found
+        groups.setdefault((rule, index), {})[number] = f
+    for (rule, index), parts in groups.items():
+        target = rule.original_path(index)
+        if rule.fused:
+            result[target] = _fuse(rule, index, parts)
+        else:
+            # a swap is its own inverse; a rename keeps the factors
+            result[target] = next(iter(_split(rule, index, parts[0]).values()))
+    return result
+
+
+def factors_in(adapter: LoraAdapter, namespace: str) -> dict[str, Factors]:
+    """The adapter's factors with module names of ``namespace`` ("original" or "diffusers")."""
+    info = adapter.info
+    factors = load_factors(adapter)
+    if info.config.get("namespace") == namespace:
+        return factors
+    family = family_of(info)
+    if not family.original_names:
+        raise UnsupportedAdapterError(
+            f"loramgr has no table of the original checkpoint's module names for {family.title}",
+            adapter_type=info.adapter_type, hint="export with --format diffusers or peft",
+        )
+    if family.same_names:
+        return factors
+    return to_diffusers(family, factors) if namespace == "diffusers" else to_original(family, factors)
+
+
+def deltas(adapter: LoraAdapter, namespace: str = "diffusers") -> dict[str, torch.Tensor]:
+    """ΔW (float64) of every module, named in ``namespace``: the normalised view every comparison uses."""
+    return {name: f.delta() for name, f in factors_in(adapter, namespace).items()}
+
+
+def export_diffusion(adapter: LoraAdapter, destination: str | Path, fmt: str, *, overwrite: bool = False) -> Path:
+    """Write the adapter in convention ``fmt`` (kohya, comfyui, xlabs, diffusers or a PEFT folder)."""
+    import torch
+
+    from ..convert import _atomic_save
+    from ..peft import PEFT_PREFIX, write_peft_folder
+    from ..peftconfig import lora_config
+
+    destination = Path(destination)
+    if fmt != "peft" and destination.exists() and not overwrite:
+        raise ConflictError(f"{destination} already exists", hint="choose another output path or remove the file")
+    info = adapter.info
+    other = info.config.get("other_keys") or []
+    # diff / diff_b tensors of an original-names file carry over to ComfyUI's names, the one target that reads them
+    carried = other if fmt == "comfyui" and info.config.get("namespace") == "original" else []
+    if other and not carried:
+        raise UnsupportedAdapterError(
+            f"export to {fmt} would drop {len(other)} tensor(s) that are not LoRA factors, e.g. {other[0]}",
+            adapter_type=info.adapter_type, hint="keep the file in its own convention",
+        )
+    factors = factors_in(adapter, TARGETS[fmt])
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {"format": "pt"}
+    if fmt in ("kohya", "comfyui"):
+        for name, f in factors.items():
+            base = KOHYA_PREFIX + name.replace(".", "_") if fmt == "kohya" else COMFY_PREFIX + name
+            kohya = fmt == "kohya"
+            down, up = (".lora_down.weight", ".lora_up.weight") if kohya else (".lora_A.weight", ".lora_B.weight")
+            tensors[base + down], tensors[base + up] = f.a, f.b
+            tensors[base + ".alpha"] = torch.tensor(f.scale * f.rank, dtype=torch.float32)
+        if fmt == "kohya":
+            metadata.update({"ss_network_module": "networks.lora", "ss_base_model_version": family_of(info).name})
+        if carried:
+            from safetensors import safe_open
+
+            with safe_open(str(adapter.weights_path), framework="pt") as handle:
+                for key in carried:
+                    tensors[COMFY_PREFIX + key.removeprefix(COMFY_PREFIX)] = handle.get_tensor(key)
+    elif fmt == "xlabs":
+        xlabs = {"img_attn.qkv": "qkv_lora1", "txt_attn.qkv": "qkv_lora2", "img_attn.proj": "proj_lora1",
+                 "txt_attn.proj": "proj_lora2"}
+        for name, f in factors.items():
+            block, _, leaf = name.partition(".")[2].partition(".")
+            if not name.startswith("double_blocks.") or leaf not in xlabs or family_of(info).name != "flux1":
+                raise UnsupportedAdapterError(
+                    f"XLabs files hold only the attention of Flux double blocks, and module {name} is not one",
+                    adapter_type=info.adapter_type, hint="export with --format comfyui or kohya",
+                )
+            base = f"double_blocks.{block}.processor.{xlabs[leaf]}"
+            tensors[base + ".down.weight"] = f.a  # XLabs has no alpha: the scale goes into B
+            tensors[base + ".up.weight"] = f.b if f.scale == 1.0 else (f.b.double() * f.scale).to(f.b.dtype)
+    else:
+        scales = {name: (f.rank, f.scale * f.rank) for name, f in factors.items()}
+        config = lora_config(scales)
+        if fmt == "peft":
+            peft_tensors = {}
+            for name, f in factors.items():
+                peft_tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = f.a
+                peft_tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = f.b
+            return write_peft_folder(destination, config, {k: v.clone() for k, v in peft_tensors.items()})
+        for name, f in factors.items():
+            tensors[f"{COMPONENT}.{name}.lora_A.weight"], tensors[f"{COMPONENT}.{name}.lora_B.weight"] = f.a, f.b
+        from ..convert import _DIFFUSERS_KEYS
+        from ..diffusers import METADATA_KEY
+
+        packed = {f"{COMPONENT}.{k}": config[k] for k in _DIFFUSERS_KEYS}
+        metadata[METADATA_KEY] = json.dumps(packed, sort_keys=True)
+    # split parts share A and views of B: safetensors stores each tensor on its own
+    _atomic_save({k: v.clone() for k, v in tensors.items()}, destination, metadata)
+    return destination
