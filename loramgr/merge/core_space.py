@@ -1,0 +1,344 @@
+"""Merges in the adapters' own space: TIES, DARE, TSV, Iso and KnOTS computed from the LoRA factors.
+
+Pure functions on tensors; no files, no adapters. For one module, source t has factors A_t (r_t x n),
+B_t (m x r_t) and scale s_t, so ΔW_t = s_t B_t A_t; R = Σ r_t. Nothing here allocates an m x n
+matrix: the largest objects are m x R and R x n, and every decomposition of a large matrix is a thin
+QR followed by the SVD of an R x R one. Computation is float64 (the factors are upcast; an m x R
+float64 matrix of a 32768-row module is 12 MB), the result is returned in ``dtype``.
+
+Core space (Panariello, Marczak et al., NeurIPS 2025, arXiv 2509.17786):
+
+    U_B = left singular vectors of  B_stack = [s_1 B_1 ... s_T B_T]      (m x p, p <= R)
+    V_A = right singular vectors of A_stack = [A_1; ...; A_T]            (q x n, q <= R)
+    C_t = (U_Bᵀ s_t B_t)(A_t V_Aᵀ)                                       (p x q, the core)
+    ΔW  = λ U_B f({C_t}, {w_t}) V_A,   as a LoRA: B' = U_B f, A' = V_A
+
+Because span(B_t) ⊆ span(U_B) and rowspan(A_t) ⊆ rowspan(V_A), U_B C_t V_A = ΔW_t exactly, so the
+weighted sum (``linear``) is lossless. The bases are canonical: singular vectors ordered by singular
+value (which depend on the stacked matrices only through B_stack B_stackᵀ and A_stackᵀ A_stack, so
+not on the order of the sources), directions with a singular value below ``RTOL`` times the largest
+dropped (a zero source, or two sources sharing a direction), and each vector's sign chosen so that
+its entry of largest magnitude is positive. The element-wise rules (trim by magnitude, random drop,
+sign election, disjoint mean) commute with flipping the sign of a basis vector together with the
+matching row or column of every core, so the merged ΔW does not depend on that sign choice at all
+(the tests compare against a reference that keeps the SVD's arbitrary signs); the sign rule only
+makes the returned factors themselves reproducible bit for bit. What the element-wise rules do
+depend on is the basis itself, which is why it is the singular basis and not any basis of the span.
+
+KnOTS (Stoica et al., ICLR 2025, arXiv 2410.19735) takes the SVD of the concatenation
+X = [ΔW_1 ... ΔW_T] (m x Tn) = U Σ [V_1ᵀ ... V_Tᵀ] and merges the per-source blocks Σ V_tᵀ = Uᵀ ΔW_t
+(as the authors' code does: the rule sees Σ V_tᵀ, and ΔW = U f({Σ V_tᵀ})). From the factors:
+X = B_cat · blockdiag(A_1, ..., A_T), B_cat = Q_B R_B, A_tᵀ = Q_t R_t, so X = Q_B K blockdiag(Q_tᵀ)
+with K = R_B · blockdiag(R_1ᵀ, ..., R_Tᵀ) (R x R); K = P S Wᵀ gives U = Q_B P and
+Σ V_tᵀ = S Wᵀ[:, block t] Q_tᵀ.
+
+Weights. TIES, DARE and magnitude pruning take the unweighted cores (or KnOTS blocks) and the weights
+exactly as in full space (PEFT merge_utils: trim or drop, elect the sign on the unweighted tensors,
+weight, disjoint mean), so the only difference between the spaces is the space. TSV and Iso have no
+per-task weights in their papers; here they act on the weighted cores w_t C_t (Iso-C on Σ w_t C_t).
+
+A source whose factors are all zero is left out of the module's merge, as if it lacked the module:
+that keeps TSV and Iso well defined (a zero task has no singular vectors) and makes "zero" and
+"absent" give the same result, DARE's random stream included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from loramgr.merge import elementwise
+from loramgr.merge.lowrank import Factors, choose_rank
+
+#: singular values at or below RTOL · max(rows, cols) · σ_max are null directions (float64 rounding
+#: of exactly rank-deficient float32 data sits around 1e-16 relative, real directions far above)
+RTOL = torch.finfo(torch.float64).eps
+#: Iso-CTS: fraction of the core's dimension given to the common subspace (the paper's default)
+COMMON_SPACE_FRACTION = 0.8
+
+#: the methods of this module and whether each needs density / a random generator / a sign rule
+METHODS: dict[str, tuple[bool, bool, bool]] = {
+    #              density, generator, majority_sign
+    "linear": (False, False, False),
+    "ties": (True, False, True),
+    "magnitude_prune": (True, False, False),
+    "dare_linear": (True, True, False),
+    "dare_ties": (True, True, True),
+    "tsv": (False, False, False),
+    "iso_c": (False, False, False),
+    "iso_cts": (False, False, False),
+    "knots_ties": (True, False, True),
+    "knots_dare": (True, True, True),
+}
+
+Source = tuple[torch.Tensor, torch.Tensor, float]  # (A_t, B_t, s_t)
+
+
+@dataclass(frozen=True)
+class CoreSpace:
+    """The canonical bases of one module and each source's core: ΔW_t = u_b @ cores[t] @ v_a."""
+
+    u_b: torch.Tensor  # m x p, orthonormal columns
+    v_a: torch.Tensor  # q x n, orthonormal rows
+    cores: list[torch.Tensor]  # C_t = (U_Bᵀ s_t B_t)(A_t V_Aᵀ), p x q, unweighted
+    weights: list[float]
+
+    def weighted_cores(self) -> list[torch.Tensor]:
+        """M_t = w_t C_t."""
+        return [w * c for w, c in zip(self.weights, self.cores, strict=True)]
+
+
+def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each column so that its entry of largest magnitude is positive (the first one on a tie)."""
+    index = vectors.abs().argmax(dim=0)
+    signs = torch.sign(vectors.gather(0, index[None, :]))
+    signs[signs == 0] = 1.0
+    return vectors * signs
+
+
+def _nonnull(s: torch.Tensor, shape: tuple[int, int]) -> int:
+    """How many leading singular values (decreasing) are above the null tolerance."""
+    if s.numel() == 0 or float(s[0]) <= 0.0:
+        return 0
+    return int((s > RTOL * max(shape) * s[0]).sum())
+
+
+def _column_basis(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors of a tall m x R matrix with non-null singular value, canonical signs,
+    from a thin QR and the SVD of the R x R factor; also returns Pᵀ R (the matrix in that basis)."""
+    q, r = torch.linalg.qr(stacked)
+    p, s, _ = torch.linalg.svd(r, full_matrices=False)
+    keep = _nonnull(s, tuple(stacked.shape))
+    basis = canonical_signs(q @ p[:, :keep])
+    # coordinates of the stacked columns in the canonical basis: basisᵀ stacked = (signed Pᵀ) R
+    return basis, basis.T @ stacked
+
+
+def _usable(sources: Sequence[Source], weights: Sequence[float]) -> tuple[list[Source], list[float]]:
+    if len(sources) != len(weights):
+        raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
+    kept = [(src, w) for src, w in zip(sources, weights) if bool(src[0].any()) and bool(src[1].any())]
+    return [s for s, _ in kept], [float(w) for _, w in kept]
+
+
+def core_bases(sources: Sequence[Source], weights: Sequence[float]) -> CoreSpace:
+    """U_B, V_A and the cores C_t of one module, from the factors (A_t, B_t, s_t) of its sources.
+
+    Sources with all-zero factors are left out (see the module docstring). The bases do not depend
+    on the weights: the weights act on the cores, through the merge rule.
+    """
+    sources, weights = _usable(sources, weights)
+    if not sources:
+        raise ValueError("no source has a non-zero delta on this module")
+    b_stack = torch.cat([scale * b.to(torch.float64) for _, b, scale in sources], dim=1)  # m x R
+    a_stack = torch.cat([a.to(torch.float64) for a, _, _ in sources], dim=0)  # R x n
+    u_b, b_coords = _column_basis(b_stack)  # p x R: U_Bᵀ s_t B_t, side by side
+    v_a_t, a_coords = _column_basis(a_stack.T)  # q x R: V_A A_tᵀ, side by side
+    cores, start = [], 0
+    for a, _, _ in sources:
+        stop = start + a.shape[0]
+        cores.append(b_coords[:, start:stop] @ a_coords[:, start:stop].T)
+        start = stop
+    return CoreSpace(u_b=u_b, v_a=v_a_t.T.contiguous(), cores=cores, weights=weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# rules on the cores
+
+
+def _polar(x: torch.Tensor) -> torch.Tensor:
+    """The orthonormal factor of the polar decomposition (Procrustes: the nearest matrix with
+    orthonormal columns), P Qᵀ from X = P S Qᵀ."""
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p @ qh
+
+
+def _leading(matrix: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first ``count`` singular triplets of ``matrix`` that are not null."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    keep = min(count, _nonnull(s, tuple(matrix.shape)))
+    return u[:, :keep], s[:keep], vh[:keep]
+
+
+def _orthogonalised(us: list[torch.Tensor], ss: list[torch.Tensor], vhs: list[torch.Tensor],
+                    isotropic: bool) -> torch.Tensor:
+    """U⊥ diag(S) V⊥ᵀ from concatenated triplets, each side orthogonalised by Procrustes."""
+    u = torch.cat(us, dim=1)
+    s = torch.cat(ss)
+    vh = torch.cat(vhs, dim=0)
+    if s.numel() == 0:
+        return torch.zeros(us[0].shape[0], vhs[0].shape[1], dtype=torch.float64)
+    if isotropic:
+        s = torch.full_like(s, float(s.mean()))
+    return (_polar(u) * s) @ _polar(vh.T).T
+
+
+def tsv(cores: list[torch.Tensor]) -> torch.Tensor:
+    """TSV-M (Gargiulo et al., CVPR 2025): each task keeps its top ⌊d / T⌋ singular triplets
+    (d = min of the core's sides), the stacked U's and V's are each replaced by their Procrustes
+    orthogonalisation, and ΔW = U⊥ diag(Σ) V⊥ᵀ. Null triplets are not kept: their vectors are
+    arbitrary and would rotate the other tasks' vectors through the orthogonalisation."""
+    per_task = min(cores[0].shape) // len(cores)
+    triplets = [_leading(c, per_task) for c in cores]
+    return _orthogonalised([t[0] for t in triplets], [t[1] for t in triplets], [t[2] for t in triplets], False)
+
+
+def iso_c(cores: list[torch.Tensor]) -> torch.Tensor:
+    """Iso-C (Marczak et al., ICML 2025): the SVD of Σ_t M_t with every (non-null) singular value
+    replaced by their mean."""
+    total = torch.stack(cores).sum(dim=0)
+    u, s, vh = _leading(total, min(total.shape))
+    return _orthogonalised([u], [s], [vh], True)
+
+
+def iso_cts(cores: list[torch.Tensor], common_fraction: float = COMMON_SPACE_FRACTION) -> torch.Tensor:
+    """Iso-CTS (Marczak et al., ICML 2025): the top directions of Σ_t M_t (a ``common_fraction`` of
+    d, adjusted so the rest divides evenly among the T tasks) plus, per task, the top directions of
+    M_t with the common left subspace projected out; both sides orthogonalised by Procrustes and the
+    spectrum made isotropic (the mean of all kept singular values)."""
+    d, tasks = min(cores[0].shape), len(cores)
+    common = int(d * common_fraction)
+    task_total = round((d - common) / tasks) * tasks
+    common = d - task_total
+    per_task = task_total // tasks
+    total = torch.stack(cores).sum(dim=0)
+    u_c, s_c, vh_c = _leading(total, common)
+    us, ss, vhs = [], [], []
+    for core in cores:
+        u, s, vh = _leading(core - u_c @ (u_c.T @ core), per_task)
+        us.append(u)
+        ss.append(s)
+        vhs.append(vh)
+    return _orthogonalised([*us, u_c], [*ss, s_c], [*vhs, vh_c], True)
+
+
+def _density(density: float | None) -> float:
+    if density is None:
+        raise ValueError("density is required")
+    return float(density)
+
+
+def _generator(generator: torch.Generator | None) -> torch.Generator:
+    if generator is None:
+        raise ValueError("a seeded generator is required for DARE")
+    return generator
+
+
+def _elementwise(method: str, tensors: list[torch.Tensor], weights: list[float], density: float | None,
+                 majority_sign: str, generator: torch.Generator | None) -> torch.Tensor:
+    """The rules shared with full space, applied to cores or KnOTS blocks (PEFT merge_utils semantics)."""
+    if method == "linear":
+        return elementwise.weighted_sum(tensors, weights)
+    if method == "ties":
+        return elementwise.ties(tensors, weights, _density(density), majority_sign)
+    if method == "magnitude_prune":
+        return elementwise.magnitude_prune(tensors, weights, _density(density))
+    if method == "dare_linear":
+        return elementwise.dare_linear(tensors, weights, _density(density), _generator(generator))
+    if method == "dare_ties":
+        return elementwise.dare_ties(tensors, weights, _density(density), majority_sign, _generator(generator))
+    raise ValueError(f"unknown core-space method {method!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# KnOTS
+
+
+@dataclass(frozen=True)
+class KnotsSpace:
+    """U (m x p) and the per-source blocks Σ V_tᵀ = Uᵀ ΔW_t (p x n) of the concatenation's SVD."""
+
+    u: torch.Tensor
+    blocks: list[torch.Tensor]
+    weights: list[float]
+
+
+def knots_space(sources: Sequence[Source], weights: Sequence[float]) -> KnotsSpace:
+    """The SVD of [ΔW_1 ... ΔW_T] from the factors (see the module docstring), null directions
+    dropped, signs canonical on U (the blocks follow)."""
+    sources, weights = _usable(sources, weights)
+    if not sources:
+        raise ValueError("no source has a non-zero delta on this module")
+    b_cat = torch.cat([scale * b.to(torch.float64) for _, b, scale in sources], dim=1)
+    q_b, r_b = torch.linalg.qr(b_cat)
+    # X = Q_B R_B blockdiag(R_tᵀ Q_tᵀ): its singular values and left vectors are those of the R x R kernel
+    r_ts = [torch.linalg.qr(a.to(torch.float64).T)[1] for a, _, _ in sources]
+    kernel = r_b @ torch.block_diag(*(r.T for r in r_ts))
+    p, s, _ = torch.linalg.svd(kernel, full_matrices=False)
+    width = sum(a.shape[1] for a, _, _ in sources)
+    keep = _nonnull(s, (b_cat.shape[0], width))
+    u = canonical_signs(q_b @ p[:, :keep])
+    coords = u.T @ b_cat  # p x R: Uᵀ s_t B_t side by side
+    blocks, start = [], 0
+    for a, _, _ in sources:
+        stop = start + a.shape[0]
+        blocks.append(coords[:, start:stop] @ a.to(torch.float64))  # Σ V_tᵀ = Uᵀ s_t B_t A_t, p x n
+        start = stop
+    return KnotsSpace(u=u, blocks=blocks, weights=weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# the result as LoRA factors
+
+
+def _as_factors(left: torch.Tensor, middle: torch.Tensor, right: torch.Tensor | None, *, rank: int | None,
+                energy: float | None, dtype: torch.dtype) -> Factors:
+    """ΔW = left @ middle (@ right) as LoRA factors. Without rank/energy: B' = left @ middle,
+    A' = right (or B' = left, A' = middle when ``right`` is None). With them: the SVD of the small
+    ``middle`` gives the exact optimal truncation, since ``left`` has orthonormal columns and
+    ``right`` orthonormal rows; the kept energy is exact, Σ_{j<=k} S_j² / Σ S_j²."""
+    if rank is None and energy is None:
+        if right is None:
+            return Factors(a=middle.to(dtype).contiguous(), b=left.to(dtype).contiguous(), kept_energy=1.0)
+        return Factors(a=right.to(dtype).contiguous(), b=(left @ middle).to(dtype).contiguous(), kept_energy=1.0)
+    u, s, vh = torch.linalg.svd(middle, full_matrices=False)
+    energies = s * s
+    total = float(energies.sum())
+    keep = choose_rank(energies, total, rank, energy)
+    kept = float(energies[:keep].sum()) / total if total > 0 else 1.0
+    root = s[:keep].sqrt()
+    b = left @ (u[:, :keep] * root)
+    a = root[:, None] * vh[:keep]
+    if right is not None:
+        a = a @ right
+    return Factors(a=a.to(dtype).contiguous(), b=b.to(dtype).contiguous(), kept_energy=min(kept, 1.0))
+
+
+def merge_module(
+    method: str,
+    sources: Sequence[Source],
+    weights: Sequence[float],
+    *,
+    density: float | None = None,
+    majority_sign: str = "total",
+    generator: torch.Generator | None = None,
+    scale: float = 1.0,
+    rank: int | None = None,
+    energy: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Factors:
+    """Merge one module's sources in core space (or KnOTS space for ``knots_*``) and return LoRA factors.
+
+    ``sources`` holds (A_t, B_t, s_t); ``scale`` is the global λ multiplying the merged delta;
+    ``generator`` draws DARE's masks (seed it per module, e.g. from elementwise.module_seed, so the
+    result depends on the seed and the module name only); ``rank``/``energy`` truncate exactly.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown core-space method {method!r}")
+    if method.startswith("knots_"):
+        space = knots_space(sources, weights)
+        rule = "ties" if method == "knots_ties" else "dare_ties"
+        merged = _elementwise(rule, space.blocks, space.weights, density, majority_sign, generator)
+        return _as_factors(space.u, scale * merged, None, rank=rank, energy=energy, dtype=dtype)
+    core = core_bases(sources, weights)
+    if method == "tsv":
+        merged = tsv(core.weighted_cores())
+    elif method == "iso_c":
+        merged = iso_c(core.weighted_cores())
+    elif method == "iso_cts":
+        merged = iso_cts(core.weighted_cores())
+    else:
+        merged = _elementwise(method, core.cores, core.weights, density, majority_sign, generator)
+    return _as_factors(core.u_b, scale * merged, core.v_a, rank=rank, energy=energy, dtype=dtype)
