@@ -90,7 +90,7 @@ def ref_iso_cts(cores, fraction=0.8):
 
 def peft_rule(method, tensors, weights, density, seed=None):
     """PEFT merge_utils on stacked tensors; DARE's masks from the global RNG seeded like the library."""
-    w = torch.tensor(weights, dtype=F64)
+    w = torch.tensor(weights, dtype=tensors[0].dtype)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(module_seed(seed, MODULE))
@@ -116,9 +116,10 @@ def dense_reference(method, sources, weights, density=0.4, scale=1.0, seed=SEED)
         u, s, vh = torch.linalg.svd(torch.cat(deltas, dim=1), full_matrices=False)
         keep = nonnull(s, (deltas[0].shape[0], n * len(deltas)))
         u, s, vh = u[:, keep], s[keep], vh[keep]
-        blocks = [torch.diag(s) @ vh[:, i * n:(i + 1) * n] for i in range(len(deltas))]
+        # the library holds these n-wide blocks in float32; DARE's masks depend on the dtype drawn over
+        blocks = [(torch.diag(s) @ vh[:, i * n:(i + 1) * n]).float() for i in range(len(deltas))]
         rule = "ties" if method == "knots_ties" else "dare_ties"
-        return scale * u @ peft_rule(rule, blocks, weights, density, seed)
+        return scale * u @ peft_rule(rule, blocks, weights, density, seed).to(F64)
     u_b, v_a = dense_bases(sources)
     cores = [u_b.T @ d @ v_a.T for d in deltas]
     weighted = [w * c for w, c in zip(weights, cores)]

@@ -77,43 +77,81 @@ Source = tuple[torch.Tensor, torch.Tensor, float]  # (A_t, B_t, s_t)
 
 
 @dataclass(frozen=True)
-class CoreSpace:
-    """The canonical bases of one module and each source's core: ΔW_t = u_b @ cores[t] @ v_a."""
+class Basis:
+    """An orthonormal basis of the column space of a tall stacked matrix X (m x R), kept factored as
+    X @ p with p = W Σ⁻¹ (R x k) from the eigen-decomposition of the Gram matrix XᵀX = W Σ² Wᵀ:
+    X W Σ⁻¹ are X's left singular vectors. Only R x R matrices are decomposed; the m-sized work is
+    one matrix product for the Gram matrix and one for whatever is expressed in the basis."""
 
-    u_b: torch.Tensor  # m x p, orthonormal columns
-    v_a: torch.Tensor  # q x n, orthonormal rows
+    q: torch.Tensor  # the stacked matrix X
+    p: torch.Tensor
+
+    def matrix(self) -> torch.Tensor:
+        """The m x k basis itself."""
+        return self.q @ self.p
+
+    def times(self, small: torch.Tensor) -> torch.Tensor:
+        """basis @ small (small: k x c), without forming the basis."""
+        return self.q @ (self.p @ small)
+
+
+@dataclass(frozen=True)
+class CoreSpace:
+    """The canonical bases of one module and each source's core: ΔW_t = U_B @ cores[t] @ V_A."""
+
+    left: Basis  # U_B = left.matrix(), m x p
+    right: Basis  # V_Aᵀ = right.matrix(), n x q
     cores: list[torch.Tensor]  # C_t = (U_Bᵀ s_t B_t)(A_t V_Aᵀ), p x q, unweighted
     weights: list[float]
+
+    @property
+    def u_b(self) -> torch.Tensor:
+        return self.left.matrix()
+
+    @property
+    def v_a(self) -> torch.Tensor:
+        return self.right.matrix().T
 
     def weighted_cores(self) -> list[torch.Tensor]:
         """M_t = w_t C_t."""
         return [w * c for w, c in zip(self.weights, self.cores, strict=True)]
 
 
-def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
-    """Flip each column so that its entry of largest magnitude is positive (the first one on a tie)."""
-    index = vectors.abs().argmax(dim=0)
-    signs = torch.sign(vectors.gather(0, index[None, :]))
-    signs[signs == 0] = 1.0
-    return vectors * signs
-
-
-def _nonnull(s: torch.Tensor, shape: tuple[int, int]) -> int:
+def _nonnull(s: torch.Tensor, shape: tuple[int, ...]) -> int:
     """How many leading singular values (decreasing) are above the null tolerance."""
     if s.numel() == 0 or float(s[0]) <= 0.0:
         return 0
     return int((s > RTOL * max(shape) * s[0]).sum())
 
 
-def _column_basis(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left singular vectors of a tall m x R matrix with non-null singular value, canonical signs,
-    from a thin QR and the SVD of the R x R factor; also returns Pᵀ R (the matrix in that basis)."""
-    q, r = torch.linalg.qr(stacked)
-    p, s, _ = torch.linalg.svd(r, full_matrices=False)
-    keep = _nonnull(s, tuple(stacked.shape))
-    basis = canonical_signs(q @ p[:, :keep])
-    # coordinates of the stacked columns in the canonical basis: basisᵀ stacked = (signed Pᵀ) R
-    return basis, basis.T @ stacked
+def _column_basis(stacked: torch.Tensor) -> tuple[Basis, torch.Tensor]:
+    """The left singular vectors of a tall m x R matrix X with non-null singular value, ordered by
+    singular value, signs canonical; also X's columns in that basis, Σ Wᵀ (k x R).
+
+    From the Gram matrix XᵀX = W Σ² Wᵀ (float64): a direction is null when σ² <= m · eps · σ_max²,
+    the rounding level of the Gram matrix itself, i.e. σ / σ_max below about 1e-6 for m ~ 10^4 (a
+    direction that small changes ΔW by less than float32 rounding). The directions kept are accurate
+    to eps · (σ_max / σ)² relative, which is the price of one matrix product instead of a QR."""
+    gram = stacked.T @ stacked
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
+    top = float(eigenvalues[0]) if eigenvalues.numel() else 0.0
+    keep = int((eigenvalues > RTOL * max(stacked.shape) * top).sum()) if top > 0 else 0
+    sigma = eigenvalues[:keep].sqrt()
+    coords = sigma[:, None] * vectors[:, :keep].T  # Σ Wᵀ = basisᵀ X
+    signs = _canonical(coords)
+    return Basis(q=stacked, p=(vectors[:, :keep] / sigma) * signs), coords * signs[:, None]
+
+
+def _canonical(coordinates: torch.Tensor) -> torch.Tensor:
+    """±1 per basis vector: + when the entry of largest magnitude of its row of ``coordinates`` (the
+    stacked matrix seen in that basis, σ_i times a right singular vector) is positive, the first such
+    entry on a tie. Stacking the sources in another order permutes the entries of each row, so the
+    choice does not depend on the order."""
+    index = coordinates.abs().argmax(dim=1)
+    signs = torch.sign(coordinates.gather(1, index[:, None])).squeeze(1)
+    signs[signs == 0] = 1.0
+    return signs
 
 
 def _usable(sources: Sequence[Source], weights: Sequence[float]) -> tuple[list[Source], list[float]]:
@@ -121,6 +159,13 @@ def _usable(sources: Sequence[Source], weights: Sequence[float]) -> tuple[list[S
         raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
     kept = [(src, w) for src, w in zip(sources, weights) if bool(src[0].any()) and bool(src[1].any())]
     return [s for s, _ in kept], [float(w) for _, w in kept]
+
+
+def _stacks(sources: list[Source]) -> tuple[torch.Tensor, torch.Tensor]:
+    """B_stack = [s_1 B_1 ... s_T B_T] (m x R) and A_stackᵀ = [A_1ᵀ ... A_Tᵀ] (n x R), float64."""
+    b_stack = torch.cat([b.to(torch.float64) * scale for _, b, scale in sources], dim=1)
+    a_stack_t = torch.cat([a.to(torch.float64) for a, _, _ in sources], dim=0).T
+    return b_stack, a_stack_t
 
 
 def core_bases(sources: Sequence[Source], weights: Sequence[float]) -> CoreSpace:
@@ -132,16 +177,15 @@ def core_bases(sources: Sequence[Source], weights: Sequence[float]) -> CoreSpace
     sources, weights = _usable(sources, weights)
     if not sources:
         raise ValueError("no source has a non-zero delta on this module")
-    b_stack = torch.cat([scale * b.to(torch.float64) for _, b, scale in sources], dim=1)  # m x R
-    a_stack = torch.cat([a.to(torch.float64) for a, _, _ in sources], dim=0)  # R x n
-    u_b, b_coords = _column_basis(b_stack)  # p x R: U_Bᵀ s_t B_t, side by side
-    v_a_t, a_coords = _column_basis(a_stack.T)  # q x R: V_A A_tᵀ, side by side
+    b_stack, a_stack_t = _stacks(sources)
+    left, b_coords = _column_basis(b_stack)  # p x R: U_Bᵀ s_t B_t, side by side
+    right, a_coords = _column_basis(a_stack_t)  # q x R: V_A A_tᵀ, side by side
     cores, start = [], 0
     for a, _, _ in sources:
         stop = start + a.shape[0]
         cores.append(b_coords[:, start:stop] @ a_coords[:, start:stop].T)
         start = stop
-    return CoreSpace(u_b=u_b, v_a=v_a_t.T.contiguous(), cores=cores, weights=weights)
+    return CoreSpace(left=left, right=right, cores=cores, weights=weights)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,59 +294,66 @@ def _elementwise(method: str, tensors: list[torch.Tensor], weights: list[float],
 class KnotsSpace:
     """U (m x p) and the per-source blocks Σ V_tᵀ = Uᵀ ΔW_t (p x n) of the concatenation's SVD."""
 
-    u: torch.Tensor
+    u: Basis
     blocks: list[torch.Tensor]
     weights: list[float]
 
 
 def knots_space(sources: Sequence[Source], weights: Sequence[float]) -> KnotsSpace:
-    """The SVD of [ΔW_1 ... ΔW_T] from the factors (see the module docstring), null directions
-    dropped, signs canonical on U (the blocks follow)."""
+    """The SVD of X = [ΔW_1 ... ΔW_T] from the factors, null directions dropped, signs canonical.
+
+    X = B_cat · blockdiag(A_t) with B_cat = U_B Σ_B Wᵀ (core_bases' left basis) and A_tᵀ = Q_t R_t
+    (thin QR), so X = U_B K blockdiag(Q_tᵀ) with K = Σ_B Wᵀ blockdiag(R_tᵀ) (p x R); K = P S Zᵀ gives
+    U = U_B P, and the per-source blocks Σ V_tᵀ = Uᵀ ΔW_t = Pᵀ (U_Bᵀ s_t B_t) A_t.
+    """
     sources, weights = _usable(sources, weights)
     if not sources:
         raise ValueError("no source has a non-zero delta on this module")
-    b_cat = torch.cat([scale * b.to(torch.float64) for _, b, scale in sources], dim=1)
-    q_b, r_b = torch.linalg.qr(b_cat)
-    # X = Q_B R_B blockdiag(R_tᵀ Q_tᵀ): its singular values and left vectors are those of the R x R kernel
+    b_cat, _ = _stacks(sources)
+    left, b_coords = _column_basis(b_cat)
     r_ts = [torch.linalg.qr(a.to(torch.float64).T)[1] for a, _, _ in sources]
-    kernel = r_b @ torch.block_diag(*(r.T for r in r_ts))
+    kernel = b_coords @ torch.block_diag(*(r.T for r in r_ts))
     p, s, _ = torch.linalg.svd(kernel, full_matrices=False)
     width = sum(a.shape[1] for a, _, _ in sources)
-    keep = _nonnull(s, (b_cat.shape[0], width))
-    u = canonical_signs(q_b @ p[:, :keep])
-    coords = u.T @ b_cat  # p x R: Uᵀ s_t B_t side by side
+    p = p[:, : _nonnull(s, (b_cat.shape[0], width))]
+    p = p * _canonical(p.T @ kernel)
+    coords = p.T @ b_coords  # Uᵀ s_t B_t side by side (k x R)
     blocks, start = [], 0
     for a, _, _ in sources:
         stop = start + a.shape[0]
-        blocks.append(coords[:, start:stop] @ a.to(torch.float64))  # Σ V_tᵀ = Uᵀ s_t B_t A_t, p x n
+        # Σ V_tᵀ = Uᵀ s_t B_t A_t, k x n: as large as the factors A_t, so float32 like them (the rule
+        # makes several passes over these blocks; float64 would double that traffic for no gain)
+        blocks.append(coords[:, start:stop].to(torch.float32) @ a.to(torch.float32))
         start = stop
-    return KnotsSpace(u=u, blocks=blocks, weights=weights)
+    return KnotsSpace(u=Basis(q=left.q, p=left.p @ p), blocks=blocks, weights=weights)
 
 
 # ----------------------------------------------------------------------------------------------
 # the result as LoRA factors
 
 
-def _as_factors(left: torch.Tensor, middle: torch.Tensor, right: torch.Tensor | None, *, rank: int | None,
+def _as_factors(left: Basis, middle: torch.Tensor, right: Basis | None, *, rank: int | None,
                 energy: float | None, dtype: torch.dtype) -> Factors:
-    """ΔW = left @ middle (@ right) as LoRA factors. Without rank/energy: B' = left @ middle,
-    A' = right (or B' = left, A' = middle when ``right`` is None). With them: the SVD of the small
-    ``middle`` gives the exact optimal truncation, since ``left`` has orthonormal columns and
-    ``right`` orthonormal rows; the kept energy is exact, Σ_{j<=k} S_j² / Σ S_j²."""
+    """ΔW = left @ middle (@ rightᵀ) as LoRA factors. Without rank/energy: B' = left @ middle,
+    A' = rightᵀ (or B' = left, A' = middle when ``right`` is None). With them: the SVD of the small
+    ``middle`` gives the exact optimal truncation, since both bases are orthonormal; the kept energy is
+    exact, Σ_{j<=k} S_j² / Σ S_j²."""
     if rank is None and energy is None:
         if right is None:
-            return Factors(a=middle.to(dtype).contiguous(), b=left.to(dtype).contiguous(), kept_energy=1.0)
-        return Factors(a=right.to(dtype).contiguous(), b=(left @ middle).to(dtype).contiguous(), kept_energy=1.0)
-    u, s, vh = torch.linalg.svd(middle, full_matrices=False)
+            b, a = left.matrix(), middle
+        else:
+            b, a = left.times(middle), right.matrix().T
+        return Factors(a=a.to(dtype).contiguous(), b=b.to(dtype).contiguous(), kept_energy=1.0)
+    u, s, vh = torch.linalg.svd(middle.to(torch.float64), full_matrices=False)
     energies = s * s
     total = float(energies.sum())
     keep = choose_rank(energies, total, rank, energy)
     kept = float(energies[:keep].sum()) / total if total > 0 else 1.0
     root = s[:keep].sqrt()
-    b = left @ (u[:, :keep] * root)
+    b = left.times(u[:, :keep] * root)
     a = root[:, None] * vh[:keep]
     if right is not None:
-        a = a @ right
+        a = right.times(a.T).T
     return Factors(a=a.to(dtype).contiguous(), b=b.to(dtype).contiguous(), kept_energy=min(kept, 1.0))
 
 
@@ -341,4 +392,4 @@ def merge_module(
         merged = iso_cts(core.weighted_cores())
     else:
         merged = _elementwise(method, core.cores, core.weights, density, majority_sign, generator)
-    return _as_factors(core.u_b, scale * merged, core.v_a, rank=rank, energy=energy, dtype=dtype)
+    return _as_factors(core.left, scale * merged, core.right, rank=rank, energy=energy, dtype=dtype)
