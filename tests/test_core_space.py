@@ -2,9 +2,10 @@
 
 The reference here builds everything densely and independently of the library: ΔW_t = s_t B_t A_t as
 m x n matrices, U_B and V_A from full torch.linalg.svd of the stacked factors (with whatever signs
-the SVD picks), cores U_Bᵀ ΔW_t V_Aᵀ from the dense deltas, TIES / DARE / magnitude pruning from
-PEFT's own peft.utils.merge_utils, TSV / Iso / KnOTS written out from the papers' reference code,
-and the merged delta reconstructed densely. The library computes from the factors only.
+the SVD picks), cores U_Bᵀ ΔW_t V_Aᵀ from the dense deltas, TIES and magnitude pruning from PEFT's
+own peft.utils.merge_utils (DARE: the drop written here, then PEFT's sign election and disjoint
+merge), TSV / Iso / KnOTS written out from the papers' reference code, and the merged delta
+reconstructed densely. The library computes from the factors only.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def dense_bases(sources):
 
 
 def polar(x):
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
+    """Procrustes; for a rank-deficient x the partial isometry on its range (the unique choice)."""
+    p, s, qh = torch.linalg.svd(x, full_matrices=False)
+    keep = nonnull(s, x.shape)
+    return p[:, keep] @ qh[keep]
 
 
 def top(matrix, k):
@@ -88,22 +91,26 @@ def ref_iso_cts(cores, fraction=0.8):
     return torch.linalg.multi_dot((polar(u), torch.diag(torch.full_like(s, float(s.mean()))), polar(vh.T).T))
 
 
+def dare_drop(tensors, density, seed):
+    """DARE's drop and rescale, one uniform draw per entry from the per-module generator, in order."""
+    generator = torch.Generator().manual_seed(module_seed(seed, MODULE))
+    return [t * (torch.rand(t.shape, generator=generator) < density) / density for t in tensors]
+
+
 def peft_rule(method, tensors, weights, density, seed=None):
-    """PEFT merge_utils on stacked tensors; DARE's masks from the global RNG seeded like the library."""
-    w = torch.tensor(weights, dtype=tensors[0].dtype)
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(module_seed(seed, MODULE))
-        if method == "linear":
-            return merge_utils.task_arithmetic(tensors, w)
-        if method == "ties":
-            return merge_utils.ties(tensors, w, density, "total")
-        if method == "magnitude_prune":
-            return merge_utils.magnitude_prune(tensors, w, density)
-        if method == "dare_linear":
-            return merge_utils.dare_linear(tensors, w, density)
-        if method == "dare_ties":
-            return merge_utils.dare_ties(tensors, w, density, "total")
+    """PEFT merge_utils on stacked tensors (DARE: PEFT's combination after the drop above)."""
+    w = torch.tensor(weights, dtype=F64)
+    tensors = [t.to(F64) for t in tensors]
+    if method == "ties":
+        return merge_utils.ties(tensors, w, density, "total")
+    if method == "magnitude_prune":
+        return merge_utils.magnitude_prune(tensors, w, density)
+    if method == "dare_linear":
+        return merge_utils.task_arithmetic(dare_drop(tensors, density, seed), w)
+    if method == "dare_ties":
+        stacked = torch.stack(dare_drop(tensors, density, seed))
+        signs = merge_utils.calculate_majority_sign_mask(stacked, "total")
+        return merge_utils.disjoint_merge(stacked * w[:, None, None], signs)
     raise AssertionError(method)
 
 
@@ -116,10 +123,9 @@ def dense_reference(method, sources, weights, density=0.4, scale=1.0, seed=SEED)
         u, s, vh = torch.linalg.svd(torch.cat(deltas, dim=1), full_matrices=False)
         keep = nonnull(s, (deltas[0].shape[0], n * len(deltas)))
         u, s, vh = u[:, keep], s[keep], vh[keep]
-        # the library holds these n-wide blocks in float32; DARE's masks depend on the dtype drawn over
-        blocks = [(torch.diag(s) @ vh[:, i * n:(i + 1) * n]).float() for i in range(len(deltas))]
+        blocks = [torch.diag(s) @ vh[:, i * n:(i + 1) * n] for i in range(len(deltas))]
         rule = "ties" if method == "knots_ties" else "dare_ties"
-        return scale * u @ peft_rule(rule, blocks, weights, density, seed).to(F64)
+        return scale * u @ peft_rule(rule, blocks, weights, density, seed)
     u_b, v_a = dense_bases(sources)
     cores = [u_b.T @ d @ v_a.T for d in deltas]
     weighted = [w * c for w, c in zip(weights, cores)]
@@ -193,6 +199,34 @@ def test_a_module_some_sources_lack_counts_as_zero(method):
     assert torch.equal(with_zero.a, without.a) and torch.equal(with_zero.b, without.b)
     reference = dense_reference(method, sources, [0.5, -0.3, 0.8])
     assert relative_error(merged_delta(with_zero), reference) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "tsv", "iso_c", "iso_cts", "knots_ties"])
+def test_shared_directions_are_dropped_from_the_basis(method):
+    """Two sources with the same B (a direction shared, so B_stack has rank R - 4): the null
+    directions leave the basis, the cores shrink to 12 x 16, and the merge still matches the dense
+    reference (whose basis is the dense SVD's non-null part)."""
+    sources = random_sources(40, 36, (4, 4, 8), seed=8)
+    shared = (sources[1][0], sources[0][1], sources[0][2])
+    sources = [sources[0], shared, sources[2]]
+    space = core_space.core_bases(sources, [1.0, 1.0, 1.0])
+    assert space.cores[0].shape == (12, 16)
+    assert torch.allclose(space.u_b.T @ space.u_b, torch.eye(12, dtype=F64), atol=1e-10)
+    weights = [0.9, 0.6, -0.7]
+    ours = merged_delta(library(method, sources, weights))
+    assert relative_error(ours, dense_reference(method, sources, weights)) < 1e-5
+
+
+def test_trim_keeps_what_full_space_trimming_keeps():
+    """core_space.trim finds its threshold another way; the kept entries are elementwise's, ties too."""
+    from loramgr.merge.elementwise import magnitude_prune_one
+
+    gen = torch.Generator().manual_seed(9)
+    tensors = [torch.randn(64, 700, generator=gen), torch.randint(-3, 4, (50, 40), generator=gen).float(),
+               torch.randn(16, 16, generator=gen, dtype=F64)]
+    for tensor in tensors:
+        for density in (0.01, 0.3, 0.5, 0.97):
+            assert torch.equal(core_space.trim(tensor, density), magnitude_prune_one(tensor, density))
 
 
 def test_linear_is_the_exact_weighted_sum():
