@@ -93,7 +93,8 @@ def install_path(
         get_base(registry, options.base)  # raises the not-found error with its hint
     # the scratch folder (a pickle converted to safetensors) holds the shared store lock: gc waits
     with registry.store.scratch() as scratch:
-        local = read_local(path, allow_pickle=options.allow_pickle, scratch=scratch, progress=progress)
+        local = read_local(path, allow_pickle=options.allow_pickle, scratch=scratch, progress=progress,
+                           links_into=_hub_repository_folder(path) if share_files else None)
         info, base_id = local.info, None
         if explicit is not None:
             info = fit_to_base(info, explicit[1], label=str(path))
@@ -119,6 +120,14 @@ def install_path(
             recipe=recipe,
             progress=progress,
         )
+
+
+def _hub_repository_folder(path: Path) -> Path | None:
+    """``<cache>/models--owner--name`` for a path inside one of its snapshots (whose files link there)."""
+    for folder in (path, *path.parents):
+        if folder.parent.name == "snapshots":
+            return folder.parent.parent
+    return None
 
 
 def _declared_base(info: AdapterInfo) -> str | None:

@@ -31,12 +31,20 @@ class LocalAdapter:
     default_name: str
 
 
-def read_local(path: Path, *, allow_pickle: bool, scratch: Path, progress: Progress | None = None) -> LocalAdapter:
-    """Validate an adapter on disk (metadata, shapes, tensor values) without storing anything."""
+def read_local(path: Path, *, allow_pickle: bool, scratch: Path, progress: Progress | None = None,
+               links_into: Path | None = None) -> LocalAdapter:
+    """Validate an adapter on disk (metadata, shapes, tensor values) without storing anything.
+
+    A file of an adapter folder that is a link resolving outside the folder is refused (a README.md
+    pointing at /etc/passwd would otherwise be stored and exported), except into ``links_into``:
+    a Hub snapshot's files are links into its repository's cache folder.
+    """
     if not path.exists():
         raise InvalidAdapterError(f"{path}: no such file or folder", path=str(path), hint="check the path")
     if path.is_file():
         return _read_single_file(path, progress)
+    for name in (peft.CONFIG_NAME, peft.WEIGHTS_NAME, peft.PICKLE_NAME, peft.CARD_NAME):
+        _refuse_escaping_link(path, path / name, links_into)
     files: dict[str, Path] = {}
     weights = path / peft.WEIGHTS_NAME
     if not weights.is_file() and (path / peft.PICKLE_NAME).is_file() and allow_pickle:
@@ -58,6 +66,18 @@ def read_local(path: Path, *, allow_pickle: bool, scratch: Path, progress: Progr
     if (path / peft.CARD_NAME).is_file():
         files[peft.CARD_NAME] = path / peft.CARD_NAME
     return LocalAdapter(info, files, path.resolve().name)
+
+
+def _refuse_escaping_link(folder: Path, file: Path, links_into: Path | None) -> None:
+    if not file.is_symlink():
+        return
+    target = file.resolve()
+    inside = [folder.resolve()] + ([links_into.resolve()] if links_into is not None else [])
+    if not any(target.is_relative_to(root) for root in inside):
+        raise InvalidAdapterError(
+            f"{file}: a link to {target}, outside the adapter folder", path=str(file),
+            hint="copy the file into the folder if it belongs to the adapter",
+        )
 
 
 def _header(path: Path) -> SafetensorsHeader:
