@@ -15,7 +15,7 @@ from sqlalchemy import select
 from registry_schema.models import BaseModel
 
 from ..errors import ConflictError, NotFoundError
-from .limits import check_row
+from .limits import check_row, column_limit
 
 if TYPE_CHECKING:
     from ..compat.basemodel import BaseFingerprint
@@ -67,7 +67,7 @@ def list_bases(registry: Registry) -> list[BaseFingerprint]:
 def find_base(registry: Registry, name: str) -> tuple[int, BaseFingerprint] | None:
     from ..compat.basemodel import BaseFingerprint
 
-    if "\x00" in name or len(name) > BaseModel.__table__.columns["name"].type.length:
+    if "\x00" in name or len(name) > (column_limit(BaseModel, "name") or len(name)):
         return None  # no registered base has such a name (and PostgreSQL refuses a NUL even in a query)
     with registry.session() as session:
         row = session.scalar(select(BaseModel).where(BaseModel.name == name))

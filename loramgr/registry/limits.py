@@ -23,6 +23,12 @@ def check_row(row: Any, label: str | None = None) -> None:
                     else None, label)
 
 
+def column_limit(model: Any, column: str) -> int | None:
+    """The length a model's string column allows (None: unbounded)."""
+    kind = model.__table__.columns[column].type
+    return kind.length if isinstance(kind, String) else None
+
+
 def check_value(field: str, value: Any, limit: int | None, label: str | None = None) -> None:
     where = f"{label}: " if label else ""
     if isinstance(value, str):
