@@ -75,6 +75,7 @@ def install_path(
     share_files: bool = False,
     parents: list[Parent] | None = None,
     recipe: dict[str, Any] | None = None,
+    expected_digest: str | None = None,
     progress: Progress | None = None,
 ) -> InstallResult:
     """Validate, match a base model, store and register an adapter on disk.
@@ -84,7 +85,8 @@ def install_path(
     Without it, a registered base whose name the adapter declares is linked when the adapter fits.
     ``share_files``: the files are never rewritten in place (huggingface_hub's cache), so the store
     may hard-link them instead of copying. ``parents`` and ``recipe``: the lineage an artifact carries
-    (an OCI pull of a combined adapter).
+    (an OCI pull of a combined adapter). ``expected_digest``: refuse (storing nothing) unless the
+    version's digest is this one (``sync`` passes the lock's).
     """
     from .registry.bases import find_base, get_base
 
@@ -118,6 +120,7 @@ def install_path(
             share_files=share_files,
             parents=parents,
             recipe=recipe,
+            expected_digest=expected_digest,
             progress=progress,
         )
 

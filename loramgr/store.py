@@ -80,14 +80,19 @@ class BlobStore:
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
 
-    def put_files(self, sources: list[Path], progress: Progress | None = None, *,
-                  share: bool = False) -> list[BlobInfo]:
+    def put_files(self, sources: list[Path], progress: Progress | None = None, *, share: bool = False,
+                  before_commit: Callable[[list[tuple[str, int]]], None] | None = None) -> list[BlobInfo]:
         """Store several files as blobs, all or none: each is staged in ``tmp/`` first, then all are moved
-        into place, so a failure (a full disk) while staging leaves no blob behind."""
+        into place, so a failure (a full disk) while staging leaves no blob behind.
+
+        ``before_commit`` sees the (digest, size) of every staged file and may refuse them by raising.
+        """
         staged: list[tuple[Path, str, int]] = []
         try:
             for source in sources:
                 staged.append(self._stage(source, progress, share=share))
+            if before_commit is not None:
+                before_commit([(digest, size) for _, digest, size in staged])
             return [self._commit_temp(tmp, digest, size) for tmp, digest, size in staged]
         except BaseException:
             for tmp, _, _ in staged:

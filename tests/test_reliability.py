@@ -390,3 +390,20 @@ def test_a_full_disk_stores_nothing_and_names_the_file(tmp_path: Path, monkeypat
         assert leftovers(home) == before  # neither its config nor its card became an orphan blob
         assert [n for n, _, _ in listed()] == ["small"]
         assert "in 0 file(s)" in run_cli("gc").output
+
+
+def test_an_install_whose_digest_is_not_the_expected_one_stores_nothing(loramgr_home: Path, tmp_path: Path) -> None:
+    from loramgr.errors import IntegrityError
+    from loramgr.installer import InstallOptions, install_path
+    from loramgr.registry import Registry
+
+    folder = write_peft_adapter(tmp_path / "a", MODULES, readme="# a\n")
+    registry = Registry.open()
+    try:
+        with pytest.raises(IntegrityError, match="not the expected sha256:000000000000"):
+            install_path(registry, folder, InstallOptions(), expected_digest="sha256:" + "0" * 64)
+        assert registry.list_versions() == [] and leftovers(loramgr_home) == []
+        digest = install_path(registry, folder, InstallOptions(name="b")).digest
+        assert install_path(registry, folder, InstallOptions(name="c"), expected_digest=digest).created
+    finally:
+        registry.close()

@@ -23,7 +23,14 @@ from registry_schema.models import Adapter, AdapterVersion, File, Lineage, Modul
 
 from .. import paths
 from ..adapter import AdapterInfo, LoraAdapter
-from ..errors import AmbiguousReferenceError, ConflictError, InvalidAdapterError, NotFoundError, RegistryError
+from ..errors import (
+    AmbiguousReferenceError,
+    ConflictError,
+    IntegrityError,
+    InvalidAdapterError,
+    NotFoundError,
+    RegistryError,
+)
 from ..store import BlobStore, sha256_file
 from . import refs
 from .database import database_error, describe_url, home_is_writable, lock_names, open_database
@@ -130,6 +137,7 @@ class Registry:
         recipe: dict[str, Any] | None = None,
         base_model_id: int | None = None,
         share_files: bool = False,
+        expected_digest: str | None = None,
         progress: Progress | None = None,
     ) -> InstallResult:
         """Store validated adapter files and register them as a version (the step every install ends in).
@@ -140,6 +148,8 @@ class Registry:
 
         ``share_files``: the files are never rewritten in place (huggingface_hub's cache), so blobs may
         be hard links to them rather than copies (see :meth:`BlobStore.put_file`).
+
+        ``expected_digest``: the version's digest must be this one, checked before any blob is stored.
         """
         display = name
         canonical = refs.check_name(name)
@@ -166,7 +176,16 @@ class Registry:
         ), Adapter(name=canonical, display_name=display, created_at=_now()), label=display)
         with self.store.lock(exclusive=False):
             ordered = sorted(files.items())
-            blobs = self.store.put_files([file for _, file in ordered], progress, share=share_files)
+            def check(staged: list[tuple[str, int]]) -> None:
+                found = manifest_digest([ManifestEntry(rel, d, n) for (rel, _), (d, n) in zip(ordered, staged)])
+                if expected_digest is not None and found != expected_digest:
+                    raise IntegrityError(
+                        f"{display}: these files are {found[:19]}, not the expected {expected_digest[:19]}",
+                        digest=expected_digest, hint="nothing was stored; the source and the lock disagree",
+                    )
+
+            blobs = self.store.put_files([file for _, file in ordered], progress, share=share_files,
+                                         before_commit=check)
             entries = [ManifestEntry(rel, blob.digest, blob.size) for (rel, _), blob in zip(ordered, blobs)]
             digest = manifest_digest(entries)
             for attempt in range(_RETRIES):
