@@ -407,3 +407,23 @@ def test_an_install_whose_digest_is_not_the_expected_one_stores_nothing(loramgr_
         assert install_path(registry, folder, InstallOptions(name="c"), expected_digest=digest).created
     finally:
         registry.close()
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pickle_refusal_is_one_line_in_a_terminal(tmp_path: Path) -> None:
+    import pickle
+    import sys
+
+    folder = write_peft_adapter(tmp_path / "evil", MODULES)
+    (folder / "adapter_model.safetensors").unlink()
+    with open(folder / "adapter_model.bin", "wb") as handle:
+        pickle.dump({"x": _RunsCode()}, handle, protocol=4)
+    done = subprocess.run([sys.executable, "-m", "loramgr", "install", str(folder), "--allow-pickle"],
+                          capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ))
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "weights-only" in lines[0], lines
+    assert not (tmp_path / "pwned").exists()

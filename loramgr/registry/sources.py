@@ -9,6 +9,7 @@ stored converted to safetensors.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,9 @@ def read_local(path: Path, *, allow_pickle: bool, scratch: Path, progress: Progr
             peft.read_peft_folder(path)  # raises the missing-config error
         scratch.mkdir(parents=True, exist_ok=True)
         weights = scratch / peft.WEIGHTS_NAME
-        peft.convert_pickle(path / peft.PICKLE_NAME, weights)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol: loramgr says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            peft.convert_pickle(path / peft.PICKLE_NAME, weights)
         info = peft.describe(peft.load_config(path), _header(weights), peft.WEIGHTS_NAME)
         info.notes.append(f"converted from {peft.PICKLE_NAME} (loaded weights-only)")
         card = path / peft.CARD_NAME
