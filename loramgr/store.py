@@ -184,6 +184,7 @@ class BlobStore:
             os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
             os.replace(tmp, target)
             _fsync_dir(target.parent)
+            self._remember(blob, target.stat())  # hashed just now: the first read need not hash again
         return BlobInfo(blob, target, size)
 
     def iter_blobs(self) -> Iterator[BlobInfo]:
