@@ -130,7 +130,7 @@ def test_a_lost_database_next_to_blobs_is_refused_and_doctor_rebuilds_it(
     stored = blobs(loramgr_home)
     _lose_database(database, loramgr_home, how)
 
-    for command in (["list"], ["verify"], ["gc"], ["install", str(tmp_path / "b")]):
+    for command in (["list"], ["verify"], ["gc"], ["install", str(tmp_path / "b")], ["list"]):
         error = one_line_error(*command)
         assert "is empty, but" in error and "doctor --rebuild" in error, (command, error)
     assert blobs(loramgr_home) == stored  # gc deleted nothing
