@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,17 +162,18 @@ def download_adapter(
     token = resolve_token(token)
     patterns = adapter_patterns(source.subfolder, allow_pickle=allow_pickle)
     try:
-        snapshot = snapshot_download(
-            source.repo_id,
-            revision=source.revision,
-            cache_dir=str(cache_dir),
-            endpoint=endpoint,
-            token=token or False,  # False: never fall back to a login the caller did not choose
-            allow_patterns=patterns,
-            ignore_patterns=[f"{source.subfolder}/*/*" if source.subfolder else "*/*"],  # "*" crosses "/"
-            local_files_only=offline,
-            tqdm_class=_progress_class(progress),
-        )
+        with _client_quiet():
+            snapshot = snapshot_download(
+                source.repo_id,
+                revision=source.revision,
+                cache_dir=str(cache_dir),
+                endpoint=endpoint,
+                token=token or False,  # False: never fall back to a login the caller did not choose
+                allow_patterns=patterns,
+                ignore_patterns=[f"{source.subfolder}/*/*" if source.subfolder else "*/*"],  # "*" crosses "/"
+                local_files_only=offline,
+                tqdm_class=_progress_class(progress),
+            )
     except Exception as exc:  # noqa: BLE001 - every client failure becomes one HubError below
         raise download_error(exc, source, offline=offline, token=token, endpoint=endpoint) from exc
     root = Path(snapshot)
@@ -315,6 +316,22 @@ def _progress_class(progress: Progress | None) -> type:
             return None
 
     return _Silent
+
+
+@contextlib.contextmanager
+def _client_quiet() -> Iterator[None]:
+    """huggingface_hub's retry and resume notes off stderr meanwhile: what became of a download reaches
+    the user once, as the result or as one HubError line (LORAMGR_DEBUG=1 keeps them)."""
+    if os.environ.get("LORAMGR_DEBUG"):
+        yield
+        return
+    client_logger = logging.getLogger("huggingface_hub")
+    level = client_logger.level
+    client_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        client_logger.setLevel(level)
 
 
 def _verify_files(folder: Path, files: list[str], source: HubSource, record: Path,
