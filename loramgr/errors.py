@@ -25,7 +25,9 @@
     ├── EngineSpecError (ValueError) an ``--engine`` value that does not parse
     ├── MissingDependencyError (ImportError) an optional package an operation needs
     ├── ProjectFileError            a loramgr.toml / loramgr.lock that is missing, not TOML or malformed
-    └── UnknownFormatError (ValueError) an export format loramgr cannot write
+    ├── UnknownFormatError (ValueError) an export format loramgr cannot write
+    ├── FieldLimitError (ValueError) a value longer than the registry keeps, or holding a NUL character
+    └── StoreWriteError             the blob store could not be written (disk full, no permission)
 
 Each error carries the facts as fields and a ``hint`` saying what to do; ``str(err)`` is one line
 that ends with the hint, ready for a terminal.
@@ -121,7 +123,13 @@ class MergeError(LoramgrError, ValueError):
 
 
 class RegistryError(LoramgrError):
-    """The registry database cannot be used (unreachable, or written by a newer loramgr)."""
+    """The registry cannot be used: its database is unreachable, damaged, from a newer loramgr, or does
+    not belong to the blob store beside it. ``database`` names the file (or the URL without password)."""
+
+    def __init__(self, message: str, *, database: str | None = None, hint: str | None = None) -> None:
+        self.database = database
+        self.retryable = False  # a serialisation failure that running the transaction again may cure
+        super().__init__(message, hint=hint)
 
 
 class HubError(LoramgrError):
@@ -231,6 +239,27 @@ class MissingRecipeError(MergeError):
 
 class InvalidRecipeError(LoramgrError, ValueError):
     """A recipe file that is missing, not TOML, or lacks its sources or its method."""
+
+    def __init__(self, message: str, *, path: str, hint: str | None = None) -> None:
+        self.path = path
+        super().__init__(message, hint=hint)
+
+
+class FieldLimitError(LoramgrError, ValueError):
+    """A value the registry cannot keep as given: longer than its column allows, or holding a NUL.
+
+    Checked before anything is stored, identically for SQLite (which would keep it) and PostgreSQL
+    (which would refuse it mid-transaction), so a registry can move between the two.
+    """
+
+    def __init__(self, message: str, *, field: str, limit: int | None = None, hint: str | None = None) -> None:
+        self.field = field
+        self.limit = limit
+        super().__init__(message, hint=hint)
+
+
+class StoreWriteError(LoramgrError):
+    """A file that could not be written into the blob store; ``path`` is the file being stored."""
 
     def __init__(self, message: str, *, path: str, hint: str | None = None) -> None:
         self.path = path

@@ -65,7 +65,7 @@ def _copy_stored(registry: Registry, details: VersionDetails, destination: Path)
         for entry in details.files:
             target = staging / entry.path
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(registry.store.path(entry.digest), target)
+            shutil.copyfile(registry.store.read_path(entry.digest, used_by=details.ref), target)
     return destination
 
 

@@ -75,6 +75,7 @@ def install_path(
     share_files: bool = False,
     parents: list[Parent] | None = None,
     recipe: dict[str, Any] | None = None,
+    expected_digest: str | None = None,
     progress: Progress | None = None,
 ) -> InstallResult:
     """Validate, match a base model, store and register an adapter on disk.
@@ -84,7 +85,8 @@ def install_path(
     Without it, a registered base whose name the adapter declares is linked when the adapter fits.
     ``share_files``: the files are never rewritten in place (huggingface_hub's cache), so the store
     may hard-link them instead of copying. ``parents`` and ``recipe``: the lineage an artifact carries
-    (an OCI pull of a combined adapter).
+    (an OCI pull of a combined adapter). ``expected_digest``: refuse (storing nothing) unless the
+    version's digest is this one (``sync`` passes the lock's).
     """
     from .registry.bases import find_base, get_base
 
@@ -93,7 +95,8 @@ def install_path(
         get_base(registry, options.base)  # raises the not-found error with its hint
     # the scratch folder (a pickle converted to safetensors) holds the shared store lock: gc waits
     with registry.store.scratch() as scratch:
-        local = read_local(path, allow_pickle=options.allow_pickle, scratch=scratch, progress=progress)
+        local = read_local(path, allow_pickle=options.allow_pickle, scratch=scratch, progress=progress,
+                           links_into=_hub_repository_folder(path) if share_files else None)
         info, base_id = local.info, None
         if explicit is not None:
             info = fit_to_base(info, explicit[1], label=str(path))
@@ -117,8 +120,17 @@ def install_path(
             share_files=share_files,
             parents=parents,
             recipe=recipe,
+            expected_digest=expected_digest,
             progress=progress,
         )
+
+
+def _hub_repository_folder(path: Path) -> Path | None:
+    """``<cache>/models--owner--name`` for a path inside one of its snapshots (whose files link there)."""
+    for folder in (path, *path.parents):
+        if folder.parent.name == "snapshots":
+            return folder.parent.parent
+    return None
 
 
 def _declared_base(info: AdapterInfo) -> str | None:

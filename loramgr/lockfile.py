@@ -24,7 +24,7 @@ import tomllib
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from .errors import IntegrityError, NotFoundError, ProjectFileError
@@ -172,6 +172,18 @@ def read_lock(path: str | Path) -> list[Locked]:
         except KeyError as exc:
             raise ProjectFileError(f"{path}: an [[adapter]] entry has no {exc.args[0]}", path=str(path),
                                    entry=table.get("name"), hint="re-create it with 'loramgr lock'") from None
+    seen: set[tuple[str, str]] = set()
+    for entry in entries:
+        ref = f"{entry.name}=={entry.version}"
+        if (entry.name, entry.version) in seen:
+            raise ProjectFileError(f"{path}: {ref} is locked twice", path=str(path), entry=entry.name,
+                                   hint="re-create it with 'loramgr lock'")
+        seen.add((entry.name, entry.version))
+        for f in entry.files:
+            parts = PurePosixPath(f.path).parts
+            if not parts or f.path.startswith("/") or "\\" in f.path or any(p in ("..", ".", "") for p in parts):
+                raise ProjectFileError(f"{path}: {ref} lists file {f.path!r}, which is not a path inside the adapter",
+                                       path=str(path), entry=entry.name, hint="re-create it with 'loramgr lock'")
     return entries
 
 
@@ -205,7 +217,8 @@ def _sync(registry: Registry, locked: list[Locked], scratch: ExitStack, *, progr
                                 "for it", reference=ref, hint="install it here first, or lock it from the Hub")
         plan.append((entry, _fetch(entry, offline=offline, progress=progress)))
     for entry, fetched in plan:  # every digest checked: now register
-        install_fetched(registry, fetched, InstallOptions(name=entry.name, version=entry.version), progress=progress)
+        install_fetched(registry, fetched, InstallOptions(name=entry.name, version=entry.version), progress=progress,
+                        expected_digest=entry.digest)  # what is registered is what the lock names
         report.installed.append(f"{entry.name}=={entry.version}")
     for entry, oci_fetched in oci_plan:
         register(registry, oci_fetched, InstallOptions(name=entry.name, version=entry.version), progress=progress)
@@ -240,6 +253,10 @@ def _fetch(entry: Locked, *, offline: bool | None, progress: Progress | None) ->
     entries = []
     for f in entry.files:
         path = fetched.folder / f.path
+        if f.path not in fetched.files:  # only the adapter files of this snapshot, never a path beside it
+            raise IntegrityError(f"{entry.name}=={entry.version}: {f.path} is not an adapter file at commit "
+                                 f"{entry.commit}", digest=entry.digest, hint="the lock and the repository disagree; "
+                                 "re-lock")
         if not path.is_file():
             raise IntegrityError(f"{entry.name}=={entry.version}: {f.path} is missing at commit {entry.commit}",
                                  digest=entry.digest, hint="the lock and the repository disagree; re-lock")

@@ -9,6 +9,15 @@ Everything that uses ``tmp/`` holds a shared lock on ``<home>/store.lock`` meanw
 its first file read to its database commit, and any scratch folder (:meth:`BlobStore.scratch`). ``gc``
 holds it exclusively, so it never deletes a blob that an install is about to reference nor a scratch
 folder in use.
+
+:meth:`BlobStore.put_files` stages every file of a version in ``tmp/`` before the first one becomes a
+blob, so a failure (a full disk) part-way leaves no orphan blob. A stored blob whose bytes no longer
+match its name is replaced when the right bytes are stored again.
+
+Every read of stored bytes goes through :meth:`BlobStore.read_path`, which re-hashes the blob unless
+``<home>/verified/`` records that these bytes were hashed already: an entry holds the blob's inode,
+size and change time (ctime), which any write to the file, through any of its names, advances, and
+which no user can set back.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import InvalidReferenceError
+from .errors import IntegrityError, InvalidReferenceError, StoreWriteError
 
 CHUNK = 8 * 1024 * 1024
 Progress = Callable[[str, int, int], None]
@@ -50,11 +59,16 @@ class BlobInfo:
     size: int
 
 
+REPAIR_HINT = "run 'loramgr verify --repair' to restore it from a source that still has these bytes"
+
+
 class BlobStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, read_only: bool = False) -> None:
         self.root = Path(root)
         self.blob_dir = self.root / "blobs" / "sha256"
         self.tmp_dir = self.root / "tmp"
+        self.verified_dir = self.root / "verified"
+        self.read_only = read_only
 
     def path(self, digest: str) -> Path:
         algo, _, hexdigest = digest.partition(":")
@@ -66,7 +80,46 @@ class BlobStore:
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
 
+    def put_files(self, sources: list[Path], progress: Progress | None = None, *, share: bool = False,
+                  before_commit: Callable[[list[tuple[str, int]]], None] | None = None) -> list[BlobInfo]:
+        """Store several files as blobs, all or none: each is staged in ``tmp/`` first, then all are moved
+        into place, so a failure (a full disk) while staging leaves no blob behind.
+
+        ``before_commit`` sees the (digest, size) of every staged file and may refuse them by raising.
+        """
+        staged: list[tuple[Path, str, int]] = []
+        try:
+            for source in sources:
+                staged.append(self._stage(source, progress, share=share))
+            if before_commit is not None:
+                before_commit([(digest, size) for _, digest, size in staged])
+            return [self._commit_temp(tmp, digest, size) for tmp, digest, size in staged]
+        except BaseException:
+            for tmp, _, _ in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            raise
+
     def put_file(self, source: str | Path, progress: Progress | None = None, *, share: bool = False) -> BlobInfo:
+        """Copy a file into the store; returns its blob (see :meth:`_stage`)."""
+        tmp, digest, size = self._stage(Path(source), progress, share=share)
+        try:
+            return self._commit_temp(tmp, digest, size)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+
+    def _stage(self, source: Path, progress: Progress | None, *, share: bool) -> tuple[Path, str, int]:
+        try:
+            return self._stage_file(source, progress, share=share)
+        except OSError as exc:
+            raise StoreWriteError(
+                f"cannot store {source} in {self.root}: {exc.strerror or exc}", path=str(source),
+                hint="free space (or fix permissions) there and install again; nothing was stored",
+            ) from exc
+
+    def _stage_file(self, source: Path, progress: Progress | None, *, share: bool) -> tuple[Path, str, int]:
         """Copy a file into the store; returns its blob.
 
         The bytes are copied in the kernel (``copy_file_range``, no trip through Python buffers),
@@ -79,7 +132,7 @@ class BlobStore:
         other intact, and ``verify`` re-hashes the store whatever its blobs are linked to.
         """
         if share and os.name == "posix":
-            shared = self._put_link(Path(source), progress)
+            shared = self._link(Path(source), progress)
             if shared is not None:
                 return shared
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -94,14 +147,14 @@ class BlobStore:
                 os.fsync(out.fileno())
                 out.seek(0)
                 digest = hashlib.file_digest(out, "sha256")
-            return self._commit_temp(tmp, "sha256:" + digest.hexdigest(), total)
+            return tmp, "sha256:" + digest.hexdigest(), total
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
 
-    def _put_link(self, source: Path, progress: Progress | None) -> BlobInfo | None:
-        """Hard-link ``source`` into the store after hashing it; None where links cannot be made."""
+    def _link(self, source: Path, progress: Progress | None) -> tuple[Path, str, int] | None:
+        """Hard-link ``source`` into ``tmp/`` and hash it; None where links cannot be made."""
         real = source.resolve()
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp_dir / f"link-{os.getpid()}-{real.name[:16]}-{os.urandom(4).hex()}.tmp"
@@ -111,22 +164,27 @@ class BlobStore:
             return None
         try:
             digest = sha256_file(tmp, progress, f"hashing {source.name}")
-            return self._commit_temp(tmp, digest, tmp.stat().st_size)
+            return tmp, digest, tmp.stat().st_size
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
 
     def _commit_temp(self, tmp: Path, blob: str, size: int) -> BlobInfo:
-        """Move a fully written, fsynced temporary file into place as ``blob`` (or drop it if present)."""
+        """Move a fully written, fsynced temporary file into place as ``blob``.
+
+        Where the blob is present already the temporary file is dropped, unless the stored bytes no
+        longer match the digest: then these (right) bytes replace them.
+        """
         target = self.path(blob)
-        if target.is_file():
+        if target.is_file() and self._intact(blob, target):
             tmp.unlink()
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
             os.replace(tmp, target)
             _fsync_dir(target.parent)
+            self._remember(blob, target.stat())  # hashed just now: the first read need not hash again
         return BlobInfo(blob, target, size)
 
     def iter_blobs(self) -> Iterator[BlobInfo]:
@@ -144,11 +202,74 @@ class BlobStore:
         return sorted(p for p in self.tmp_dir.iterdir())
 
     def verify(self, digest: str, progress: Progress | None = None) -> bool:
+        """Re-hash a blob (whatever the verified-at record says); True when its bytes match its digest."""
         path = self.path(digest)
-        return path.is_file() and sha256_file(path, progress, f"verifying {digest[7:19]}") == digest
+        if not path.is_file():
+            return False
+        before = path.stat()
+        if sha256_file(path, progress, f"verifying {digest[7:19]}") != digest:
+            self._forget(digest)
+            return False
+        self._remember(digest, before)
+        return True
+
+    def read_path(self, digest: str, *, used_by: str | None = None) -> Path:
+        """The path of a blob whose bytes were checked against its digest; IntegrityError otherwise."""
+        path = self.path(digest)
+        of = f" of {used_by}" if used_by else ""
+        try:
+            before = path.stat()
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"blob {digest[:19]}{of} is missing from the store ({path})", digest=digest,
+                hint=f"{REPAIR_HINT}, or remove the version and install it again",
+            ) from None
+        if not self._intact(digest, path, before):
+            raise IntegrityError(
+                f"blob {digest[:19]}{of} ({path}) no longer matches its digest: its bytes were altered",
+                digest=digest, hint=REPAIR_HINT,
+            )
+        return path
+
+    def _intact(self, digest: str, path: Path, before: os.stat_result | None = None) -> bool:
+        before = before or path.stat()
+        if self._stamp(before) == self._recorded(digest):
+            return True
+        if sha256_file(path) != digest:
+            self._forget(digest)
+            return False
+        self._remember(digest, before)
+        return True
+
+    @staticmethod
+    def _stamp(st: os.stat_result) -> str:
+        return f"{st.st_ino}:{st.st_size}:{st.st_ctime_ns}"
+
+    def _recorded(self, digest: str) -> str | None:
+        try:
+            return (self.verified_dir / digest[7:]).read_text()
+        except OSError:
+            return None
+
+    def _remember(self, digest: str, st: os.stat_result) -> None:
+        if self.read_only:
+            return
+        with contextlib.suppress(OSError):  # only a cache: hashing again next time is always right
+            self.verified_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.verified_dir, prefix=".", suffix=".tmp")
+            with os.fdopen(fd, "w") as handle:
+                handle.write(self._stamp(st))
+            os.replace(tmp, self.verified_dir / digest[7:])
+
+    def _forget(self, digest: str) -> None:
+        if not self.read_only:
+            with contextlib.suppress(OSError):
+                (self.verified_dir / digest[7:]).unlink()
 
     def delete(self, path: Path) -> None:
         """Remove a blob or temporary file (blobs are read-only, which unlink does not mind on POSIX)."""
+        if path.parent.parent == self.blob_dir:
+            self._forget("sha256:" + path.name)
         with contextlib.suppress(FileNotFoundError):
             if path.is_dir():
                 import shutil
@@ -162,6 +283,10 @@ class BlobStore:
     def scratch(self) -> Iterator[Path]:
         """A private temporary folder under ``tmp/``, removed afterwards, with the shared store lock held
         throughout: ``gc`` (which empties ``tmp/`` under the exclusive lock) waits until it is gone."""
+        if self.read_only:  # nothing to collect in a home nobody may write: a private folder elsewhere
+            with tempfile.TemporaryDirectory(prefix="loramgr-scratch-") as folder:
+                yield Path(folder)
+            return
         with self.lock(exclusive=False):
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=self.tmp_dir, prefix="scratch-") as folder:
@@ -175,8 +300,13 @@ class BlobStore:
         except ImportError:  # Windows: no cross-process locking; gc there is best run alone
             yield
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "store.lock", "a+b") as handle:
+        if self.read_only:  # no writer can run here; a shared lock on an existing file costs nothing
+            if exclusive or not (self.root / "store.lock").is_file():
+                yield
+                return
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "store.lock", "rb" if self.read_only else "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             try:
                 yield

@@ -7,5 +7,5 @@ up-to-date database needs no alembic import.
 
 from pathlib import Path
 
-HEAD_REVISION = "0001_initial"
+HEAD_REVISION = "0002_registry_meta"
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"

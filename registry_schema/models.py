@@ -145,3 +145,12 @@ class Lineage(Base):
     parent_name: Mapped[str] = mapped_column(String(200))
     parent_version: Mapped[str] = mapped_column(String(100))
     weight: Mapped[float] = mapped_column(Float)
+
+
+class RegistryMeta(Base):
+    """Facts about the registry itself; ``registry_id`` is also written to ``<home>/registry.json``."""
+
+    __tablename__ = "registry_meta"
+
+    key: Mapped[str] = mapped_column(String(40), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

@@ -7,6 +7,7 @@ stored on the developer's machine cannot leak into a test.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,49 @@ def test_tampered_cache_is_detected(hub: HubServer, tmp_path: Path) -> None:
     blob.write_bytes(blob.read_bytes()[:-1] + b"\0")
     with pytest.raises(IntegrityError, match="does not match the Hub's hash"):
         download_adapter(source, cache_dir=tmp_path / "c", endpoint=hub.url)
+
+
+def _alter_keeping_mtime(path: Path) -> None:
+    """Flip one byte, keeping the file's size and modification time (what a cache keyed by mtime trusts)."""
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_an_offline_cache_altered_with_its_mtime_kept_is_refused(hub: HubServer, tmp_path: Path) -> None:
+    _push(hub, _adapter(tmp_path), "v1.0.0")
+    source = HubSource("tester/ad", "v1.0.0", None)
+    got = download_adapter(source, cache_dir=tmp_path / "c", endpoint=hub.url)
+    _alter_keeping_mtime((got.folder / "adapter_model.safetensors").resolve())
+    with pytest.raises(IntegrityError, match="does not match the Hub's hash"):
+        download_adapter(source, cache_dir=tmp_path / "c", endpoint=hub.url, offline=True)
+
+
+def test_hub_bytes_are_checked_against_the_tree_whatever_the_etag(
+    hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hubserver_http import HubHandler
+
+    send_header = HubHandler.send_header
+
+    def md5_etag(self: HubHandler, key: str, value: str) -> None:  # a CDN's ETag: an MD5, not a git hash
+        send_header(self, key, f'"{hashlib.md5(value.encode()).hexdigest()}"' if key == "ETag" else value)
+
+    monkeypatch.setattr(HubHandler, "send_header", md5_etag)
+    folder = _adapter(tmp_path)
+    _push(hub, folder, "v1.0.0")
+    source = HubSource("tester/ad", "v1.0.0", None)
+    got = download_adapter(source, cache_dir=tmp_path / "c", endpoint=hub.url)
+    blob = (got.folder / "adapter_model.safetensors").resolve()
+    assert len(blob.name) == 32  # named after the MD5 ETag: nothing to check the bytes against but the tree
+    assert got.digests["adapter_model.safetensors"] == _sha256(folder / "adapter_model.safetensors")
+    _alter_keeping_mtime(blob)
+    with pytest.raises(IntegrityError, match="does not match the Hub's hash"):
+        download_adapter(source, cache_dir=tmp_path / "c", endpoint=hub.url)
+    with pytest.raises(IntegrityError, match="cannot be verified"):
+        download_adapter(source, cache_dir=tmp_path / "c", endpoint=hub.url, offline=True)
 
 
 # -- model card --------------------------------------------------------------------------------------

@@ -367,3 +367,16 @@ def test_hub_blobs_are_links_to_the_cache_and_local_installs_are_copies(online: 
     assert run("verify").output.strip().endswith("all intact")
     cached.resolve().unlink()  # cleaning the Hub cache leaves the store whole
     assert run("verify").output.strip().endswith("all intact")
+
+
+def test_a_broken_download_is_one_line_in_a_terminal(hub: HubServer, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    folder = write_peft_adapter(tmp_path / "ad", MODULES, readme=CARD)
+    hub.seed("tester/broken", {p.name: p.read_bytes() for p in folder.iterdir()}, tag="v1")
+    hub.break_download("tester/broken", "adapter_model.safetensors", mode="always")
+    done = subprocess.run([sys.executable, "-m", "loramgr", "install", "hf://tester/broken@v1"],
+                          capture_output=True, text=True, env=dict(os.environ, HF_ENDPOINT=hub.url))
+    lines = (done.stdout + done.stderr).strip().splitlines()  # no "Trying to resume download..." before it
+    assert done.returncode == 1 and len(lines) == 1 and "download broken halfway" in lines[0], lines

@@ -310,3 +310,45 @@ def test_sync_installs_a_subfolder_entry_exactly_as_install_hf_does(hub: HubServ
         blob = home / "blobs" / "sha256" / f["digest"][7:9] / f["digest"][7:]
         assert os.path.samefile(blob, snapshot / f["path"])  # a hard link to the verified cache blob, not a copy
         assert blob.stat().st_nlink >= 2
+
+
+def _rewrite_lock(path: Path, entries: list[dict]) -> None:
+    import tomli_w
+
+    path.write_text(tomli_w.dumps({"lock-version": 1, "adapter": entries}))
+
+
+def test_a_lock_path_outside_the_snapshot_is_refused(project: Path, hub: HubServer, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    run("lock")
+    lock = project / "loramgr.lock"
+    entries = _lock_entries(lock.read_text())
+    # sql==1.5.0 forged to name 1.0.0's files, reached from 1.5.0's snapshot through the shared cache
+    other = json.loads(run("show", "sql==1.0.0", "--json").output)
+    commit = hub.repos["tester/sql"].tags["v1.0.0"]
+    entries[1]["files"] = [{"path": f"../{commit}/{f['path']}", "digest": f["digest"], "size": f["size"]}
+                           for f in other["files"] if f["path"] != "README.md"]  # the card is not in a digest
+    from loramgr.registry.records import ManifestEntry, manifest_digest
+
+    entries[1]["digest"] = manifest_digest([ManifestEntry(f["path"], f["digest"], f["size"])
+                                            for f in entries[1]["files"]])  # consistent with its paths
+    _rewrite_lock(lock, entries)
+    new_home(tmp_path, monkeypatch, "machine-f")  # the same huggingface_hub cache, which holds every commit
+    text = one_line_error("sync")
+    assert f"sql==1.5.0 lists file '../{commit}/adapter_config.json'" in text
+    assert installed() == [] and store_blobs() == []
+
+
+def test_a_name_and_version_locked_twice_installs_nothing(project: Path, hub: HubServer, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    run("lock")
+    lock = project / "loramgr.lock"
+    entries = _lock_entries(lock.read_text())
+    # a second sql==1.5.0 that is consistent in itself: the files, digest and commit of 1.0.0
+    other = json.loads(run("show", "sql==1.0.0", "--json").output)
+    twin = {**entries[1], "digest": other["digest"], "commit": hub.repos["tester/sql"].tags["v1.0.0"],
+            "revision": "v1.0.0", "files": [{k: f[k] for k in ("path", "digest", "size")} for f in other["files"]]}
+    _rewrite_lock(lock, [*entries, twin])
+    new_home(tmp_path, monkeypatch, "machine-g")
+    assert "sql==1.5.0 is locked twice" in one_line_error("sync")
+    assert installed() == [] and store_blobs() == []

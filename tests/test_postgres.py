@@ -6,17 +6,12 @@ where they are absent (a developer machine without PostgreSQL) these tests are s
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from factories import run_cli, write_peft_adapter
-from sqlalchemy import create_engine
+from pgcluster import cluster_url, reset
 
 MODULES = {"model.layers.0.self_attn.q_proj": (16, 16, 4), "model.layers.0.self_attn.v_proj": (16, 16, 4)}
 
@@ -24,47 +19,17 @@ MODULES = {"model.layers.0.self_attn.q_proj": (16, 16, 4), "model.layers.0.self_
 pytestmark = pytest.mark.slow  # a PostgreSQL server per session: outside the everyday loop
 
 
-def _as_postgres(*command: str) -> None:
-    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    subprocess.run([*prefix, *command], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not binaries or psycopg_missing():
+def postgres_url() -> str:
+    url = cluster_url()
+    if url is None:
         pytest.skip("PostgreSQL server or psycopg not installed (.ci/run installs both)")
-    bindir = binaries[-1].parent
-    root = Path(tempfile.mkdtemp(prefix="loramgr-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    _as_postgres(str(bindir / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U", "postgres")
-    _as_postgres(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-w", "-l", str(root / "log"),
-                 "-o", f"-h 127.0.0.1 -p {port} -k {root}", "start")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        _as_postgres(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def psycopg_missing() -> bool:
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        return True
-    return False
+    return url
 
 
 @pytest.fixture
 def on_postgres(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    engine = create_engine(postgres_url)
-    with engine.begin() as connection:  # a clean database for each test
-        connection.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    engine.dispose()
+    reset(postgres_url)  # a clean database for each test
     monkeypatch.setenv("LORAMGR_DATABASE_URL", postgres_url)
     yield postgres_url
 

@@ -482,11 +482,11 @@ def test_database_url_points_at_another_sqlite_file(tmp_path, loramgr_home, monk
     with sqlite3.connect(other) as conn:
         assert conn.execute("SELECT name FROM adapters").fetchall() == [("remote",)]
     monkeypatch.delenv("LORAMGR_DATABASE_URL")
-    local = Registry.open()
-    try:
-        assert local.list_versions() == []
-    finally:
-        local.close()
+    # the home's own (new, empty) database does not describe the blobs stored there: refused, not "empty"
+    from loramgr.errors import RegistryError
+
+    with pytest.raises(RegistryError, match=r"registry.db is empty, but .* holds 2 blob\(s\).*doctor --rebuild"):
+        Registry.open()
 
 
 def test_show_json_round_trips(registry, tmp_path):

@@ -115,7 +115,7 @@ def test_a_database_from_a_newer_loramgr_is_refused(loramgr_home):
     result = CliRunner().invoke(cli, ["list"])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: the registry at sqlite:///") and "newer loramgr" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"Error: registry database {db} ") and "newer loramgr" in lines[0]
     # refused, not migrated or rewritten
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0099_from_the_future",)]

@@ -1,4 +1,4 @@
-"""Registry commands: install, list, show, tag, untag, export, remove, verify, gc."""
+"""Registry commands: install, list, show, tag, untag, export, remove, verify, gc, doctor."""
 
 from __future__ import annotations
 
@@ -200,22 +200,58 @@ def remove(reference: str, all_versions: bool, dry_run: bool) -> None:
 
 @click.command()
 @click.argument("reference", required=False)
+@click.option("--repair", is_flag=True,
+              help="Restore missing or corrupt blobs from the files they were installed from or the Hub cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(reference: str | None, as_json: bool) -> None:
-    """Re-hash every stored blob (or one version's); exit 1 if any is missing or corrupt."""
+def verify(reference: str | None, repair: bool, as_json: bool) -> None:
+    """Re-hash every stored blob (or one version's); exit 1 if any is missing or corrupt (and not repaired)."""
     from ..registry import verify as run_verify
 
+    registry = open_registry()
     with progress_bars() as progress:
-        report = run_verify(open_registry(), reference, progress=progress)
+        report = run_verify(registry, reference, progress=progress)
+        repaired = None
+        if repair and not report.ok:
+            from ..hub.install import hub_cache_dir
+            from ..registry.doctor import repair as run_repair
+
+            repaired = run_repair(registry, report, hub_cache=hub_cache_dir(), progress=progress)
     if as_json:
-        echo_json(report.to_dict())
+        echo_json({**report.to_dict(), **({"repair": repaired.to_dict()} if repaired else {})})
     else:
         for p in report.problems:
             click.echo(f"{p.problem} blob {p.digest} used by {', '.join(p.used_by)}", err=True)
         click.echo(f"verified {report.checked} blob(s): " + ("all intact" if report.ok else
                                                               f"{len(report.problems)} problem(s)"))
-    if not report.ok:
+        for digest, origin in repaired.repaired if repaired else []:
+            click.echo(f"repaired blob {digest} from {origin}")
+        for digest, users in repaired.lost if repaired else []:
+            click.echo(f"lost blob {digest}: nothing holds its bytes; {', '.join(users)} must be installed again",
+                       err=True)
+    if not (report.ok or (repaired is not None and repaired.ok)):
         raise SystemExit(1)
+
+
+@click.command()
+@click.option("--rebuild", is_flag=True, required=True,
+              help="Rebuild the database rows of every intact stored version from its manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor(rebuild: bool, as_json: bool) -> None:
+    """Recover a registry whose database was lost or damaged, from the manifests kept with its blobs."""
+    from ..registry.doctor import rebuild as run_rebuild
+
+    report = run_rebuild()
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    if report.moved_aside:
+        click.echo(f"moved the unreadable database aside to {report.moved_aside}")
+    for ref in report.rebuilt:
+        click.echo(f"rebuilt {ref}")
+    for manifest, reason in report.skipped:
+        click.echo(f"skipped {manifest}: {reason}", err=True)
+    click.echo(f"rebuilt {len(report.rebuilt)} version(s), {len(report.present)} already present, "
+               f"{len(report.skipped)} skipped (tags and base models are not rebuilt)")
 
 
 @click.command()
@@ -232,4 +268,4 @@ def gc(dry_run: bool) -> None:
     click.echo(f"{verb} {human_size(plan.freed)} in {len(plan.items)} file(s)")
 
 
-COMMANDS = [install, list_, show, tag, untag, export, remove, verify, gc]
+COMMANDS = [install, list_, show, tag, untag, export, remove, verify, gc, doctor]

@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,17 +162,18 @@ def download_adapter(
     token = resolve_token(token)
     patterns = adapter_patterns(source.subfolder, allow_pickle=allow_pickle)
     try:
-        snapshot = snapshot_download(
-            source.repo_id,
-            revision=source.revision,
-            cache_dir=str(cache_dir),
-            endpoint=endpoint,
-            token=token or False,  # False: never fall back to a login the caller did not choose
-            allow_patterns=patterns,
-            ignore_patterns=[f"{source.subfolder}/*/*" if source.subfolder else "*/*"],  # "*" crosses "/"
-            local_files_only=offline,
-            tqdm_class=_progress_class(progress),
-        )
+        with _client_quiet():
+            snapshot = snapshot_download(
+                source.repo_id,
+                revision=source.revision,
+                cache_dir=str(cache_dir),
+                endpoint=endpoint,
+                token=token or False,  # False: never fall back to a login the caller did not choose
+                allow_patterns=patterns,
+                ignore_patterns=[f"{source.subfolder}/*/*" if source.subfolder else "*/*"],  # "*" crosses "/"
+                local_files_only=offline,
+                tqdm_class=_progress_class(progress),
+            )
     except Exception as exc:  # noqa: BLE001 - every client failure becomes one HubError below
         raise download_error(exc, source, offline=offline, token=token, endpoint=endpoint) from exc
     root = Path(snapshot)
@@ -183,7 +184,10 @@ def download_adapter(
     weights = (".safetensors", ".bin") if allow_pickle else (".safetensors",)
     if not any(f.endswith(weights) for f in files):  # a config or a card alone is not an adapter
         raise no_adapter_files(source, cache_dir=cache_dir, commit=root.name, allow_pickle=allow_pickle)
-    digests = _verify_files(folder, files, source, record=root.parent.parent / ".loramgr-verified.json")
+    digests = _verify_files(
+        folder, files, source, record=root.parent.parent / ".loramgr-verified.json",
+        tree_hashes=lambda: _tree_hashes(source, root.name, endpoint=endpoint, token=token, offline=offline),
+    )
     card = parse_card((folder / "README.md").read_text("utf-8", "replace")) if "README.md" in files else {}
     card = {"license": None, "base_model": None, "tags": [], "description": None, **card}
     if not card["base_model"] and "adapter_config.json" in files:
@@ -314,13 +318,34 @@ def _progress_class(progress: Progress | None) -> type:
     return _Silent
 
 
-def _verify_files(folder: Path, files: list[str], source: HubSource, record: Path) -> dict[str, str]:
-    """Verify ``files`` and return their digests, re-hashing only blobs not verified before.
+@contextlib.contextmanager
+def _client_quiet() -> Iterator[None]:
+    """huggingface_hub's retry and resume notes off stderr meanwhile: what became of a download reaches
+    the user once, as the result or as one HubError line (LORAMGR_DEBUG=1 keeps them)."""
+    if os.environ.get("LORAMGR_DEBUG"):
+        yield
+        return
+    client_logger = logging.getLogger("huggingface_hub")
+    level = client_logger.level
+    client_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        client_logger.setLevel(level)
 
-    ``record`` (one JSON file per repository in the cache) remembers, per blob, the size and mtime
-    it had when it was verified and its sha256; a blob whose size and mtime are unchanged is not read
-    again, so a cache hit costs no hashing (the way git trusts its index). Any write to a blob changes
-    its mtime and gets it re-hashed.
+
+def _verify_files(folder: Path, files: list[str], source: HubSource, record: Path,
+                  tree_hashes: Callable[[], dict[str, str]]) -> dict[str, str]:
+    """Verify ``files`` by content and return their digests, re-hashing only blobs not verified before.
+
+    The hash each file must have is the one huggingface_hub named its cache blob after (the ETag:
+    git blob sha1, or sha256 for LFS) when that is a hash, else the ``oid`` (or LFS sha256) of the
+    repository's tree listing (``tree_hashes``, one request), whatever the ETag is (an MD5, any string).
+
+    ``record`` (one JSON file per repository in the cache) remembers, per blob, the inode, size and
+    change time (ctime) it had when it was verified, and its sha256. Any write to a blob advances its
+    ctime, which, unlike its mtime, nobody can set back: a blob whose record still matches is not
+    read again, so a cache hit costs no hashing; any other is re-hashed, offline too.
     """
     import json
 
@@ -329,16 +354,27 @@ def _verify_files(folder: Path, files: list[str], source: HubSource, record: Pat
     except (OSError, ValueError):
         known = {}
     digests: dict[str, str] = {}
+    listing: dict[str, str] | None = None
     for name in files:
         path = folder / name
         stat = path.stat()
         key = path.resolve().name if path.is_symlink() else path.relative_to(record.parent).as_posix()
+        stamp = [stat.st_size, stat.st_ino, stat.st_ctime_ns]
         entry = known.get(key)
-        if isinstance(entry, list) and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
-            digests[name] = entry[2]
+        if isinstance(entry, list) and len(entry) == 4 and entry[:3] == stamp:
+            digests[name] = entry[3]
             continue
-        digests[name] = _verify(path, source)
-        known[key] = [stat.st_size, stat.st_mtime_ns, digests[name]]
+        expected = key if (_HEX40.match(key) or _HEX64.match(key)) else None
+        if expected is None:
+            listing = tree_hashes() if listing is None else listing
+            expected = listing.get(name)
+        if expected is None:
+            raise IntegrityError(
+                f"{source}: {name} cannot be verified: its cache name {key!r} is not a hash and the Hub's tree "
+                "listing names none for it", hint="install it once while online, or from a trusted folder",
+            )
+        digests[name] = _verify(path, source, expected)
+        known[key] = [*stamp, digests[name]]
     from ..fileio import write_atomic
 
     with contextlib.suppress(OSError):  # a read-only cache still installs; it only re-hashes next time
@@ -346,30 +382,47 @@ def _verify_files(folder: Path, files: list[str], source: HubSource, record: Pat
     return digests
 
 
-def _verify(path: Path, source: HubSource) -> str:
-    """Re-hash a cached file against its blob name; return its ``sha256:<hex>`` digest.
+def _tree_hashes(source: HubSource, commit: str, *, endpoint: str | None, token: str | None,
+                 offline: bool) -> dict[str, str]:
+    """Path (relative to the subfolder) -> the tree's LFS sha256 or git ``oid`` at ``commit``; {} offline."""
+    if offline:
+        return {}
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
 
-    The cache names each blob after the server's ETag: the git blob sha1 of a regular file, the
-    sha256 of an LFS file. Where symlinks are unsupported the snapshot holds copies and only the
-    sha256 is computed. The two hashes run in two threads (hashlib releases the GIL), one read.
+    api = HfApi(endpoint=endpoint, token=token or False)
+    try:
+        tree = api.list_repo_tree(source.repo_id, path_in_repo=source.subfolder or None, revision=commit,
+                                  recursive=False, expand=False)
+        out: dict[str, str] = {}
+        prefix = f"{source.subfolder.rstrip('/')}/" if source.subfolder else ""
+        for item in tree:
+            if isinstance(item, RepoFile):
+                lfs = getattr(item, "lfs", None)
+                sha256 = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
+                out[item.path.removeprefix(prefix)] = sha256 or item.blob_id
+        return out
+    except Exception as exc:  # noqa: BLE001 - every client failure becomes one HubError
+        raise download_error(exc, source, offline=offline, token=token, endpoint=endpoint) from exc
+
+
+def _verify(path: Path, source: HubSource, expected: str) -> str:
+    """Re-hash a cached file against ``expected`` (git blob sha1 or sha256); return its ``sha256:<hex>``.
+
+    The two hashes run in two threads (hashlib releases the GIL), one read.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    blob = path.resolve().name if path.is_symlink() else ""
     size = path.stat().st_size
     sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
     with path.open("rb") as handle, ThreadPoolExecutor(1) as pool:
         while chunk := handle.read(8 << 20):
-            pending = pool.submit(sha1.update, chunk) if _HEX40.match(blob) else None
+            pending = pool.submit(sha1.update, chunk) if _HEX40.match(expected) else None
             sha256.update(chunk)
             if pending is not None:
                 pending.result()
-    expected, found = blob, None
-    if _HEX64.match(blob):
-        found = sha256.hexdigest()
-    elif _HEX40.match(blob):
-        found = sha1.hexdigest()
-    if found is not None and found != expected:
+    found = sha1.hexdigest() if _HEX40.match(expected) else sha256.hexdigest()
+    if found != expected:
         raise IntegrityError(
             f"{source}: {path.name} does not match the Hub's hash (expected {expected}, got {found})",
             digest=f"sha256:{sha256.hexdigest()}",

@@ -113,9 +113,12 @@ def fetch_from_hub(
 
 
 def install_fetched(
-    registry: Registry, fetched: HubFetch, options: InstallOptions, *, progress: Progress | None = None
+    registry: Registry, fetched: HubFetch, options: InstallOptions, *, progress: Progress | None = None,
+    expected_digest: str | None = None,
 ) -> InstallResult:
-    """Install a fetched adapter; the result carries the Hub facts of this request (``result.hub``)."""
+    """Install a fetched adapter; the result carries the Hub facts of this request (``result.hub``).
+
+    ``expected_digest`` (a lock's): the version is registered only if its digest is this one."""
     from ..installer import install_path
 
     chosen = replace(options, name=options.name or fetched.default_name,
@@ -127,6 +130,7 @@ def install_fetched(
         source_label=fetched.source_label,
         source_details=SourceDetails(hub=fetched.origin),
         share_files=True,  # huggingface_hub never rewrites a cached blob: link it instead of copying
+        expected_digest=expected_digest,
         progress=progress,
     )
     result.hub = fetched.origin

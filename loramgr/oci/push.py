@@ -77,7 +77,7 @@ def plan_push(registry: Registry, reference: str, destination: str, *, tags: lis
         if f["path"] in CARD_FILES:
             continue  # replaced by the generated card
         layers.append(layout.Layer(f["path"], f["digest"], f["size"], layout.layer_media_type(f["path"])))
-        sources[f["digest"]] = registry.store.path(f["digest"])
+        sources[f["digest"]] = registry.store.read_path(f["digest"])
     card_bytes = card.encode("utf-8")
     layers.append(layout.Layer("README.md", layout.digest_of(card_bytes), len(card_bytes), layout.DOC))
     sources[layers[-1].digest] = card_bytes

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from registry_schema.models import BaseModel
 
 from ..errors import ConflictError, NotFoundError
+from .limits import check_row, column_limit
 
 if TYPE_CHECKING:
     from ..compat.basemodel import BaseFingerprint
@@ -26,6 +27,18 @@ def add_base(registry: Registry, fingerprint: BaseFingerprint) -> bool:
     name = fingerprint.name
     if not name:
         raise ConflictError("a base model needs a name", hint="pass --name")
+    new = BaseModel(
+        name=name,
+        revision=fingerprint.revision,
+        source=fingerprint.source,
+        architecture=fingerprint.architecture,
+        structural_fingerprint=fingerprint.structural,
+        structural_dtype_fingerprint=fingerprint.structural_dtypes,
+        content_digest=fingerprint.content,
+        details=fingerprint.to_dict(),
+        added_at=datetime.now(UTC),
+    )
+    check_row(new, name)  # before the database sees it: PostgreSQL refuses an overlong value mid-way
     with registry.session() as session:
         row = session.scalar(select(BaseModel).where(BaseModel.name == name))
         if row is not None:
@@ -39,19 +52,7 @@ def add_base(registry: Registry, fingerprint: BaseFingerprint) -> bool:
                 row.content_digest = fingerprint.content
                 row.details = fingerprint.to_dict()
             return False
-        session.add(
-            BaseModel(
-                name=name,
-                revision=fingerprint.revision,
-                source=fingerprint.source,
-                architecture=fingerprint.architecture,
-                structural_fingerprint=fingerprint.structural,
-                structural_dtype_fingerprint=fingerprint.structural_dtypes,
-                content_digest=fingerprint.content,
-                details=fingerprint.to_dict(),
-                added_at=datetime.now(UTC),
-            )
-        )
+        session.add(new)
         return True
 
 
@@ -66,6 +67,8 @@ def list_bases(registry: Registry) -> list[BaseFingerprint]:
 def find_base(registry: Registry, name: str) -> tuple[int, BaseFingerprint] | None:
     from ..compat.basemodel import BaseFingerprint
 
+    if "\x00" in name or len(name) > (column_limit(BaseModel, "name") or len(name)):
+        return None  # no registered base has such a name (and PostgreSQL refuses a NUL even in a query)
     with registry.session() as session:
         row = session.scalar(select(BaseModel).where(BaseModel.name == name))
         return (row.id, BaseFingerprint.from_dict(row.details)) if row is not None else None

@@ -16,16 +16,26 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 from sqlalchemy import delete, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 
 from registry_schema.models import Adapter, AdapterVersion, File, Lineage, Module, Tag
 
 from .. import paths
 from ..adapter import AdapterInfo, LoraAdapter
-from ..errors import AmbiguousReferenceError, ConflictError, InvalidAdapterError, NotFoundError
+from ..errors import (
+    AmbiguousReferenceError,
+    ConflictError,
+    IntegrityError,
+    InvalidAdapterError,
+    NotFoundError,
+    RegistryError,
+)
 from ..store import BlobStore, sha256_file
 from . import refs
-from .database import open_database
+from .database import database_error, describe_url, home_is_writable, lock_names, open_database
+from .limits import check_row
+from .manifests import write_manifest
 from .records import (
     InstallResult,
     ManifestEntry,
@@ -53,6 +63,27 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+_RETRIES = 5  # a commit that lost a serialisation conflict is run again this many times at most
+
+
+def check_version_rows(row: AdapterVersion, adapter: Adapter, *, label: str) -> None:
+    """Refuse, before anything is stored, a version whose rows one of the databases would not keep."""
+    for item in (adapter, row, *row.files, *row.modules, *row.parents):
+        check_row(item, label)
+
+
+def manifest_record(row: AdapterVersion, *, canonical: str, display: str) -> dict[str, Any]:
+    """What ``<home>/manifests/<name>/<version>.json`` keeps of a version: all its rows but the tags."""
+    return {
+        "name": canonical, "display_name": display, "version": row.version, "digest": row.digest,
+        "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in row.files],
+        "info": row.info, "source": row.source, "source_details": row.source_details, "recipe": row.recipe,
+        "parents": [{"name": p.parent_name, "version": p.parent_version, "digest": p.parent_digest,
+                     "weight": p.weight} for p in row.parents],
+        "base_model_id": row.base_model_id, "installed_at": row.installed_at.isoformat(),
+    }
+
+
 class Registry:
     """A loramgr home: the blob store and the database that describes what is stored.
 
@@ -60,23 +91,36 @@ class Registry:
     is migrated once, here.
     """
 
-    def __init__(self, root: Path, url: str) -> None:
+    def __init__(self, root: Path, url: str, *, check_store: bool = True) -> None:
         self.root = root
-        self.store = BlobStore(root)
-        self.engine = open_database(url)
+        # a home that cannot be written (read-only media, another user's) is opened for reading only
+        self.read_only = not home_is_writable(root, url)
+        self.store = BlobStore(root, read_only=self.read_only)
+        self.database = describe_url(url)
+        self.engine = open_database(url, read_only=self.read_only)
+        if check_store:
+            from .manifests import check_identity
+
+            check_identity(self)
 
     @classmethod
-    def open(cls, root: str | Path | None = None, url: str | None = None) -> Registry:
+    def open(cls, root: str | Path | None = None, url: str | None = None, *, check_store: bool = True) -> Registry:
+        """The registry in ``root``; ``check_store=False`` skips the check that the database describes the
+        blobs beside it (only ``loramgr doctor --rebuild`` opens a registry that way)."""
         home = Path(root) if root else paths.home()
-        return cls(home, url or paths.database_url(home))
+        return cls(home, url or paths.database_url(home), check_store=check_store)
 
     def close(self) -> None:
         self.engine.dispose()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            yield session
+        """A transaction; any database failure inside it becomes one RegistryError line naming the database."""
+        try:
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                yield session
+        except SQLAlchemyError as exc:
+            raise database_error(exc, self.database) from exc
 
     # -- storing a version -----------------------------------------------------------------------
 
@@ -93,6 +137,7 @@ class Registry:
         recipe: dict[str, Any] | None = None,
         base_model_id: int | None = None,
         share_files: bool = False,
+        expected_digest: str | None = None,
         progress: Progress | None = None,
     ) -> InstallResult:
         """Store validated adapter files and register them as a version (the step every install ends in).
@@ -103,6 +148,8 @@ class Registry:
 
         ``share_files``: the files are never rewritten in place (huggingface_hub's cache), so blobs may
         be hard links to them rather than copies (see :meth:`BlobStore.put_file`).
+
+        ``expected_digest``: the version's digest must be this one, checked before any blob is stored.
         """
         display = name
         canonical = refs.check_name(name)
@@ -120,27 +167,48 @@ class Registry:
                     )
                 return InstallResult(canonical, str(wanted), digest, False, sum(e.size for e in entries),
                                      ["already installed"])
+        # every column limit is checked before the first blob is written (PostgreSQL would refuse mid-way)
+        placeholder = [ManifestEntry(rel, "sha256:" + "0" * 64, 0) for rel in sorted(files)]
+        check_version_rows(self._version_row(
+            info=info, entries=placeholder, digest=placeholder[0].digest if placeholder else "", adapter_id=0,
+            version=str(wanted or "0.1.0"), source=source, source_details=source_details or SourceDetails(),
+            parents=parents or [], recipe=recipe, base_model_id=base_model_id, installed_at=_now(),
+        ), Adapter(name=canonical, display_name=display, created_at=_now()), label=display)
         with self.store.lock(exclusive=False):
-            entries = []
-            for rel, file in sorted(files.items()):
-                blob = self.store.put_file(file, progress, share=share_files)
-                entries.append(ManifestEntry(rel, blob.digest, blob.size))
+            ordered = sorted(files.items())
+            def check(staged: list[tuple[str, int]]) -> None:
+                found = manifest_digest([ManifestEntry(rel, d, n) for (rel, _), (d, n) in zip(ordered, staged)])
+                if expected_digest is not None and found != expected_digest:
+                    raise IntegrityError(
+                        f"{display}: these files are {found[:19]}, not the expected {expected_digest[:19]}",
+                        digest=expected_digest, hint="nothing was stored; the source and the lock disagree",
+                    )
+
+            blobs = self.store.put_files([file for _, file in ordered], progress, share=share_files,
+                                         before_commit=check)
+            entries = [ManifestEntry(rel, blob.digest, blob.size) for (rel, _), blob in zip(ordered, blobs)]
             digest = manifest_digest(entries)
-            with self.session() as session:
-                return self._commit_version(
-                    session,
-                    info=info,
-                    entries=entries,
-                    digest=digest,
-                    canonical=canonical,
-                    display=display,
-                    wanted=wanted,
-                    source=source,
-                    source_details=source_details or SourceDetails(),
-                    parents=parents or [],
-                    recipe=recipe,
-                    base_model_id=base_model_id,
-                )
+            for attempt in range(_RETRIES):
+                try:
+                    with self.session() as session:
+                        return self._commit_version(
+                            session,
+                            info=info,
+                            entries=entries,
+                            digest=digest,
+                            canonical=canonical,
+                            display=display,
+                            wanted=wanted,
+                            source=source,
+                            source_details=source_details or SourceDetails(),
+                            parents=parents or [],
+                            recipe=recipe,
+                            base_model_id=base_model_id,
+                        )
+                except RegistryError as exc:
+                    if not exc.retryable or attempt == _RETRIES - 1:
+                        raise
+            raise AssertionError("unreachable")
 
     def _existing_digest(self, canonical: str, version: Version) -> str | None:
         with self.session() as session:
@@ -166,8 +234,10 @@ class Registry:
         parents: list[Parent],
         recipe: dict[str, Any] | None,
         base_model_id: int | None = None,
+        installed_at: datetime | None = None,
     ) -> InstallResult:
         size = sum(e.size for e in entries)
+        lock_names(session, [canonical])  # PostgreSQL: installs of one name queue here, as on SQLite
         adapter = session.scalar(select(Adapter).where(Adapter.name == canonical))
         if adapter is None:
             adapter = Adapter(name=canonical, display_name=display, created_at=_now())
@@ -187,9 +257,35 @@ class Registry:
             if same:
                 return InstallResult(canonical, same[0].version, digest, False, size, ["already installed"])
             wanted = refs.next_minor(existing)
+        row = self._version_row(
+            info=info, entries=entries, digest=digest, adapter_id=adapter.id, version=str(wanted), source=source,
+            source_details=source_details, parents=parents, recipe=recipe, base_model_id=base_model_id,
+            installed_at=installed_at or _now(),
+        )
+        session.add(row)
+        session.flush()
+        if not self.read_only:
+            write_manifest(self.root, manifest_record(row, canonical=canonical, display=adapter.display_name))
+        return InstallResult(canonical, row.version, digest, True, size, list(info.notes))
+
+    @staticmethod
+    def _version_row(
+        *,
+        info: AdapterInfo,
+        entries: list[ManifestEntry],
+        digest: str,
+        adapter_id: int,
+        version: str,
+        source: str | None,
+        source_details: SourceDetails,
+        parents: list[Parent],
+        recipe: dict[str, Any] | None,
+        base_model_id: int | None,
+        installed_at: datetime,
+    ) -> AdapterVersion:
         row = AdapterVersion(
-            adapter_id=adapter.id,
-            version=str(wanted),
+            adapter_id=adapter_id,
+            version=version,
             digest=digest,
             format=info.format,
             adapter_type=info.adapter_type,
@@ -203,12 +299,12 @@ class Registry:
             task_type=info.task_type,
             n_modules=len(info.modules),
             n_params=info.n_params,
-            size=size,
+            size=sum(e.size for e in entries),
             source=source,
             source_details=source_details.to_dict(),
             info=info.to_record(),
             recipe=recipe,
-            installed_at=_now(),
+            installed_at=installed_at,
         )
         row.files = [File(path=e.path, digest=e.digest, size=e.size) for e in entries]
         row.modules = [
@@ -227,9 +323,7 @@ class Registry:
             Lineage(position=i, parent_digest=p.digest, parent_name=p.name, parent_version=p.version, weight=p.weight)
             for i, p in enumerate(parents)
         ]
-        session.add(row)
-        session.flush()
-        return InstallResult(canonical, row.version, digest, True, size, list(info.notes))
+        return row
 
     # -- lookups ---------------------------------------------------------------------------------
 
@@ -330,8 +424,9 @@ class Registry:
         with self.session() as session:
             row = self.resolve(reference, session)
             info = AdapterInfo.from_record(row.info)
-            files = {f.path: self.store.path(f.digest) for f in row.files}
             label = f"{row.adapter.name}=={row.version}"
+            # every read of stored bytes is verified: a blob altered or collected meanwhile is refused here
+            files = {f.path: self.store.read_path(f.digest, used_by=label) for f in row.files}
             if info.weights_file not in files:
                 raise InvalidAdapterError(f"{label}: its weights file is not in the store manifest")
             return LoraAdapter(info, self.root, label=label, weights_path=files[info.weights_file],
@@ -342,7 +437,9 @@ class Registry:
     def tag(self, reference: str, tag: str) -> tuple[str, str | None]:
         """Point ``tag`` at a version; returns (version, the version it pointed at before, if any)."""
         refs.check_tag(tag)
+        check_row(Tag(tag=tag), reference)
         with self.session() as session:
+            lock_names(session, [n for n in [refs.parse_reference(reference).name] if n])
             row = self.resolve(reference, session)
             existing = session.scalar(select(Tag).where(Tag.adapter_id == row.adapter_id, Tag.tag == tag))
             previous = None

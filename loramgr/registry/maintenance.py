@@ -17,6 +17,8 @@ from registry_schema.models import Adapter, AdapterVersion, File
 from ..errors import InvalidReferenceError
 from . import refs
 from .core import Registry
+from .database import lock_names
+from .manifests import delete_manifest, iter_manifests
 from .records import Plan, PlanItem, VerifyProblem, VerifyReport
 
 Progress = Callable[[str, int, int], None]
@@ -48,6 +50,11 @@ def plan_remove(registry: Registry, reference: str, *, all_versions: bool = Fals
 
 def execute_remove(registry: Registry, plan: Plan) -> None:
     with registry.session() as session:
+        names = session.execute(
+            select(Adapter.name, AdapterVersion.version).join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
+            .where(AdapterVersion.id.in_(plan.version_ids))
+        ).all()
+        lock_names(session, [name for name, _ in names])
         adapter_ids = set(
             session.scalars(select(AdapterVersion.adapter_id).where(AdapterVersion.id.in_(plan.version_ids)))
         )
@@ -56,13 +63,23 @@ def execute_remove(registry: Registry, plan: Plan) -> None:
             left = session.scalar(select(AdapterVersion.id).where(AdapterVersion.adapter_id == adapter_id).limit(1))
             if left is None:
                 session.execute(delete(Adapter).where(Adapter.id == adapter_id))
+    # after the rows: an interruption in between leaves a manifest without rows, which gc deletes
+    for name, version in names:
+        delete_manifest(registry.root, name, version)
 
 
 def plan_gc(registry: Registry) -> Plan:
-    """Blobs no version references, and temporary files left by interrupted writes."""
+    """Blobs no version references, manifests of versions not in the database, and temporary files left by
+    interrupted writes."""
     plan = Plan("gc")
     with registry.session() as session:
         referenced = set(session.scalars(select(File.digest).distinct()))
+        versions = {(name, version) for name, version in session.execute(
+            select(Adapter.name, AdapterVersion.version).join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
+        )}
+    for path, record in iter_manifests(registry.root):
+        if record is None or (record.get("name"), record.get("version")) not in versions:
+            plan.items.append(PlanItem("manifest", str(path.relative_to(registry.root)), path.stat().st_size, path))
     for blob in registry.store.iter_blobs():
         if blob.digest not in referenced:
             plan.items.append(PlanItem("blob", blob.digest, blob.size, blob.path))

@@ -3,12 +3,14 @@
 Importing SQLAlchemy costs about a quarter of a second, half of ``list``'s budget (0.5 s with 10,000
 versions). For the default SQLite registry at the current schema this module answers ``list`` with one
 plain query; anything else (another database URL, no database yet, another schema revision, which
-needs migrating or refusing) returns None and the caller uses :meth:`Registry.list_versions`, the
-reference implementation that a test compares this one against.
+needs migrating or refusing, a database that is not the one of the home's blobs) returns None and the
+caller uses :meth:`Registry.list_versions`, the reference implementation that a test compares this one
+against.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from functools import cache
@@ -33,6 +35,17 @@ def _version_key(text: str) -> Version:
     return Version(text)  # stored versions are normalised PEP 440 strings
 
 
+def _marker(root: Path, default: str) -> str | None:
+    """The registry id in ``<home>/registry.json`` (``default`` when there is no marker yet)."""
+    try:
+        data = json.loads((root / "registry.json").read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError):
+        return None
+    return data.get("registry_id") if isinstance(data, dict) else None
+
+
 def quick_list(root: Path, name: str | None = None) -> list[VersionRow] | None:
     """The rows of ``loramgr list`` read with sqlite3, or None when this fast path does not apply."""
     if os.environ.get("LORAMGR_DATABASE_URL"):
@@ -44,6 +57,10 @@ def quick_list(root: Path, name: str | None = None) -> list[VersionRow] | None:
     try:
         revision = connection.execute("SELECT version_num FROM alembic_version").fetchone()
         if revision is None or revision[0] != HEAD_REVISION:
+            return None
+        # a database that does not (yet) describe this home's blobs: the full path refuses it, with why
+        registry_id = connection.execute("SELECT value FROM registry_meta WHERE key = 'registry_id'").fetchone()
+        if registry_id is None or registry_id[0] != _marker(root, registry_id[0]):
             return None
         query: str = _QUERY
         params: tuple[str, ...] = ()

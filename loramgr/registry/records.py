@@ -212,7 +212,7 @@ class VersionRow:
 
 @dataclass
 class PlanItem:
-    what: str  # "version" | "blob" | "temp"
+    what: str  # "version" | "blob" | "manifest" | "temp"
     label: str
     size: int
     path: Path | None = None

@@ -74,8 +74,10 @@ def check_name(name: str) -> str:
 
 def parse_version(text: str) -> Version:
     try:
+        if len(text) > 100:  # also keeps packaging from parsing a 5,000-digit number (a ValueError)
+            raise InvalidVersion(text)
         return Version(text)
-    except InvalidVersion:
+    except (InvalidVersion, ValueError):
         raise InvalidReferenceError(
             f"invalid version {text!r}", reference=text, hint="use a PEP 440 version such as 1.0.0 or 2.1rc1"
         ) from None

@@ -9,6 +9,7 @@ stored converted to safetensors.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,20 @@ class LocalAdapter:
     default_name: str
 
 
-def read_local(path: Path, *, allow_pickle: bool, scratch: Path, progress: Progress | None = None) -> LocalAdapter:
-    """Validate an adapter on disk (metadata, shapes, tensor values) without storing anything."""
+def read_local(path: Path, *, allow_pickle: bool, scratch: Path, progress: Progress | None = None,
+               links_into: Path | None = None) -> LocalAdapter:
+    """Validate an adapter on disk (metadata, shapes, tensor values) without storing anything.
+
+    A file of an adapter folder that is a link resolving outside the folder is refused (a README.md
+    pointing at /etc/passwd would otherwise be stored and exported), except into ``links_into``:
+    a Hub snapshot's files are links into its repository's cache folder.
+    """
     if not path.exists():
         raise InvalidAdapterError(f"{path}: no such file or folder", path=str(path), hint="check the path")
     if path.is_file():
         return _read_single_file(path, progress)
+    for name in (peft.CONFIG_NAME, peft.WEIGHTS_NAME, peft.PICKLE_NAME, peft.CARD_NAME):
+        _refuse_escaping_link(path, path / name, links_into)
     files: dict[str, Path] = {}
     weights = path / peft.WEIGHTS_NAME
     if not weights.is_file() and (path / peft.PICKLE_NAME).is_file() and allow_pickle:
@@ -44,7 +53,9 @@ def read_local(path: Path, *, allow_pickle: bool, scratch: Path, progress: Progr
             peft.read_peft_folder(path)  # raises the missing-config error
         scratch.mkdir(parents=True, exist_ok=True)
         weights = scratch / peft.WEIGHTS_NAME
-        peft.convert_pickle(path / peft.PICKLE_NAME, weights)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol: loramgr says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            peft.convert_pickle(path / peft.PICKLE_NAME, weights)
         info = peft.describe(peft.load_config(path), _header(weights), peft.WEIGHTS_NAME)
         info.notes.append(f"converted from {peft.PICKLE_NAME} (loaded weights-only)")
         card = path / peft.CARD_NAME
@@ -58,6 +69,18 @@ def read_local(path: Path, *, allow_pickle: bool, scratch: Path, progress: Progr
     if (path / peft.CARD_NAME).is_file():
         files[peft.CARD_NAME] = path / peft.CARD_NAME
     return LocalAdapter(info, files, path.resolve().name)
+
+
+def _refuse_escaping_link(folder: Path, file: Path, links_into: Path | None) -> None:
+    if not file.is_symlink():
+        return
+    target = file.resolve()
+    inside = [folder.resolve()] + ([links_into.resolve()] if links_into is not None else [])
+    if not any(target.is_relative_to(root) for root in inside):
+        raise InvalidAdapterError(
+            f"{file}: a link to {target}, outside the adapter folder", path=str(file),
+            hint="copy the file into the folder if it belongs to the adapter",
+        )
 
 
 def _header(path: Path) -> SafetensorsHeader:
