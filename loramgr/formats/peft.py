@@ -65,7 +65,7 @@ def load_config(folder: Path) -> dict[str, Any]:
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in PEFT_TYPES:
         raise UnsupportedAdapterError(
-            f"{path}: peft_type is {config.get('peft_type')!r}, not one of {', '.join(map(repr, PEFT_TYPES))}",
+            f"{path}: peft_type is {config.get('peft_type')!r}, not 'LORA' (nor PEFT's own 'LOHA' / 'LOKR')",
             path=str(path),
             adapter_type=peft_type.lower() or None,
             hint="loramgr manages LoRA adapters (peft_type LORA), and stores PEFT's LoHa and LoKr as they are",
