@@ -217,7 +217,8 @@ def test_findings_carry_codes_and_json_prints_them(tmp_path: Path, llama_base) -
     result = CliRunner().invoke(cli, ["check", str(tmp_path / "a"), "--engine", "vllm", "--json"])
     assert result.exit_code == 1
     printed = json.loads(result.output)
-    assert [(f["severity"], f["code"]) for f in printed] == [("error", "engine-rank"), ("info", "no-base")]
+    assert [(f["severity"], f["code"]) for f in printed] == [
+        ("error", "engine-rank"), ("info", "engine-modules-unchecked"), ("info", "no-base")]
 
 
 def test_allow_different_bases_drops_base_mismatches_only(tmp_path: Path, llama_base) -> None:

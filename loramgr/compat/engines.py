@@ -17,6 +17,7 @@ from ..errors import EngineSpecError
 from ..formats.lycoris import TYPE_NAMES
 from .basemodel import BaseFingerprint
 from .findings import Finding
+from .vllm_modules import module_leaf, vllm_lora_modules
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -147,6 +148,35 @@ def vllm_config(s: Subject) -> Iterable[Finding]:
             yield s.finding("error", "engine-feature", f"{feature} is not supported ({key} is set)")
 
 
+def vllm_applied_modules(s: Subject) -> Iterable[Finding]:
+    """vLLM applies LoRA only to its model's supported modules (:mod:`loramgr.compat.vllm_modules`): an
+    adapter none of whose modules is among them is served as the bare base model without a word."""
+    base = s.base or s.own_base
+    architecture = base.architecture if base else None
+    if architecture is None:
+        yield s.finding("info", "engine-modules-unchecked", "which modules vLLM applies was not checked: the base "
+                        "model's architecture is not known (pass --base, or install with --base)")
+        return
+    table = vllm_lora_modules(architecture)
+    if table is None:
+        yield s.finding("info", "engine-modules-unchecked", f"which modules vLLM applies was not checked: loramgr "
+                        f"has no table of vLLM's LoRA modules for {architecture}")
+        return
+    if not table.supports_lora:
+        yield s.finding("error", "engine-no-lora", f"vLLM serves no LoRA for {architecture} (its model class does "
+                        "not implement SupportsLoRA)")
+        return
+    ignored = [m.name for m in s.info.modules if module_leaf(m.name) not in table.applied]
+    leaves = ", ".join(sorted({module_leaf(name) for name in ignored}))
+    applied = ", ".join(sorted(table.applied))
+    if ignored and len(ignored) == len(s.info.modules):
+        yield s.finding("error", "engine-modules", f"none of its modules ({leaves}) is one vLLM applies on "
+                        f"{architecture} ({applied}): it would serve the bare base model", ignored[0])
+    elif ignored:
+        yield s.finding("warning", "engine-modules", f"vLLM ignores {len(ignored)} of its {len(s.info.modules)} "
+                        f"modules on {architecture} ({leaves}; it applies {applied})", ignored[0])
+
+
 def linear_only(s: Subject) -> Iterable[Finding]:
     for spec in s.info.modules:
         if spec.kind == "conv":
@@ -223,7 +253,8 @@ class Engine:
 
 ENGINES: dict[str, Engine] = {
     "vllm": Engine(
-        rules=(peft_folders_only, plain_lora_only, vllm_max_rank, vllm_config, linear_only, vllm_served_name),
+        rules=(peft_folders_only, plain_lora_only, vllm_max_rank, vllm_config, linear_only, vllm_applied_modules,
+               vllm_served_name),
         options={"max-rank": int},
         defaults={"max-rank": 16},
         validate=_check_vllm_options,

@@ -1,14 +1,16 @@
 """PEFT adapter folders: adapter_config.json + adapter_model.safetensors (+ README.md).
 
 Reading validates everything a later operation relies on, and names the file or module at fault:
-the config parses and is a LoRA, every lora_A has its lora_B, ranks and shapes agree with each other
-and with the config (r, rank_pattern), and, with ``check_values``, no tensor holds NaN or Inf.
+the config parses and is a LoRA (or PEFT's own LoHa / LoKr, described as PEFT loads them), every
+lora_A has its lora_B, ranks and shapes agree with each other and with the config (r, rank_pattern),
+and, with ``check_values``, no tensor holds NaN or Inf.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,15 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 CARD_NAME = "README.md"
 PEFT_PREFIX = "base_model.model."
+#: the peft_type values read, and the config key of each one's alpha
+PEFT_TYPES = {"LORA": "lora_alpha", "LOHA": "alpha", "LOKR": "alpha"}
+#: the tensors each module of a PEFT LoHa / LoKr adapter must have (peft/tuners/loha|lokr/layer.py); LoKr
+#: stores each Kronecker factor whole (lokr_w1) or as a low-rank pair (lokr_w1_a, lokr_w1_b)
+_LYCORIS_PARTS = {
+    "loha": (("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)),
+    "lokr": (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),
+}
+_LYCORIS_PAIRS = {"lokr_w1_a": "lokr_w1_b", "lokr_w2_a": "lokr_w2_b"}
 
 # <module>.lora_A.weight, <module>.lora_embedding_A, <module>.lora_magnitude_vector[.weight], ...
 _KEY = re.compile(
@@ -52,14 +63,14 @@ def load_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise InvalidAdapterError(f"{path}: expected a JSON object", path=str(path))
     peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
+    if peft_type not in PEFT_TYPES:
         raise UnsupportedAdapterError(
-            f"{path}: peft_type is {config.get('peft_type')!r}, not 'LORA'",
+            f"{path}: peft_type is {config.get('peft_type')!r}, not 'LORA' (nor PEFT's own 'LOHA' / 'LOKR')",
             path=str(path),
             adapter_type=peft_type.lower() or None,
-            hint="loramgr manages LoRA adapters (peft_type LORA)",
+            hint="loramgr manages LoRA adapters (peft_type LORA), and stores PEFT's LoHa and LoKr as they are",
         )
-    for key in ("r", "lora_alpha"):
+    for key in ("r", PEFT_TYPES[peft_type]):
         value = config.get(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise InvalidAdapterError(f"{path}: {key} must be a positive number, found {value!r}", path=str(path))
@@ -105,6 +116,9 @@ def read_peft_folder(folder: str | Path, *, weights_file: str = WEIGHTS_NAME) ->
 
 def describe(config: dict[str, Any], header: SafetensorsHeader, weights_file: str) -> AdapterInfo:
     """Build the AdapterInfo of a PEFT adapter from its config and weights header."""
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type in ("LOHA", "LOKR"):
+        return _describe_lycoris(config, header, weights_file, peft_type.lower())
     path = str(header.path)
     parts: dict[str, dict[str, tuple[str, tuple[int, ...], str]]] = {}
     other: list[str] = []
@@ -185,6 +199,98 @@ def describe(config: dict[str, Any], header: SafetensorsHeader, weights_file: st
             hint="is this a PEFT LoRA adapter?",
         )
 
+    notes, target_list, leaves = _target_notes(config, modules, other)
+    if use_dora and not any(m.extra_keys for m in modules):
+        notes.append("use_dora is set but no lora_magnitude_vector tensors were found")
+
+    return AdapterInfo(
+        format="peft",
+        adapter_type="dora" if use_dora else "lora",
+        modules=modules,
+        weights_file=weights_file,
+        config=config,
+        rank=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        target_modules=target_list,
+        target_modules_found=leaves,
+        base_model=config.get("base_model_name_or_path"),
+        base_model_revision=config.get("revision"),
+        task_type=config.get("task_type"),
+        dtypes=sorted({e.torch_dtype for e in header.tensors.values()}),
+        n_params=sum(e.numel for e in header.tensors.values()),
+        file_metadata=header.metadata,
+        notes=notes,
+    )
+
+
+def _describe_lycoris(config: dict[str, Any], header: SafetensorsHeader, weights_file: str, kind: str) -> AdapterInfo:
+    """A PEFT LoHa / LoKr folder, described as PEFT loads it: per module the rank and alpha of the config
+    (``r`` / ``alpha`` with ``rank_pattern`` / ``alpha_pattern``: PEFT scales by alpha / r), every tensor
+    kept. Which operations take such an adapter is :func:`~loramgr.formats.lycoris.require_plain_lora`'s say."""
+    from .lycoris import SUFFIX_TYPES, describe_module, split_key
+
+    path = str(header.path)
+    parts: dict[str, dict[str, tuple[str, tuple[int, ...], str]]] = {}
+    other: list[str] = []
+    for key, entry in header.tensors.items():
+        split = split_key(key)
+        if split is None or SUFFIX_TYPES.get(split[1]) != kind:
+            other.append(key)
+            continue
+        module = split[0].removeprefix(PEFT_PREFIX)
+        parts.setdefault(module, {})[split[1]] = (key, entry.shape, entry.torch_dtype)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    modules: list[ModuleSpec] = []
+    for name in sorted(parts):
+        found = parts[name]
+        wanted = [*_LYCORIS_PARTS[kind], *((_LYCORIS_PAIRS[p],) for p in found if p in _LYCORIS_PAIRS)]
+        missing = [" or ".join(choices) for choices in wanted if not any(c in found for c in choices)]
+        if missing:
+            raise InvalidAdapterError(f"{path}: module {name} has no {missing[0]}", path=path, module=name,
+                                      hint="the weights file is incomplete; re-save the adapter")
+        configured = int(pattern_value(rank_pattern, name, config["r"]))
+        # the factors that carry the rank: hada_w*_b [r, in], lokr_w*_a [out, r] (a whole LoKr factor has none)
+        ranks: dict[str, int] = {p: found[p][1][0] for p in ("hada_w1_b", "hada_w2_b") if p in found}
+        ranks |= {p: found[p][1][1] for p in ("lokr_w1_a", "lokr_w2_a") if p in found}
+        wrong = next(((p, r) for p, r in ranks.items() if r != configured), None)
+        if wrong:
+            raise InvalidAdapterError(
+                f"{path}: module {name} has {wrong[0]} of rank {wrong[1]} but the config says r={configured}",
+                path=path, module=name, hint="fix r / rank_pattern in adapter_config.json to match the weights")
+        spec = describe_module(name, kind, found, path=path)
+        alpha = float(pattern_value(alpha_pattern, name, config["alpha"]))
+        modules.append(replace(spec, rank=configured, alpha=alpha))
+    if not modules:
+        raise InvalidAdapterError(f"{path}: no {kind} tensors in the weights file", path=path,
+                                  hint=f"is this a PEFT {kind.upper()} adapter?")
+    notes, target_list, leaves = _target_notes(config, modules, other)
+    return AdapterInfo(
+        format="peft",
+        adapter_type=kind,
+        modules=modules,
+        weights_file=weights_file,
+        config=config,
+        rank=int(config["r"]),
+        alpha=float(config["alpha"]),
+        target_modules=target_list,
+        target_modules_found=leaves,
+        base_model=config.get("base_model_name_or_path"),
+        base_model_revision=config.get("revision"),
+        task_type=config.get("task_type"),
+        dtypes=sorted({e.torch_dtype for e in header.tensors.values()}),
+        n_params=sum(e.numel for e in header.tensors.values()),
+        file_metadata=header.metadata,
+        notes=notes,
+    )
+
+
+def _target_notes(
+    config: dict[str, Any], modules: list[ModuleSpec], other: list[str]
+) -> tuple[list[str], list[str], list[str]]:
+    """(notes on target_modules and stray tensors, target_modules as a list, leaf names in the weights)."""
     notes: list[str] = []
     targets = config.get("target_modules")
     leaves = sorted({m.name.rsplit(".", 1)[-1] for m in modules})
@@ -209,30 +315,8 @@ def describe(config: dict[str, Any], header: SafetensorsHeader, weights_file: st
     else:
         target_list = []
     if other:
-        notes.append(f"{len(other)} tensor(s) besides LoRA factors, e.g. {other[0]}")
-    if use_dora and not any(m.extra_keys for m in modules):
-        notes.append("use_dora is set but no lora_magnitude_vector tensors were found")
-
-    return AdapterInfo(
-        format="peft",
-        adapter_type="dora" if use_dora else "lora",
-        modules=modules,
-        weights_file=weights_file,
-        config=config,
-        rank=int(config["r"]),
-        alpha=float(config["lora_alpha"]),
-        use_rslora=use_rslora,
-        use_dora=use_dora,
-        target_modules=target_list,
-        target_modules_found=leaves,
-        base_model=config.get("base_model_name_or_path"),
-        base_model_revision=config.get("revision"),
-        task_type=config.get("task_type"),
-        dtypes=sorted({e.torch_dtype for e in header.tensors.values()}),
-        n_params=sum(e.numel for e in header.tensors.values()),
-        file_metadata=header.metadata,
-        notes=notes,
-    )
+        notes.append(f"{len(other)} tensor(s) besides the adapter's factors, e.g. {other[0]}")
+    return notes, target_list, leaves
 
 
 def check_tensor_values(path: str | Path, *, progress: Any = None) -> None:

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     import torch
     from peft import LoraConfig, PeftModel
 
+#: adapter types PEFT implements itself (peft_type LOHA / LOKR): applied through PEFT's own layers
+PEFT_OWN_TYPES = ("loha", "lokr")
+#: what loramgr adds to an adapter's config when reading it, which PEFT's config does not take
+LORAMGR_CONFIG_KEYS = ("base_identity",)
 PEFT_INSTALL = "pip install 'loramgr[peft]'  (or: pip install peft transformers)"
 
 
@@ -86,6 +90,8 @@ def apply(model: torch.nn.Module, adapter: AdapterLike, adapter_name: str = "def
             return model  # type: ignore[return-value]
         return PeftModel.from_pretrained(model, str(lora.folder), adapter_name=adapter_name)
 
+    if as_is and lora.info.format == "peft" and lora.info.adapter_type in PEFT_OWN_TYPES:
+        return _load_as_peft_folder(model, lora, adapter_name)
     require_plain_lora(lora.info, "apply", label=lora.label)
     config, state_dict = _peft_payload(base, lora, mapping)
     if is_peft:
@@ -102,6 +108,30 @@ def apply(model: torch.nn.Module, adapter: AdapterLike, adapter_name: str = "def
             hint="please report this as a loramgr bug, with the adapter's config",
         )
     return peft_model
+
+
+def _load_as_peft_folder(model: torch.nn.Module, lora: LoraAdapter, adapter_name: str) -> PeftModel:
+    """Load a PEFT LoHa / LoKr adapter stored in the registry the way PeftModel.from_pretrained loads its
+    folder: the folder is put back together (its adapter_config.json as read, a link to the weights blob)
+    and PEFT loads it, so PEFT's own layers compute the Hadamard / Kronecker products."""
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME
+
+    config = {k: v for k, v in lora.info.config.items() if k not in LORAMGR_CONFIG_KEYS}
+    with tempfile.TemporaryDirectory(prefix="loramgr-apply-") as scratch:
+        folder = Path(scratch)
+        (folder / CONFIG_NAME).write_text(json.dumps(config), encoding="utf-8")
+        os.symlink(lora.weights_path, folder / WEIGHTS_NAME)
+        if _is_peft_model(model):
+            model.load_adapter(str(folder), adapter_name=adapter_name)  # type: ignore[operator]
+            return model  # type: ignore[return-value]
+        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name)
 
 
 def _peft_payload(
