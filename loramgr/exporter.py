@@ -79,17 +79,19 @@ def _export_gguf(
 ) -> Path:
     from .compat.check import open_base
     from .errors import IncompatibleError
+    from .formats.lycoris import require_plain_lora
     from .serve.gguf import gguf_architecture, ollama_modelfile, write_lora_gguf
     from .serve.guard import require_engine_ok
 
     (require_new_folder if fmt == "ollama" else require_new_file)(destination)
     reference = f"{details.name}=={details.version}"
+    adapter = registry.open_adapter(reference)
+    require_plain_lora(adapter.info, f"export to {fmt}", label=reference)  # the guard runs before any other check
     fingerprint = open_base(base, registry) if base is not None else registry.base_of(reference)
     if fingerprint is None:
         raise IncompatibleError(f"{fmt} export of {reference} needs its base model's architecture",
                                 hint="pass --base NAME (see 'loramgr base list') or install it with --base")
     gguf_architecture(fingerprint)  # an architecture without a name map is refused before anything is read
-    adapter = registry.open_adapter(reference)
     label = f"{details.name}@{details.version}"
     require_engine_ok([adapter], "ollama" if fmt == "ollama" else "llama.cpp", labels=[label], base=fingerprint)
     if fmt == "gguf":
