@@ -221,7 +221,8 @@ def _sync(registry: Registry, locked: list[Locked], scratch: ExitStack, *, progr
                         expected_digest=entry.digest)  # what is registered is what the lock names
         report.installed.append(f"{entry.name}=={entry.version}")
     for entry, oci_fetched in oci_plan:
-        register(registry, oci_fetched, InstallOptions(name=entry.name, version=entry.version), progress=progress)
+        register(registry, oci_fetched, InstallOptions(name=entry.name, version=entry.version),
+                 expected_digest=entry.digest, progress=progress)
         report.installed.append(f"{entry.name}=={entry.version}")
     return report
 

@@ -145,9 +145,10 @@ def install_from_oci(
         return register(registry, fetched, options, progress=progress)
 
 
-def register(registry: Registry, fetched: Fetched, options: InstallOptions, *,
+def register(registry: Registry, fetched: Fetched, options: InstallOptions, *, expected_digest: str | None = None,
              progress: Progress | None = None) -> InstallResult:
-    """Hand verified files to the install sequence, with the lineage and recipe the artifact carries."""
+    """Hand verified files to the install sequence, with the lineage and recipe the artifact carries;
+    ``expected_digest`` (a lock's pin) is compared with the version's digest before anything is stored."""
     from ..hub.install import version_from_revision
     from ..installer import install_path
 
@@ -169,6 +170,7 @@ def register(registry: Registry, fetched: Fetched, options: InstallOptions, *,
         share_files=True,  # the verified downloads are ours and never rewritten: link them into the store
         parents=parents or None,
         recipe=artifact.recipe,
+        expected_digest=expected_digest,
         progress=progress,
     )
     result.oci = origin
