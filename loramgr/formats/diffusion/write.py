@@ -80,12 +80,12 @@ def load_factors(adapter: LoraAdapter) -> dict[str, Factors]:
 
 def _split(rule: Rule, index: str, f: Factors) -> dict[str, Factors]:
     names = rule.part_paths(index)
-    if rule.layout == "swap":
+    if rule.layout == "swap" or (rule.layout == "swap_last" and f.b.shape[0] == 2 * f.a.shape[1]):
         half = f.b.shape[0] // 2
         import torch
 
         return {names[0]: Factors(f.a, torch.cat([f.b[half:], f.b[:half]]), f.scale)}
-    if rule.layout == "rename":
+    if rule.layout in ("rename", "swap_last"):
         return {names[0]: f}
     import torch
 
@@ -174,11 +174,6 @@ def factors_in(adapter: LoraAdapter, namespace: str) -> dict[str, Factors]:
     if info.config.get("namespace") == namespace:
         return factors
     family = family_of(info)
-    if not family.original_names:
-        raise UnsupportedAdapterError(
-            f"loramgr has no table of the original checkpoint's module names for {family.title}",
-            adapter_type=info.adapter_type, hint="export with --format diffusers or peft",
-        )
     if family.same_names:
         return factors
     return to_diffusers(family, factors) if namespace == "diffusers" else to_original(family, factors)
