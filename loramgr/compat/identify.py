@@ -65,7 +65,7 @@ PUBLISHED: tuple[Published, ...] = (
 _LLM_FAMILIES = ("llama", "mistral", "qwen2")
 
 #: the words of a claim (ss_base_model_version, modelspec.architecture, a Hub repo id) -> family; first wins
-_DECLARED = (("flux2", "flux2"), ("flux-2", "flux2"), ("flux.2", "flux2"), ("flux", "flux1"),
+_DECLARED = (("flux2", "flux2"), ("flux-2", "flux2"), ("flux.2", "flux2"), ("flux_2", "flux2"), ("flux", "flux1"),
              ("hunyuan", "hunyuan-video"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"),
              ("sdxl", "sdxl"), ("stable-diffusion-xl", "sdxl"), ("wan", "wan"),
              ("qwen-image", "qwen-image"), ("qwen_image", "qwen-image"), ("qwen2", "qwen2"),

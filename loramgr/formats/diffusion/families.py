@@ -260,12 +260,6 @@ SD3 = Family("sd3", "Stable Diffusion 3 / 3.5", (
 ))
 
 FAMILIES: tuple[Family, ...] = (FLUX1, FLUX2, HUNYUAN_VIDEO, WAN, QWEN_IMAGE, SD3)
-#: what ss_base_model_version / modelspec.architecture call each family (lower case, a substring)
-DECLARED_NAMES = {"flux1": ("flux1", "flux-1", "flux.1", "flux_1"), "flux2": ("flux2", "flux-2", "flux.2", "flux_2"),
-                  "hunyuan-video": ("hunyuan",), "wan": ("wan",), "qwen-image": ("qwen",),
-                  "sd3": ("sd3", "stable-diffusion-3")}
-
-
 def choose(candidates: list[Family], metadata: dict[str, str]) -> Family | None:
     """The one family among ``candidates``: the only one, or the one the metadata names; None if undecided.
 
@@ -275,9 +269,11 @@ def choose(candidates: list[Family], metadata: dict[str, str]) -> Family | None:
     """
     if len(candidates) == 1:
         return candidates[0]
-    claim = " ".join(metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture")).lower()
-    named = [f for f in candidates if any(word in claim for word in DECLARED_NAMES[f.name])]
-    return named[0] if len(named) == 1 else None
+    from ...compat.identify import claim_family
+
+    named = {claim_family(metadata.get(k, "")) for k in ("ss_base_model_version", "modelspec.architecture")}
+    chosen = [f for f in candidates if f.name in named]
+    return chosen[0] if len(chosen) == 1 else None
 
 
 def by_name(name: str) -> Family:
