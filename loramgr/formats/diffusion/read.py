@@ -4,7 +4,8 @@
 convention     keys
 =============  =====================================================================================
 kohya          ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` / ``lora_up`` / ``alpha``
-               (sd-scripts Flux, musubi-tuner Wan: ``lora_unet_blocks_0_self_attn_q``)
+               (sd-scripts Flux, SD3: ``lora_unet_joint_blocks_0_x_block_attn_qkv``, musubi-tuner
+               Wan: ``lora_unet_blocks_0_self_attn_q``)
 comfyui        ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` (or ``lora_down``),
                ``.alpha``, ``.diff`` / ``.diff_b`` (BFL, ComfyUI, ai-toolkit, the original Wan names)
 xlabs          ``double_blocks.0.processor.qkv_lora1.down.weight`` (image), ``qkv_lora2`` (text),
