@@ -19,7 +19,7 @@ from diffusion_files import (
     write_comfyui,
     write_kohya,
 )
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import loramgr
 from loramgr.cli.main import cli
@@ -125,23 +125,54 @@ def test_export_to_every_convention_and_back(tmp_path, model, factors):
 
 
 def test_xlabs_file(tmp_path, model, factors):
+    """Double blocks (qkv_lora1/2, proj_lora1/2) and single blocks (qkv_lora: the q, k, v rows of linear1;
+    proj_lora: linear2), as diffusers' XLabs conversion reads them."""
+    d = model.config.num_attention_heads * model.config.attention_head_dim
     attn = {k: v for k, v in factors.items() if k.startswith("double_blocks") and "attn" in k}
+    a, b, _ = factors["single_blocks.0.linear1"]
+    single = {"single_blocks.0.linear1": (a, b[: 3 * d], 0.0),
+              "single_blocks.0.linear2": factors["single_blocks.0.linear2"]}
     leaf = {"img_attn.qkv": "qkv_lora1", "txt_attn.qkv": "qkv_lora2", "img_attn.proj": "proj_lora1",
-            "txt_attn.proj": "proj_lora2"}
+            "txt_attn.proj": "proj_lora2", "linear1": "qkv_lora", "linear2": "proj_lora"}
     tensors = {}
-    for name, (a, b, _alpha) in attn.items():
-        block, rest = name.split(".")[1], ".".join(name.split(".")[2:])
-        tensors[f"double_blocks.{block}.processor.{leaf[rest]}.down.weight"] = a
-        tensors[f"double_blocks.{block}.processor.{leaf[rest]}.up.weight"] = b
+    for name, (a, b, _alpha) in (attn | single).items():
+        kind, block, rest = name.split(".")[0], name.split(".")[1], ".".join(name.split(".")[2:])
+        tensors[f"{kind}.{block}.processor.{leaf[rest]}.down.weight"] = a
+        tensors[f"{kind}.{block}.processor.{leaf[rest]}.up.weight"] = b
     path = tmp_path / "xlabs.safetensors"
     save_file(tensors, str(path))
     loramgr.install(path, name="xl")
     adapter = loramgr.get("xl")
     assert adapter.info.format == "xlabs"
-    unit = {k: (a, b, float(a.shape[0])) for k, (a, b, _) in attn.items()}  # XLabs: scale 1
-    close(deltas(adapter, "diffusers"), expected_diffusers(model, unit))
-    close(diffusers_load(model, path), expected_diffusers(model, unit))
+    assert adapter.info.module("single_blocks.0.linear1").out_features == 3 * d
+    unit = {k: (a, b, float(a.shape[0])) for k, (a, b, _) in (attn | single).items()}  # XLabs: scale 1
+    # linear1's q, k, v rows go to to_q, to_k, to_v; its MLP rows (proj_mlp) are not adapted
+    expected = {k: v for k, v in expected_diffusers(model, unit).items() if v.shape[0]}
+    assert not any(k.endswith("proj_mlp") for k in expected)
+    close(deltas(adapter, "diffusers"), expected)
+    close(diffusers_load(model, path), expected)
     out = tmp_path / "back.safetensors"
     loramgr.export("xl", out, format="xlabs")
     loramgr.install(out, name="xl-back")
     close(deltas(loramgr.get("xl-back"), "original"), dense(unit))
+    close(diffusers_load(model, out), expected)
+    # ComfyUI names the whole linear1: the MLP rows are written as zeros, and come back out to XLabs
+    comfy = tmp_path / "comfy.safetensors"
+    loramgr.export("xl", comfy, format="comfyui")
+    loramgr.install(comfy, name="xl-comfy")
+    a, b, alpha = unit["single_blocks.0.linear1"]
+    full = unit | {"single_blocks.0.linear1": (a, torch.cat([b, torch.zeros(4 * d, b.shape[1])]), alpha)}
+    close(deltas(loramgr.get("xl-comfy"), "original"), dense(full))
+    mlp = "single_transformer_blocks.0.proj_mlp"
+    close(deltas(loramgr.get("xl-comfy"), "diffusers"), expected | {mlp: torch.zeros(4 * d, d, dtype=torch.float64)})
+    again = tmp_path / "again.safetensors"
+    loramgr.export("xl-comfy", again, format="xlabs")
+    assert set(load_file(str(again))) == set(tensors)
+    loramgr.install(again, name="xl-again")
+    close(deltas(loramgr.get("xl-again"), "diffusers"), expected)
+    # a linear1 LoRA that changes the MLP rows has no XLabs form
+    write_kohya(tmp_path / "linear1.safetensors", {"single_blocks.0.linear1": factors["single_blocks.0.linear1"]})
+    loramgr.install(tmp_path / "linear1.safetensors", name="flux-linear1")
+    refused = CliRunner().invoke(cli, ["export", "flux-linear1", str(tmp_path / "x.safetensors"), "--format", "xlabs"])
+    assert refused.exit_code == 1 and "single_blocks.0.linear1" in refused.output
+

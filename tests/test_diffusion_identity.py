@@ -113,3 +113,62 @@ def test_llm_adapters_identified_by_published_widths(tmp_path):
     assert same is not None and same.variant == "Llama 3 / 3.1 8B or Mistral 7B"
     # a layer index past a model's last layer rules it out
     assert identify_adapter(adapter(tmp_path / "deep", 2048, 512, 8192, 20)).variant is None
+
+
+def _wan_diffusers_file(path, dim: int, ffn: int, base_model: str) -> None:
+    """A diffusers-named Wan LoRA of a published size whose embedded PEFT config names ``base_model``."""
+    tensors = {}
+    for module, (out, inp) in {"blocks.0.attn1.to_q": (dim, dim), "blocks.0.ffn.net.0.proj": (ffn, dim)}.items():
+        tensors[f"transformer.{module}.lora_A.weight"] = torch.zeros(1, inp)
+        tensors[f"transformer.{module}.lora_B.weight"] = torch.zeros(out, 1)
+    config = {"transformer.r": 1, "transformer.lora_alpha": 1, "transformer.target_modules": ["to_q", "proj"],
+              "transformer.base_model_name_or_path": base_model}
+    save_file(tensors, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+
+
+def test_base_model_claims_are_shown_next_to_the_shapes_and_a_disagreement_is_a_warning(tmp_path):
+    runner = CliRunner()
+    cases = {"agrees": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "family": "black-forest-labs/FLUX.1-dev",
+             "size": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
+    for name, claim in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        _wan_diffusers_file(path, 1536, 8960, claim)  # the published Wan 1.3B widths
+        installed = runner.invoke(cli, ["install", str(path), "--name", name])
+        assert installed.exit_code == 0, installed.output
+        shown = runner.invoke(cli, ["show", name]).output
+        assert "base (shapes) Wan 2.1 / 2.2 1.3B" in shown
+        assert f"metadata: {claim} (base_model_name_or_path)" in shown
+        warning = f"base_model_name_or_path says {claim!r}, the shapes say Wan 2.1 / 2.2 1.3B"
+        assert (warning in installed.output and warning in shown) == (name != "agrees"), name
+    identity = json.loads(runner.invoke(cli, ["show", "family", "--json"]).output)["config"]["base_identity"]
+    assert identity["claims"] == [{"source": "base_model_name_or_path", "text": cases["family"]}]
+
+
+def test_model_card_base_model_is_a_claim(tmp_path):
+    """A PEFT folder's card (base_model) and config (base_model_name_or_path) both name a base; each is held
+    against the shapes."""
+    from safetensors.torch import save_file as save
+
+    import loramgr
+    from loramgr.compat.identify import identify_adapter
+
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    dim = 1536
+    save({"base_model.model.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(1, dim),
+          "base_model.model.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(dim, 1),
+          "base_model.model.blocks.0.ffn.net.0.proj.lora_A.weight": torch.zeros(1, dim),
+          "base_model.model.blocks.0.ffn.net.0.proj.lora_B.weight": torch.zeros(8960, 1)},
+         str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["to_q", "proj"],
+        "base_model_name_or_path": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}))
+    (folder / "README.md").write_text("---\nbase_model: stabilityai/stable-diffusion-xl-base-1.0\n---\nA LoRA.\n")
+    loramgr.install(folder, name="carded")
+    identity = identify_adapter(loramgr.get("carded").info)
+    assert identity is not None and identity.variant == "Wan 2.1 / 2.2 1.3B"
+    assert identity.claims == [
+        {"source": "card base_model", "text": "stabilityai/stable-diffusion-xl-base-1.0"},
+        {"source": "base_model_name_or_path", "text": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}]
+    assert identity.warnings == ["card base_model says 'stabilityai/stable-diffusion-xl-base-1.0', "
+                                 "the shapes say Wan 2.1 / 2.2 1.3B (dim 1536, ffn 8960)"]

@@ -449,3 +449,40 @@ def test_clip_text_encoder_without_text_model_level(tmp_path: Path, pipeline: Ti
     back = tmp_path / "back.safetensors"
     loramgr.export("sd", back, format="kohya")
     assert set(load_file(str(back))) == set(original)
+
+
+def test_check_resolves_clip_names_in_either_transformers_layout(tmp_path: Path, pipeline: TinyPipeline) -> None:
+    """``loramgr check`` of a raw sd-scripts file (``lora_te1_text_model_...``) against a base saved by
+    transformers 5 (no ``text_model`` level) resolves every name, and still checks the shapes it resolves to."""
+    from click.testing import CliRunner
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import loramgr.api
+    from loramgr.cli.main import cli
+    from loramgr.compat.basemodel import fingerprint_from_state_dict
+
+    def base(hidden: int) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.unet = TinyUNet()
+        model.text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=hidden, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, vocab_size=50,
+            max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+        return model
+
+    loramgr.api.registry().add_base(fingerprint_from_state_dict(base(8), name="sd-tf5"))
+    loramgr.api.registry().add_base(fingerprint_from_state_dict(base(16), name="sd-tf5-wide"))
+    loramgr.api.registry().add_base(fingerprint_from_state_dict(pipeline, name="sd-tf4"))
+    targets = {k: v for k, v in TARGETS.items() if k.startswith(("unet.", "text_encoder."))}
+    src = write_kohya_file(tmp_path / "sd.safetensors", pipeline, targets, dtype=torch.float32)
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0") for k in load_file(str(src)))
+    runner = CliRunner()
+    for name in ("sd-tf5", "sd-tf4"):
+        result = runner.invoke(cli, ["check", str(src), "--base", name])
+        assert result.exit_code == 0, (name, result.output)
+        assert "missing-module" not in result.output and "no such module" not in result.output
+    # the CLIP name resolves in the transformers 5 layout, so a base of another width is a shape error there
+    wide = runner.invoke(cli, ["check", str(src), "--base", "sd-tf5-wide"])
+    assert wide.exit_code == 1
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in wide.output and "16" in wide.output
+    assert "no such module" not in wide.output

@@ -5,8 +5,9 @@
 tables of :mod:`loramgr.formats.diffusion.families`, or the UNet names of Stable Diffusion) and its
 factors' shapes the dimensions, which pick the variant. The same function reads a base model's
 fingerprint, so ``check`` can say "a Wan 1.3B LoRA, a Wan 14B base" instead of listing shape errors.
-Metadata (``ss_base_model_version``, ``modelspec.architecture``) is kept next to what the shapes say;
-a disagreement is a warning.
+What the metadata claims (``ss_base_model_version``, ``modelspec.architecture``, the model card's
+``base_model``, PEFT's ``base_model_name_or_path``) is kept next to what the shapes say; a claim that
+names another family, or another published size of the same family, is a warning.
 """
 
 from __future__ import annotations
@@ -63,12 +64,16 @@ PUBLISHED: tuple[Published, ...] = (
 #: families whose published rows are decoder LLMs (identified by the ``llm`` probes)
 _LLM_FAMILIES = ("llama", "mistral", "qwen2")
 
-#: the words of ss_base_model_version / modelspec.architecture -> family
-_DECLARED = (("flux2", "flux2"), ("flux-2", "flux2"), ("flux.2", "flux2"), ("flux", "flux1"),
+#: the words of a claim (ss_base_model_version, modelspec.architecture, a Hub repo id) -> family; first wins
+_DECLARED = (("flux2", "flux2"), ("flux-2", "flux2"), ("flux.2", "flux2"), ("flux_2", "flux2"), ("flux", "flux1"),
              ("hunyuan", "hunyuan-video"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"),
              ("sdxl", "sdxl"), ("stable-diffusion-xl", "sdxl"), ("wan", "wan"),
-             ("qwen", "qwen-image"), ("sd_v2", "sd2"), ("stable-diffusion-v2", "sd2"), ("sd_v1", "sd1"),
+             ("qwen-image", "qwen-image"), ("qwen_image", "qwen-image"), ("qwen2", "qwen2"),
+             ("qwen", "qwen-image"), ("llama", "llama"), ("mistral", "mistral"), ("sd_v2", "sd2"),
+             ("stable-diffusion-v2", "sd2"), ("stable-diffusion-2", "sd2"), ("sd_v1", "sd1"),
              ("stable-diffusion-v1", "sd1"))
+#: where claims come from, as shown: file metadata keys, then the model card, then the PEFT config
+CLAIM_SOURCES = ("ss_base_model_version", "modelspec.architecture", "card base_model", "base_model_name_or_path")
 #: module-path patterns whose (out, in) give each dimension: family -> dim name -> (regex, which side)
 _PROBES: dict[str, dict[str, tuple[str, str]]] = {
     "flux1": {"dim": (r"(double_blocks\.\d+\.img_attn\.qkv|transformer_blocks\.\d+\.attn\.to_q)$", "in"),
@@ -82,8 +87,8 @@ _PROBES: dict[str, dict[str, tuple[str, str]]] = {
             "ffn": (r"blocks\.\d+\.(ffn\.0|ffn\.net\.0\.proj)$", "out")},
     "qwen-image": {"dim": (r"transformer_blocks\.\d+\.attn\.to_q$", "in"),
                    "ffn": (r"transformer_blocks\.\d+\.img_mlp\.net\.0\.proj$", "out")},
-    "sd3": {"dim": (r"transformer_blocks\.\d+\.attn\.to_q$", "in"),
-            "ffn": (r"transformer_blocks\.\d+\.ff\.net\.0\.proj$", "out")},
+    "sd3": {"dim": (r"(joint_blocks\.\d+\.x_block\.attn\.qkv|transformer_blocks\.\d+\.attn\.to_q)$", "in"),
+            "ffn": (r"(joint_blocks\.\d+\.x_block\.mlp\.fc1|transformer_blocks\.\d+\.ff\.net\.0\.proj)$", "out")},
     "llm": {"dim": (r"layers\.\d+\.self_attn\.q_proj$", "in"), "kv": (r"layers\.\d+\.self_attn\.k_proj$", "out"),
             "ffn": (r"layers\.\d+\.mlp\.(up_proj|gate_proj)$", "out")},
     "sd": {"context": (r"attentions[._]\d+[._]transformer_blocks[._]\d+[._]attn2[._]to_k$", "in")},
@@ -100,8 +105,16 @@ class Identification:
     variant: str | None = None
     size: str | None = None
     task: str | None = None  # "I2V" when image-conditioning modules are adapted
-    declared: str | None = None  # the metadata's claim, as written
+    claims: list[dict[str, str]] = field(default_factory=list)  # {"source": ..., "text": ...}, as written
     warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Identification:
+        data = dict(data)
+        declared = data.pop("declared", None)  # stored before claims had sources
+        if declared and not data.get("claims"):
+            data["claims"] = [{"source": "metadata", "text": declared}]
+        return cls(**data)
 
     def describe(self) -> str:
         dims = ", ".join(f"{k} {v}" for k, v in sorted(self.dims.items()))
@@ -179,21 +192,41 @@ def identify_shapes(
     return ident
 
 
-def declared_family(metadata: Mapping[str, str]) -> tuple[str, str] | None:
-    """(what the metadata says, the family it names) from ss_base_model_version or modelspec.architecture."""
-    for key in ("ss_base_model_version", "modelspec.architecture"):
-        text = metadata.get(key)
-        if text:
-            lowered = text.lower()
-            for word, family in _DECLARED:
-                if word in lowered:
-                    return text, family
-            return text, ""
+def claim_family(text: str) -> str:
+    """The family a claim names ("" when it names none loramgr knows)."""
+    lowered = text.lower()
+    return next((family for word, family in _DECLARED if word in lowered), "")
+
+
+def claims_of(info: AdapterInfo) -> list[dict[str, str]]:
+    """What the adapter says its base is: file metadata, the model card's base_model, PEFT's base model."""
+    found = {key: info.file_metadata.get(key) for key in CLAIM_SOURCES[:2]}
+    card = info.card.get("base_model")
+    found["card base_model"] = str(card) if card else None
+    # kohya's base_model is a local checkpoint file name, not a claim about the model's identity
+    found["base_model_name_or_path"] = info.base_model if info.format in ("peft", "diffusers") else None
+    return [{"source": source, "text": text} for source, text in found.items() if text]
+
+
+def _disagreement(claim: Mapping[str, str], ident: Identification) -> str | None:
+    family = claim_family(claim["text"])
+    if not family:
+        return None
+    said = f"{claim['source']} says {claim['text']!r}, the shapes say {ident.describe()}"
+    if family != ident.family:
+        unresolved_sd = ident.family == "sd" and family.startswith("sd") and family != "sd3"
+        unresolved_llm = ident.family == "llm" and family in _LLM_FAMILIES
+        return None if unresolved_sd or unresolved_llm else said
+    # the same family: a size the claim names ("...-14B") that is another published model's
+    sizes = {p.size.lower() for p in PUBLISHED if p.family == family}
+    named = {size for size in sizes if re.search(rf"(?<![\d.]){re.escape(size)}(?![\w])", claim["text"].lower())}
+    if ident.size and named and ident.size.lower() not in named:
+        return said
     return None
 
 
 def identify_adapter(info: AdapterInfo) -> Identification | None:
-    """Identify the base an adapter was made for, from its modules' shapes, with the metadata's claim."""
+    """Identify the base an adapter was made for, from its modules' shapes, with what it claims."""
     names: Iterable[str] = (m.name for m in info.modules)
     shapes = {n: (m.out_features, m.in_features) for n, m in zip(names, info.modules, strict=True)}
     sdxl = any(m.name.startswith(("lora_te2_", "text_encoder_2.")) for m in info.modules)
@@ -204,13 +237,10 @@ def identify_adapter(info: AdapterInfo) -> Identification | None:
         if len(found) == 1:
             family = found[0].family
     ident = identify_shapes(shapes, is_sdxl=sdxl, family=family)
-    claim = declared_family(info.file_metadata)
     if ident is None:
         return None
-    if claim is not None:
-        ident.declared = claim[0]
-        if claim[1] and claim[1] != ident.family and not (ident.family == "sd" and claim[1].startswith("sd")):
-            ident.warnings.append(f"metadata says {claim[0]!r}, the shapes say {ident.describe()}")
+    ident.claims = claims_of(info)
+    ident.warnings = [w for w in (_disagreement(c, ident) for c in ident.claims) if w]
     return ident
 
 
@@ -235,9 +265,10 @@ def show_lines(config: Mapping[str, Any]) -> list[str]:
     lines = []
     ident = config.get("base_identity")
     if ident:
-        found = Identification(**ident)
-        declared = f"; metadata: {found.declared}" if found.declared else ""
-        lines.append(f"  base (shapes) {found.describe()}{declared}")
+        found = Identification.from_dict(ident)
+        claims = ", ".join(f"{c['text']} ({c['source']})" for c in found.claims)
+        # a disagreement is among the version's notes, shown with them
+        lines.append(f"  base (shapes) {found.describe()}" + (f"; metadata: {claims}" if claims else ""))
     hashes = config.get("hashes")
     if hashes:
         lines.append(f"  hashes        AutoV2 {hashes['autov2']}  AutoV3 {hashes['autov3']}  CRC32 {hashes['crc32']}")

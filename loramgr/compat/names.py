@@ -20,6 +20,9 @@ levels that one side has and the other lacks.
   for (or from the root of a bare model), equals it: how kohya's and diffusers' loaders build these
   names. Only if none does, the same with wrapper levels of the model skipped (a ``PeftModel``'s
   ``base_model.model.``); a skipped level is never a layer index or a pipeline component.
+- A kohya name of a CLIP text encoder that matches nothing is tried in the other transformers layout:
+  sd-scripts names ``lora_te_text_model_encoder_layers_0_...`` (transformers 4), while transformers 5's
+  CLIPTextModel has no ``text_model`` level, so the same file must fit a base saved by either.
 - More than one match is an error ("ambiguous"), never a guess; so is a model path that two adapter
   modules resolve to ("duplicate").
 """
@@ -29,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..formats.kohya import COMPONENT_PREFIXES, PREFIX_COMPONENTS, kohya_prefix
+from ..formats.kohya import CLIP_LEAVES, COMPONENT_PREFIXES, PREFIX_COMPONENTS, kohya_prefix
 from ..formats.peft import PEFT_PREFIX
 
 #: a kohya name with no component prefix, only "lora_", names a module of a bare model
@@ -69,7 +72,11 @@ class ModuleIndex:
                 return [exact]
         prefix = kohya_prefix(stripped) or (_BARE_PREFIX if stripped.startswith(_BARE_PREFIX) else None)
         if prefix is not None and "." not in stripped:
-            return self._kohya_candidates(stripped[len(prefix) :], PREFIX_COMPONENTS.get(prefix, ()))
+            components = PREFIX_COMPONENTS.get(prefix, ())
+            rest = stripped[len(prefix) :]
+            found = self._kohya_candidates(rest, components)
+            other = _other_clip_layout(prefix, rest)
+            return found or (self._kohya_candidates(other, components) if other else [])
         if stripped in self._tails:
             return sorted(self._tails[stripped])
         parts = stripped.split(".")
@@ -133,3 +140,15 @@ class ModuleIndex:
                     index.setdefault((rest[0], "_".join(rest[1:])), set()).add(path)
                 index.setdefault(("", "_".join(rest)), set()).add(path)
         return [own, wrapped]
+
+
+def _other_clip_layout(prefix: str, rest: str) -> str | None:
+    """The "_" form of a CLIP text-encoder path in the other transformers layout (``text_model`` removed or
+    added), or None when ``rest`` is no CLIP text-encoder path."""
+    if not prefix.startswith("lora_te"):
+        return None
+    if rest.startswith("text_model_"):
+        return rest[len("text_model_") :]
+    if rest.startswith(CLIP_LEAVES):
+        return "text_model_" + rest
+    return None

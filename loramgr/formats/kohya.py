@@ -256,28 +256,8 @@ def resolve_kohya_names(names: Iterable[str], module_paths: Iterable[str]) -> di
     result: dict[str, str | None] = {}
     for name in names:
         found = index.candidates(name)
-        if not found:
-            found = index.candidates(_other_clip_layout(name))
         result[name] = found[0] if len(found) == 1 else None
     return result
-
-
-def _other_clip_layout(name: str) -> str:
-    """The same CLIP text-encoder module in the other transformers layout: ``text_model.`` removed or added.
-
-    sd-scripts names CLIP modules ``lora_te_text_model_encoder_layers_0_...`` (transformers 4), while
-    transformers 5's CLIPTextModel has no ``text_model`` level; a name is tried in the other layout
-    only when it does not resolve as written.
-    """
-    prefix = kohya_prefix(name)
-    if prefix is None or not prefix.startswith("lora_te"):
-        return name
-    rest = name[len(prefix):]
-    if rest.startswith("text_model_"):
-        return prefix + rest[len("text_model_"):]
-    if rest.startswith(CLIP_LEAVES):
-        return prefix + "text_model_" + rest
-    return name
 
 
 def resolve_kohya_info(info: AdapterInfo, module_paths: Iterable[str], *, strict: bool = True) -> AdapterInfo:

@@ -1,4 +1,4 @@
-"""LoRA files for diffusion transformers (Flux.1, Wan 2.x, Qwen-Image): their key conventions, one module view.
+"""LoRA files for diffusion transformers (Flux, SD3, Wan 2.x, HunyuanVideo, Qwen-Image): key conventions, one view.
 
 A file is kept as it is (its bytes are what people share); reading it gives an
 :class:`~loramgr.adapter.AdapterInfo` whose module names are real module paths of one of two namespaces

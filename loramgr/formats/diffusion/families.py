@@ -7,7 +7,9 @@ diffusers module(s) that hold the same weights, and says how the rows of the wei
 - ``split``: a fused projection whose rows are equal parts (Flux ``img_attn.qkv`` = to_q, to_k, to_v);
 - ``split_mlp``: Flux ``single_blocks.{i}.linear1`` = to_q, to_k, to_v (dim rows each) + proj_mlp (the rest);
 - ``swap``: the same matrix with its two row halves exchanged (Flux ``final_layer.adaLN_modulation.1``
-  is (shift, scale), diffusers' ``norm_out.linear`` is (scale, shift)).
+  is (shift, scale), diffusers' ``norm_out.linear`` is (scale, shift));
+- ``swap_last``: ``swap`` where the matrix has 2 x in rows, else ``rename`` (SD3's last joint block
+  modulates its context with (shift, scale) only, and diffusers swaps that block's halves, no other's).
 
 The tables are diffusers' own (``loaders/lora_conversion_utils.py``), written as data so that a
 conversion can run both ways and a kohya name (``lora_unet_double_blocks_0_img_attn_qkv``) resolves to
@@ -35,7 +37,7 @@ class Rule:
 
     original: str
     parts: tuple[str, ...]
-    layout: str = "rename"  # "rename" | "split" | "split_mlp" | "swap"
+    layout: str = "rename"  # "rename" | "split" | "split_mlp" | "swap" | "swap_last"
     _dotted: re.Pattern[str] = field(init=False, repr=False, compare=False)
     _kohya: re.Pattern[str] = field(init=False, repr=False, compare=False)
     _parts: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
@@ -75,13 +77,11 @@ class Rule:
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: its name, the rules of its modules, and whether the original names are diffusers'."""
+    """A model family: its name and the rules of its modules."""
 
     name: str
     title: str
     rules: tuple[Rule, ...]
-    #: False when loramgr has no table of the original checkpoint's names (they are diffusers' own here)
-    original_names: bool = True
 
     @property
     def same_names(self) -> bool:
@@ -104,8 +104,6 @@ class Family:
 
     def resolve_kohya(self, body: str) -> str | None:
         """The original module path of a kohya name without its ``lora_unet_`` prefix, or None."""
-        if not self.original_names:
-            return None
         for rule in self.rules:
             index = rule.match_kohya(body)
             if index is not None:
@@ -235,26 +233,33 @@ QWEN_IMAGE = Family("qwen-image", "Qwen-Image", _same(
     "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
 ))
 
-_SD3_ATTN = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-#: SD3 / SD3.5 in diffusers' names only: diffusers loads no other convention for it, so none is written here
-SD3 = Family("sd3", "Stable Diffusion 3 / 3.5", _same(
-    *(f"transformer_blocks.{{i}}.attn.{m}" for m in _SD3_ATTN),
-    *(f"transformer_blocks.{{i}}.attn2.{m}" for m in ("to_q", "to_k", "to_v", "to_out.0")),
-    "transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.2",
-    "transformer_blocks.{i}.ff_context.net.0.proj", "transformer_blocks.{i}.ff_context.net.2",
-    "transformer_blocks.{i}.norm1.linear", "transformer_blocks.{i}.norm1_context.linear",
-    "context_embedder", "proj_out", "norm_out.linear",
-    "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
-    "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2",
-), original_names=False)
+_SD3 = "transformer_blocks.{i}."
+_JOINT = "joint_blocks.{i}."
+#: SD3 / SD3.5 (MMDiT, MMDiT-X): diffusers' single-file checkpoint conversion
+#: (``convert_sd3_transformer_checkpoint_to_diffusers``) written as rules
+SD3 = Family("sd3", "Stable Diffusion 3 / 3.5", (
+    Rule(_JOINT + "x_block.attn.qkv", tuple(_SD3 + f"attn.to_{x}" for x in "qkv"), "split"),
+    Rule(_JOINT + "context_block.attn.qkv", tuple(_SD3 + f"attn.add_{x}_proj" for x in "qkv"), "split"),
+    Rule(_JOINT + "x_block.attn.proj", (_SD3 + "attn.to_out.0",)),
+    Rule(_JOINT + "context_block.attn.proj", (_SD3 + "attn.to_add_out",)),
+    Rule(_JOINT + "x_block.attn2.qkv", tuple(_SD3 + f"attn2.to_{x}" for x in "qkv"), "split"),
+    Rule(_JOINT + "x_block.attn2.proj", (_SD3 + "attn2.to_out.0",)),
+    Rule(_JOINT + "x_block.mlp.fc1", (_SD3 + "ff.net.0.proj",)),
+    Rule(_JOINT + "x_block.mlp.fc2", (_SD3 + "ff.net.2",)),
+    Rule(_JOINT + "context_block.mlp.fc1", (_SD3 + "ff_context.net.0.proj",)),
+    Rule(_JOINT + "context_block.mlp.fc2", (_SD3 + "ff_context.net.2",)),
+    Rule(_JOINT + "x_block.adaLN_modulation.1", (_SD3 + "norm1.linear",)),
+    Rule(_JOINT + "context_block.adaLN_modulation.1", (_SD3 + "norm1_context.linear",), "swap_last"),
+    Rule("context_embedder", ("context_embedder",)),
+    Rule("t_embedder.mlp.0", ("time_text_embed.timestep_embedder.linear_1",)),
+    Rule("t_embedder.mlp.2", ("time_text_embed.timestep_embedder.linear_2",)),
+    Rule("y_embedder.mlp.0", ("time_text_embed.text_embedder.linear_1",)),
+    Rule("y_embedder.mlp.2", ("time_text_embed.text_embedder.linear_2",)),
+    Rule("final_layer.linear", ("proj_out",)),
+    Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), "swap"),
+))
 
 FAMILIES: tuple[Family, ...] = (FLUX1, FLUX2, HUNYUAN_VIDEO, WAN, QWEN_IMAGE, SD3)
-#: what ss_base_model_version / modelspec.architecture call each family (lower case, a substring)
-DECLARED_NAMES = {"flux1": ("flux1", "flux-1", "flux.1", "flux_1"), "flux2": ("flux2", "flux-2", "flux.2", "flux_2"),
-                  "hunyuan-video": ("hunyuan",), "wan": ("wan",), "qwen-image": ("qwen",),
-                  "sd3": ("sd3", "stable-diffusion-3")}
-
-
 def choose(candidates: list[Family], metadata: dict[str, str]) -> Family | None:
     """The one family among ``candidates``: the only one, or the one the metadata names; None if undecided.
 
@@ -264,9 +269,11 @@ def choose(candidates: list[Family], metadata: dict[str, str]) -> Family | None:
     """
     if len(candidates) == 1:
         return candidates[0]
-    claim = " ".join(metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture")).lower()
-    named = [f for f in candidates if any(word in claim for word in DECLARED_NAMES[f.name])]
-    return named[0] if len(named) == 1 else None
+    from ...compat.identify import claim_family
+
+    named = {claim_family(metadata.get(k, "")) for k in ("ss_base_model_version", "modelspec.architecture")}
+    chosen = [f for f in candidates if f.name in named]
+    return chosen[0] if len(chosen) == 1 else None
 
 
 def by_name(name: str) -> Family:
@@ -276,7 +283,7 @@ def by_name(name: str) -> Family:
 def families_of_original(paths: Iterable[str]) -> list[Family]:
     """The families whose original checkpoint has every one of ``paths``."""
     paths = list(paths)
-    return [f for f in FAMILIES if f.original_names and paths and all(f.rule_for_original(p) for p in paths)]
+    return [f for f in FAMILIES if paths and all(f.rule_for_original(p) for p in paths)]
 
 
 def families_of_diffusers(paths: Iterable[str]) -> list[Family]:

@@ -4,11 +4,13 @@
 convention     keys
 =============  =====================================================================================
 kohya          ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` / ``lora_up`` / ``alpha``
-               (sd-scripts Flux, musubi-tuner Wan: ``lora_unet_blocks_0_self_attn_q``)
+               (sd-scripts Flux, SD3: ``lora_unet_joint_blocks_0_x_block_attn_qkv``, musubi-tuner
+               Wan: ``lora_unet_blocks_0_self_attn_q``)
 comfyui        ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` (or ``lora_down``),
                ``.alpha``, ``.diff`` / ``.diff_b`` (BFL, ComfyUI, ai-toolkit, the original Wan names)
 xlabs          ``double_blocks.0.processor.qkv_lora1.down.weight`` (image), ``qkv_lora2`` (text),
-               ``proj_lora1/2``; no alpha (scale 1)
+               ``proj_lora1/2``; ``single_blocks.0.processor.qkv_lora`` (the q, k, v rows of
+               ``linear1``), ``proj_lora`` (``linear2``); no alpha (scale 1)
 diffusers      ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight`` (read by
                :mod:`loramgr.formats.diffusers`, then given its family here)
 =============  =====================================================================================
@@ -40,10 +42,13 @@ _PARTS = {
     ".alpha": "alpha", ".diff": "diff", ".diff_b": "diff", ".dora_scale": "dora",
 }  # fmt: skip
 _XLABS = re.compile(
-    r"^(?:diffusion_model\.)?double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])\.(down|up)\.weight$"
+    r"^(?:diffusion_model\.)?(?P<kind>double|single)_blocks\.(?P<block>\d+)\.processor\."
+    r"(?P<leaf>qkv_lora[12]?|proj_lora[12]?)\.(down|up)\.weight$"
 )
-_XLABS_MODULES = {("qkv", "1"): "img_attn.qkv", ("qkv", "2"): "txt_attn.qkv",
-                  ("proj", "1"): "img_attn.proj", ("proj", "2"): "txt_attn.proj"}
+#: XLabs processor LoRA -> the original module it adds to (single blocks: q, k, v rows of linear1, and linear2)
+XLABS_MODULES = {("double", "qkv_lora1"): "img_attn.qkv", ("double", "qkv_lora2"): "txt_attn.qkv",
+                 ("double", "proj_lora1"): "img_attn.proj", ("double", "proj_lora2"): "txt_attn.proj",
+                 ("single", "qkv_lora"): "linear1", ("single", "proj_lora"): "linear2"}
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -64,12 +69,10 @@ def detect_convention(
     """
     if not keys:
         return None
-    if all(_XLABS.match(k) for k in keys):
-        modules = {}
-        for key in keys:
-            match = _XLABS.match(key)
-            assert match is not None  # every key matched just above
-            modules[key] = f"double_blocks.{match[1]}.{_XLABS_MODULES[(match[2], match[3])]}"
+    matches = [_XLABS.match(k) for k in keys]
+    if all(m is not None and (m["kind"], m["leaf"]) in XLABS_MODULES for m in matches):
+        modules = {m[0]: f"{m['kind']}_blocks.{m['block']}.{XLABS_MODULES[(m['kind'], m['leaf'])]}"
+                   for m in matches if m is not None}
         return "xlabs", [FLUX1], modules
     # PEFT state dicts saved with the adapter name ("lora_A.default.weight"), as diffusers' Qwen loader accepts
     split = {k: _split(k.replace(".default.", ".")) for k in keys}

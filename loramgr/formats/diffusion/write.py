@@ -80,18 +80,20 @@ def load_factors(adapter: LoraAdapter) -> dict[str, Factors]:
 
 def _split(rule: Rule, index: str, f: Factors) -> dict[str, Factors]:
     names = rule.part_paths(index)
-    if rule.layout == "swap":
+    if rule.layout == "swap" or (rule.layout == "swap_last" and f.b.shape[0] == 2 * f.a.shape[1]):
         half = f.b.shape[0] // 2
         import torch
 
         return {names[0]: Factors(f.a, torch.cat([f.b[half:], f.b[:half]]), f.scale)}
-    if rule.layout == "rename":
+    if rule.layout in ("rename", "swap_last"):
         return {names[0]: f}
     import torch
 
     out = f.b.shape[0]
     if rule.layout == "split":
         sizes = [out // len(names)] * len(names)
+    elif out == 3 * f.a.shape[1]:  # split_mlp with the q, k, v rows only (XLabs single blocks): no MLP part
+        names, sizes = names[:3], [out // 3] * 3
     else:  # split_mlp: q, k, v have dim rows each (dim = the input width), the MLP the rest
         dim = f.a.shape[1]
         sizes = [dim, dim, dim, out - 3 * dim]
@@ -146,6 +148,23 @@ def _fuse(rule: Rule, index: str, parts: dict[int, Factors]) -> Factors:
     return Factors(a, b, scale)
 
 
+def full_rows(family: Family, factors: dict[str, Factors]) -> dict[str, Factors]:
+    """Original-namespace factors with every fused q, k, v + MLP module at its full height.
+
+    An XLabs single block adapts only the q, k, v rows of ``linear1``; the checkpoint's ``linear1`` also
+    has the MLP rows (4 x dim, as :func:`_fuse` assumes), which such a LoRA leaves unchanged: zero rows.
+    """
+    import torch
+
+    result = dict(factors)
+    for name, f in factors.items():
+        found = family.rule_for_original(name)
+        dim = f.a.shape[1]
+        if found and found[0].layout == "split_mlp" and f.b.shape[0] == 3 * dim:
+            result[name] = Factors(f.a, torch.cat([f.b, f.b.new_zeros(4 * dim, f.rank)]), f.scale)
+    return result
+
+
 def to_original(family: Family, factors: dict[str, Factors]) -> dict[str, Factors]:
     """Diffusers-namespace factors as original-namespace factors (block-diagonal fusion, see the module doc)."""
     result: dict[str, Factors] = {}
@@ -174,11 +193,6 @@ def factors_in(adapter: LoraAdapter, namespace: str) -> dict[str, Factors]:
     if info.config.get("namespace") == namespace:
         return factors
     family = family_of(info)
-    if not family.original_names:
-        raise UnsupportedAdapterError(
-            f"loramgr has no table of the original checkpoint's module names for {family.title}",
-            adapter_type=info.adapter_type, hint="export with --format diffusers or peft",
-        )
     if family.same_names:
         return factors
     return to_diffusers(family, factors) if namespace == "diffusers" else to_original(family, factors)
@@ -213,6 +227,8 @@ def export_diffusion(adapter: LoraAdapter, destination: str | Path, fmt: str, *,
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, str] = {"format": "pt"}
     if fmt in ("kohya", "comfyui"):
+        if info.config.get("family"):
+            factors = full_rows(family_of(info), factors)
         for name, f in factors.items():
             base = KOHYA_PREFIX + name.replace(".", "_") if fmt == "kohya" else COMFY_PREFIX + name
             kohya = fmt == "kohya"
@@ -221,6 +237,8 @@ def export_diffusion(adapter: LoraAdapter, destination: str | Path, fmt: str, *,
             tensors[base + ".alpha"] = torch.tensor(f.scale * f.rank, dtype=torch.float32)
         if fmt == "kohya":
             metadata.update({"ss_network_module": "networks.lora", "ss_base_model_version": family_of(info).name})
+        elif info.config.get("family"):  # the family, for modules that exist in several (Flux.1 and Flux.2)
+            metadata["modelspec.architecture"] = f"{info.config['family']}/lora"
         if carried:
             from safetensors import safe_open
 
@@ -228,18 +246,7 @@ def export_diffusion(adapter: LoraAdapter, destination: str | Path, fmt: str, *,
                 for key in carried:
                     tensors[COMFY_PREFIX + key.removeprefix(COMFY_PREFIX)] = handle.get_tensor(key)
     elif fmt == "xlabs":
-        xlabs = {"img_attn.qkv": "qkv_lora1", "txt_attn.qkv": "qkv_lora2", "img_attn.proj": "proj_lora1",
-                 "txt_attn.proj": "proj_lora2"}
-        for name, f in factors.items():
-            block, _, leaf = name.partition(".")[2].partition(".")
-            if not name.startswith("double_blocks.") or leaf not in xlabs or family_of(info).name != "flux1":
-                raise UnsupportedAdapterError(
-                    f"XLabs files hold only the attention of Flux double blocks, and module {name} is not one",
-                    adapter_type=info.adapter_type, hint="export with --format comfyui or kohya",
-                )
-            base = f"double_blocks.{block}.processor.{xlabs[leaf]}"
-            tensors[base + ".down.weight"] = f.a  # XLabs has no alpha: the scale goes into B
-            tensors[base + ".up.weight"] = f.b if f.scale == 1.0 else (f.b.double() * f.scale).to(f.b.dtype)
+        tensors = _xlabs_tensors(info, factors)
     else:
         scales = {name: (f.rank, f.scale * f.rank) for name, f in factors.items()}
         config = lora_config(scales)
@@ -259,3 +266,31 @@ def export_diffusion(adapter: LoraAdapter, destination: str | Path, fmt: str, *,
     # split parts share A and views of B: safetensors stores each tensor on its own
     _atomic_save({k: v.clone() for k, v in tensors.items()}, destination, metadata)
     return destination
+
+
+def _xlabs_tensors(info: AdapterInfo, factors: dict[str, Factors]) -> dict[str, torch.Tensor]:
+    """XLabs processor keys: the attention of Flux.1 double blocks, q, k, v of linear1 and linear2 of single
+    blocks; XLabs has no alpha, so the scale goes into B."""
+    from .read import XLABS_MODULES
+
+    leaves = {(kind, module): leaf for (kind, leaf), module in XLABS_MODULES.items()}
+    tensors = {}
+    for name, f in factors.items():
+        kind, _, rest = name.partition("_blocks.")
+        block, _, module = rest.partition(".")
+        leaf = leaves.get((kind, module))
+        b = f.b
+        if leaf == "qkv_lora":  # linear1: only its q, k, v rows, when the MLP rows are unchanged
+            dim = f.a.shape[1]
+            leaf = leaf if b.shape[0] == 3 * dim or not b[3 * dim :].any() else None
+            b = b[: 3 * dim]
+        if leaf is None or family_of(info).name != "flux1":
+            raise UnsupportedAdapterError(
+                f"XLabs files hold only the attention of Flux.1 double blocks and the q, k, v and output "
+                f"projections of its single blocks, and module {name} is not one",
+                adapter_type=info.adapter_type, hint="export with --format comfyui or kohya",
+            )
+        base = f"{kind}_blocks.{block}.processor.{leaf}"
+        tensors[base + ".down.weight"] = f.a
+        tensors[base + ".up.weight"] = b if f.scale == 1.0 else (b.double() * f.scale).to(b.dtype)
+    return tensors
