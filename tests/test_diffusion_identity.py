@@ -172,3 +172,7 @@ def test_model_card_base_model_is_a_claim(tmp_path):
         {"source": "base_model_name_or_path", "text": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}]
     assert identity.warnings == ["card base_model says 'stabilityai/stable-diffusion-xl-base-1.0', "
                                  "the shapes say Wan 2.1 / 2.2 1.3B (dim 1536, ffn 8960)"]
+    # the card is read before identification, so `show` holds the card's claim and the warning too
+    shown = CliRunner().invoke(cli, ["show", "carded"]).output
+    assert "stabilityai/stable-diffusion-xl-base-1.0 (card base_model)" in shown
+    assert identity.warnings[0] in shown

@@ -103,14 +103,15 @@ def read_peft_folder(folder: str | Path, *, weights_file: str = WEIGHTS_NAME) ->
         raise InvalidAdapterError(f"{folder}: no {WEIGHTS_NAME} in this folder", path=str(folder))
     header = read_header(weights)
     info = describe(config, header, weights_file)
+    card = folder / CARD_NAME
+    if card.is_file():
+        info.card = read_card(card)  # before identification: the card's base_model is one of the claims it weighs
     from ..compat.identify import identify_adapter
 
     identity = identify_adapter(info)
     if identity is not None:
         info.config["base_identity"] = identity.to_dict()
-    card = folder / CARD_NAME
-    if card.is_file():
-        info.card = read_card(card)
+        info.notes.extend(identity.warnings)
     return info
 
 
