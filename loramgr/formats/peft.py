@@ -204,18 +204,27 @@ def describe(config: dict[str, Any], header: SafetensorsHeader, weights_file: st
     if use_dora and not any(m.extra_keys for m in modules):
         notes.append("use_dora is set but no lora_magnitude_vector tensors were found")
 
+    return _peft_info(config, header, weights_file, adapter_type="dora" if use_dora else "lora", modules=modules,
+                      alpha=float(config["lora_alpha"]), use_rslora=use_rslora, use_dora=use_dora, notes=notes,
+                      targets=(target_list, leaves))
+
+
+def _peft_info(config: dict[str, Any], header: SafetensorsHeader, weights_file: str, *, adapter_type: str,
+               modules: list[ModuleSpec], alpha: float, notes: list[str], targets: tuple[list[str], list[str]],
+               use_rslora: bool = False, use_dora: bool = False) -> AdapterInfo:
+    """The AdapterInfo of a PEFT folder of any type: what its config declares and its header holds."""
     return AdapterInfo(
         format="peft",
-        adapter_type="dora" if use_dora else "lora",
+        adapter_type=adapter_type,
         modules=modules,
         weights_file=weights_file,
         config=config,
         rank=int(config["r"]),
-        alpha=float(config["lora_alpha"]),
+        alpha=alpha,
         use_rslora=use_rslora,
         use_dora=use_dora,
-        target_modules=target_list,
-        target_modules_found=leaves,
+        target_modules=targets[0],
+        target_modules_found=targets[1],
         base_model=config.get("base_model_name_or_path"),
         base_model_revision=config.get("revision"),
         task_type=config.get("task_type"),
@@ -268,24 +277,8 @@ def _describe_lycoris(config: dict[str, Any], header: SafetensorsHeader, weights
         raise InvalidAdapterError(f"{path}: no {kind} tensors in the weights file", path=path,
                                   hint=f"is this a PEFT {kind.upper()} adapter?")
     notes, target_list, leaves = _target_notes(config, modules, other)
-    return AdapterInfo(
-        format="peft",
-        adapter_type=kind,
-        modules=modules,
-        weights_file=weights_file,
-        config=config,
-        rank=int(config["r"]),
-        alpha=float(config["alpha"]),
-        target_modules=target_list,
-        target_modules_found=leaves,
-        base_model=config.get("base_model_name_or_path"),
-        base_model_revision=config.get("revision"),
-        task_type=config.get("task_type"),
-        dtypes=sorted({e.torch_dtype for e in header.tensors.values()}),
-        n_params=sum(e.numel for e in header.tensors.values()),
-        file_metadata=header.metadata,
-        notes=notes,
-    )
+    return _peft_info(config, header, weights_file, adapter_type=kind, modules=modules, alpha=float(config["alpha"]),
+                      notes=notes, targets=(target_list, leaves))
 
 
 def _target_notes(
