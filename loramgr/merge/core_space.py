@@ -200,7 +200,7 @@ def _polar(x: torch.Tensor) -> torch.Tensor:
     and is what is used."""
     p, s, qh = torch.linalg.svd(x, full_matrices=False)
     keep = _nonnull(s, tuple(x.shape))
-    return p[:, :keep] @ qh[:keep]
+    return torch.matmul(p[:, :keep], qh[:keep])
 
 
 def _leading(matrix: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -338,6 +338,16 @@ class KnotsSpace:
     weights: list[float]
 
 
+def _block_diagonal(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """The block-diagonal matrix of ``blocks`` (torch.block_diag, which mypy sees untyped)."""
+    out = blocks[0].new_zeros(sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks))
+    row = col = 0
+    for block in blocks:
+        out[row : row + block.shape[0], col : col + block.shape[1]] = block
+        row, col = row + block.shape[0], col + block.shape[1]
+    return out
+
+
 def knots_space(sources: Sequence[Source], weights: Sequence[float]) -> KnotsSpace:
     """The SVD of X = [ΔW_1 ... ΔW_T] from the factors, null directions dropped, signs canonical.
 
@@ -351,7 +361,7 @@ def knots_space(sources: Sequence[Source], weights: Sequence[float]) -> KnotsSpa
     b_cat, _ = _stacks(sources)
     left, b_coords = _column_basis(b_cat)
     r_ts = [torch.linalg.qr(a.to(torch.float64).T)[1] for a, _, _ in sources]
-    kernel = b_coords @ torch.block_diag(*(r.T for r in r_ts))
+    kernel = b_coords @ _block_diagonal([r.T for r in r_ts])
     p, s, _ = torch.linalg.svd(kernel, full_matrices=False)
     width = sum(a.shape[1] for a, _, _ in sources)
     p = p[:, : _nonnull(s, (b_cat.shape[0], width))]
@@ -414,9 +424,14 @@ def merge_module(
     ``sources`` holds (A_t, B_t, s_t); ``scale`` is the global λ multiplying the merged delta;
     ``generator`` draws DARE's masks (seed it per module, e.g. from elementwise.module_seed, so the
     result depends on the seed and the module name only); ``rank``/``energy`` truncate exactly.
+    When every source's delta is zero the result is a zero LoRA of rank 1.
     """
     if method not in METHODS:
         raise ValueError(f"unknown core-space method {method!r}")
+    if sources and not _usable(sources, weights)[0]:
+        # every source's delta is zero here (e.g. PEFT's initialisation, B = 0): so is the merge
+        a, b, _ = sources[0]
+        return Factors(a=a.new_zeros(1, a.shape[1], dtype=dtype), b=b.new_zeros(b.shape[0], 1, dtype=dtype))
     if method.startswith("knots_"):
         space = knots_space(sources, weights)
         rule = "ties" if method == "knots_ties" else "dare_ties"
