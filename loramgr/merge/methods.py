@@ -197,7 +197,8 @@ class Elementwise(MergeMethod):
     elect_signs: bool = field(default=False, kw_only=True)
 
     spaces: ClassVar[tuple[str, ...]] = ("core", "full")
-    rank_default: ClassVar[str] = "exact in core space (at most the sum of source ranks), the sum of source ranks in full space"
+    rank_default: ClassVar[str] = ("exact in core space (at most the sum of source ranks), the sum of source ranks "
+                                   "in full space")
 
     def __post_init__(self) -> None:
         used = {"density", "space"} | ({"seed"} if self.prune == "random" else set())

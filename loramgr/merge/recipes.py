@@ -122,7 +122,8 @@ class Recipe:
 def recipe_options(table: dict[str, Any]) -> MergeOptions:
     """A recipe's ``[merge]`` table as options. Without a ``space`` key the recipe predates spaces, when
     every element-wise method ran in full space: a method that has a full space gets ``space = "full"``."""
-    method = METHODS.get(table.get("method")) if isinstance(table.get("method"), str) else None
+    name = table.get("method")
+    method = METHODS.get(name) if isinstance(name, str) else None
     if "space" not in table and method is not None and "full" in method.spaces:
         table = {**table, "space": "full"}
     return MergeOptions.from_dict(table)
