@@ -161,13 +161,35 @@ class MergedAdapter:
         byte-identical files (the registry's digests then identify a merge). Each file is written to a
         temporary file in the folder and moved into place, so a reader never sees half a file.
         """
-        from safetensors.torch import save
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {key: self.tensors[key].contiguous() for key in sorted(self.tensors)}
-        weights = save(tensors, metadata={"format": "pt"})
+        save_weights(folder / WEIGHTS_NAME, tensors)
         config = json.dumps(self.config, indent=2, sort_keys=True) + "\n"
-        write_atomic(folder / WEIGHTS_NAME, weights)
         write_atomic(folder / CONFIG_NAME, config.encode())
         return folder
+
+
+def save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The safetensors file of ``tensors`` with fixed metadata, written like fileio.write_atomic (a
+    temporary file in the same folder, fsync, rename) but streamed: safetensors' ``save_file`` writes
+    each tensor straight from its memory, where ``save`` builds the file in memory twice over (for a
+    rank-64 merge of a 7B adapter, 1.2 GB on top of the 610 MB of tensors). Same bytes as ``save``."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; the file gets the mode of any new file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
