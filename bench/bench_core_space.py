@@ -12,9 +12,13 @@ random factors held in memory (no files), float32:
    not as an error;
 2. all 32 layers (224 modules), four rank-16 adapters, weights 0.4 / 0.3 / 0.2 / 0.1, every core-space
    method (density 0.5 where used), exact result (rank 64), loramgr alone: seconds per method and the
-   process's peak RSS.
+   process's peak RSS;
+3. the whole command as a user runs it: four rank-16 PEFT adapters of all 32 layers written to files
+   and installed into a temporary registry (not timed), then ``loramgr combine a0 a1 a2 a3 --method ...
+   --name ...`` as a subprocess per case (reading the store, merging, writing and registering the
+   result): wall seconds and the child's peak RSS (from os.wait4's rusage), in float32 and bfloat16.
 
-Usage: python bench/bench_core_space.py [--threads 2] [--skip-peft]
+Usage: python bench/bench_core_space.py [--threads 2] [--skip-peft] [--command-only]
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-from bench_merge import SHAPES, Layers, module_names, note, peak_rss_mb, relative_difference
+from bench_merge import SHAPES, Layers, module_names, note, peak_rss_mb, relative_difference, write_adapter
 
 RANK, ALPHA, DENSITY = 16, 32.0, 0.5
 
@@ -92,11 +100,74 @@ def peft_merge(adapters, weights, combination: str) -> tuple[float, dict[str, to
     return elapsed, deltas
 
 
+#: the commands of part 3, as a user types them after ``loramgr combine a0 a1 a2 a3``
+COMMANDS = [
+    ["--method", "linear"],
+    ["--method", "ties", "--density", "0.3"],
+    ["--method", "ties", "--density", "0.3", "--rank", "16"],
+    ["--method", "dare_ties", "--density", "0.5", "--seed", "7"],
+    ["--method", "tsv"],
+    ["--method", "iso_cts"],
+    ["--method", "knots_ties", "--density", "0.3"],
+]
+
+
+def run_child(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Run a command; its wall seconds, its own peak RSS in MB (os.wait4 reports the one child's
+    rusage, so earlier children do not count) and its output."""
+    with tempfile.TemporaryFile(mode="w+") as output:
+        start = time.perf_counter()
+        child = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        output.seek(0)
+        text = output.read()
+    if child.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed ({child.returncode}):\n{text}")
+    return seconds, usage.ru_maxrss / 1024, text
+
+
+def command_runs(layers: int) -> list[tuple[str, str, float, float, str]]:
+    """Part 3: (dtype, command, wall s, peak RSS MB, the command's first output line) per case."""
+    loramgr = str(Path(sys.executable).with_name("loramgr"))
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        with tempfile.TemporaryDirectory(prefix="bench-core-command-") as tmp:
+            root = Path(tmp)
+            env = {**os.environ, "LORAMGR_HOME": str(root / "home")}
+            names = [f"a{i}" for i in range(4)]
+            for seed, name in enumerate(names, start=1):
+                folder = write_adapter(root / name, layers, seed=seed, dtype=dtype)
+                run_child([loramgr, "install", str(folder), "--name", name, "--version", "1.0.0"], env)
+            dtype_name = str(dtype).removeprefix("torch.")
+            for index, flags in enumerate(COMMANDS):
+                args = [loramgr, "combine", *names, *flags, "--name", f"out{index}"]
+                seconds, rss, text = run_child(args, env)
+                command = " ".join(["loramgr combine a0 a1 a2 a3", *flags])
+                note(f"{dtype_name}: {command}: {seconds:.2f} s, peak RSS {rss:.0f} MB")
+                rows.append((dtype_name, command, seconds, rss, text.splitlines()[0]))
+    return rows
+
+
+def print_command_runs(rows: list[tuple[str, str, float, float, str]], layers: int) -> None:
+    print(f"\n| whole command, {layers} layers, 4 x rank 16 (files in the store) | dtype | wall (s) "
+          "| peak RSS (MB) | first line of its output |")
+    print("|---|---|---:|---:|---|")
+    for dtype, command, seconds, rss, first in rows:
+        print(f"| `{command}` | {dtype} | {seconds:.2f} | {rss:.0f} | {first} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-peft", action="store_true", help="skip the (slow, ~10 min) PEFT runs")
+    parser.add_argument("--command-only", action="store_true", help="run only part 3, the whole command")
+    parser.add_argument("--layers", type=int, default=32, help="layers of part 3")
     args = parser.parse_args()
+    if args.command_only:
+        print_command_runs(command_runs(args.layers), args.layers)
+        return
     torch.set_num_threads(args.threads)
     from loramgr.merge import core_space
 
@@ -143,6 +214,7 @@ def main() -> None:
         print(f"| {method} | {seconds:.2f} | {cpu:.2f} | {', '.join(map(str, ranks))} |")
     print(f"\npeak RSS {peak_rss_mb():.0f} MB (holding the 4 x 32-layer factors; {baseline:.0f} MB before the "
           f"32-layer merges)")
+    print_command_runs(command_runs(args.layers), args.layers)
 
 
 if __name__ == "__main__":

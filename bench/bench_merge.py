@@ -4,7 +4,7 @@ Llama-2-7B shapes (hidden 4096, intermediate 11008), two rank-16 adapters on q, 
 down, weights 0.5 / 0.5, float32. Prints a markdown table:
 
 1. two decoder layers head to head: loramgr "svd" vs PEFT "svd" (svd_full_matrices=False), and
-   loramgr "ties" vs PEFT "ties_svd" (density 0.5), both to rank 16, with the relative difference of
+   loramgr "ties" in full space vs PEFT "ties_svd" (density 0.5), both to rank 16, with the relative difference of
    the resulting ΔW (||ΔW_loramgr - ΔW_peft||_F / ||ΔW_peft||_F over all modules);
 2. all 32 layers, loramgr alone, "svd" to rank 16 in a subprocess: wall time and peak RSS.
 
@@ -48,14 +48,14 @@ def module_names(layers: int) -> list[tuple[str, int, int]]:
     ]
 
 
-def write_adapter(folder: Path, layers: int, seed: int) -> Path:
+def write_adapter(folder: Path, layers: int, seed: int, dtype: torch.dtype = torch.float32) -> Path:
     """A PEFT LoRA folder with random factors (B non-zero) for the given number of layers."""
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, d_in, d_out in module_names(layers):
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = torch.randn(RANK, d_in, generator=gen) / d_in**0.5
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = torch.randn(d_out, RANK, generator=gen) / RANK**0.5
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = (torch.randn(RANK, d_in, generator=gen) / d_in**0.5).to(dtype)
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = (torch.randn(d_out, RANK, generator=gen) / RANK**0.5).to(dtype)
     config = {
         "peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": sorted(SHAPES),
         "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "use_dora": False,
@@ -78,7 +78,9 @@ def loramgr_merge(folders: list[Path], method: str, density: float | None) -> tu
     from loramgr.merge import MergeOptions, combine
 
     adapters = [load(f, f.name) for f in folders]
-    options = MergeOptions(method=method, weights=(0.5, 0.5), rank=RANK, density=density)
+    # ties in full space, the same operator as PEFT's ties_svd (core space: bench_core_space.py)
+    space = "full" if density is not None else None
+    options = MergeOptions(method=method, weights=(0.5, 0.5), rank=RANK, density=density, space=space)
     start = time.perf_counter()
     merged = combine(adapters, options)
     elapsed = time.perf_counter() - start

@@ -111,7 +111,9 @@ def combine(
     registry_: Registry | None = None,
     **options: Any,
 ) -> MergedAdapter:
-    """Combine adapters in memory; keyword arguments are :class:`loramgr.merge.MergeOptions` fields.
+    """Combine adapters in memory; keyword arguments are :class:`loramgr.merge.MergeOptions` fields,
+    e.g. ``method="ties", density=0.3`` (in core space, the default; ``space="full"`` for the
+    element-wise result on the dense deltas), ``method="tsv"``, ``scale=0.8``, ``rank=16``.
 
     The same step as ``loramgr combine`` (:func:`loramgr.merge.operations.combine`): the same checks,
     errors and bytes. A source given as a string is a reference in the registry; a path is read from

@@ -12,7 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import DestinationExistsError
@@ -20,18 +20,24 @@ from .errors import DestinationExistsError
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write a whole file: temporary file in the same folder, fsync, rename over ``path``."""
+    write_atomic_with(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_atomic_with(path: str | os.PathLike[str], write: Callable[[Path], object]) -> None:
+    """:func:`write_atomic` for a writer that fills a file itself (streamed, never whole in memory): ``write``
+    gets the temporary path beside ``path``; the file is then fsynced and renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(tmp)
+        _fsync(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode of any new file
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -217,16 +217,24 @@ def test_shared_directions_are_dropped_from_the_basis(method):
     assert relative_error(ours, dense_reference(method, sources, weights)) < 1e-5
 
 
-def test_trim_keeps_what_full_space_trimming_keeps():
-    """core_space.trim finds its threshold another way; the kept entries are elementwise's, ties too."""
+def test_trimming_keeps_what_topk_keeps():
+    """The one trimming rule (a k-th-largest threshold, ties dropped from the end) keeps the same entries as
+    merge_utils' torch.topk wherever the choice is unique, and exactly k entries when there are ties."""
     from loramgr.merge.elementwise import magnitude_prune_one
 
     gen = torch.Generator().manual_seed(9)
     tensors = [torch.randn(64, 700, generator=gen), torch.randint(-3, 4, (50, 40), generator=gen).float(),
-               torch.randn(16, 16, generator=gen, dtype=F64)]
+               torch.randn(16, 16, generator=gen, dtype=F64), torch.randn(32, 32, generator=gen).bfloat16()]
     for tensor in tensors:
         for density in (0.01, 0.3, 0.5, 0.97):
-            assert torch.equal(core_space.trim(tensor, density), magnitude_prune_one(tensor, density))
+            kept = magnitude_prune_one(tensor, density)
+            k = int(density * tensor.numel())
+            assert int((kept != 0).sum()) <= k and torch.equal(kept[kept != 0], tensor[kept != 0])
+            flat = tensor.abs().reshape(-1).double()
+            if flat.unique().numel() == flat.numel():  # no ties: the top-k set is unique
+                top = torch.zeros_like(flat, dtype=torch.bool)
+                top[flat.topk(k).indices] = True
+                assert torch.equal(kept.reshape(-1) != 0, top)
 
 
 def test_linear_is_the_exact_weighted_sum():

@@ -21,11 +21,16 @@ def test_demo_installs_combines_compresses_and_loads(tmp_path) -> None:
     assert result.compressed_relative_error < 0.15
     registry = Registry.open(tmp_path / "home")
     names = {(v.name, v.version) for v in registry.list_versions()}
-    expected = {"sql-skill", "chat-style", "sql-chat", "sql-chat-small"}
+    expected = {"sql-skill", "chat-style", "sql-chat", "sql-chat-small", "sql-chat-ties"}
     assert names == {(name, "1.0.0") for name in expected}
     shown = registry.show("sql-chat")
     assert [(p.name, p.weight) for p in shown.parents] == [("sql-skill", 0.7), ("chat-style", 0.3)]
-    assert any(line.startswith("5. loaded sql-chat") for line in lines)
+    # the core-space step: recorded as such, an exact LoRA (nothing lost to a re-rank)
+    ties = registry.show("sql-chat-ties").recipe or {}
+    assert ties["options"]["space"] == "core" and ties["options"]["density"] == 0.3
+    assert all(module["kept_energy"] == 1.0 for module in ties["report"])
+    assert any(line.startswith("5. combined them with TIES (density 0.3) in core space") for line in lines)
+    assert any(line.startswith("6. loaded sql-chat") for line in lines)
 
 
 def test_demo_command_exits_zero(tmp_path) -> None:

@@ -140,7 +140,7 @@ def test_elementwise_methods_match_peft_merge_utils(sources, tmp_path, method):
 
     weights = [0.9, -0.6, 1.2]
     options = MergeOptions(method=method, weights=tuple(weights), density=0.4, rank=16, seed=5 if "dare" in method
-                           else None)
+                           else None, space="full")
     merged = combine(sources, options)
     got = saved_deltas(merged, tmp_path / "out")
     for module in got:
@@ -260,7 +260,8 @@ def test_options_round_trip_and_help():
     assert all(f.metadata.get("help") for f in fields(MergeOptions))
     with pytest.raises(MergeError, match="unknown merge option"):
         MergeOptions.from_dict({"methd": "svd"})
-    assert set(METHODS) == {"linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"}
+    assert set(METHODS) == {"linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune", "tsv", "iso_c",
+                            "iso_cts", "knots_ties", "knots_dare"}
 
 
 REFUSALS = [

@@ -93,13 +93,14 @@ def test_saved_output_changes_the_model_exactly_as_w_plus_delta(base, folders, t
 
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties", "magnitude_prune"])
 def test_elementwise_agree_with_merge_utils_on_peft_deltas(base, folders, tmp_path, method):
-    # rank 16 + 16 = 32 by default, capped at min(d_in, d_out): the re-rank is exact on every module
+    # full space is PEFT's semantics; rank 16 + 16 = 32 by default, capped at min(d_in, d_out): the re-rank
+    # is exact on every module
     model = peft_model(base, folders, ["c16", "d16"])
     weights = [0.6, 0.9]
     seed = 11 if method.startswith("dare") else None
     merged = combine(
         [load(folders["c16"], "c16"), load(folders["d16"], "d16")],
-        MergeOptions(method=method, weights=tuple(weights), density=0.3, seed=seed),
+        MergeOptions(method=method, weights=tuple(weights), density=0.3, seed=seed, space="full"),
     )
     merged.save_pretrained(tmp_path / "out")
     ours = reference_deltas(tmp_path / "out")

@@ -215,13 +215,14 @@ def test_the_element_wise_methods_are_one_class_with_declared_parameters() -> No
     declared = {name: METHODS[name] for name in ("ties", "dare_linear", "dare_ties", "magnitude_prune")}
     assert {type(method) for method in declared.values()} == {Elementwise}
     assert {name: set(method.parameters) for name, method in declared.items()} == {
-        "ties": {"density", "majority_sign"},
-        "dare_linear": {"density", "seed"},
-        "dare_ties": {"density", "seed", "majority_sign"},
-        "magnitude_prune": {"density"},
+        "ties": {"density", "majority_sign", "space"},
+        "dare_linear": {"density", "seed", "space"},
+        "dare_ties": {"density", "seed", "majority_sign", "space"},
+        "magnitude_prune": {"density", "space"},
     }
-    assert option_help("method") == "merge method: linear, svd, ties, dare_linear, dare_ties or magnitude_prune"
-    assert option_help("seed").startswith("random seed of the drop masks of dare_linear, dare_ties")
+    assert option_help("method") == ("merge method: linear, svd, ties, dare_linear, dare_ties, magnitude_prune, tsv, "
+                                     "iso_c, iso_cts, knots_ties or knots_dare")
+    assert option_help("seed").startswith("random seed of the drop masks of dare_linear, dare_ties, knots_dare")
 
 
 class Mean(ExactSum):
@@ -235,12 +236,12 @@ class Mean(ExactSum):
 def test_adding_a_method_is_one_registered_entry(sources, tmp_path: Path, monkeypatch) -> None:
     a, b = sources
     monkeypatch.setitem(METHODS, "mean", Mean("mean", "the exact mean of the deltas"))
-    assert option_help("method").endswith("magnitude_prune or mean")
+    assert option_help("method").endswith("knots_dare or mean")
     run("combine", "sql", "style", "--method", "mean", "--output", str(tmp_path / "mean"))
     assert torch.allclose(dense(tmp_path / "mean", Q), (dense(a, Q) + dense(b, Q)) / 2, atol=1e-6)
     out = run("combine", "sql", "style", "--method", "mean", "--density", "0.5", "--name", "x", code=1)
     assert "method mean does not use --density" in out
-    assert "use a method that does: ties, dare_linear, dare_ties, magnitude_prune" in out
+    assert "use a method that does: ties, dare_linear, dare_ties, magnitude_prune, knots_ties, knots_dare" in out
     run("combine", "sql", "style", "--method", "mean", "--name", "avg")
     assert (Registry.open().show("avg").recipe or {})["method"] == "mean"
 

@@ -79,8 +79,9 @@ def _report(result: Any) -> None:
     exact = all(m.kept_energy >= 1.0 - 1e-9 for m in merged.modules)
     ranks = sorted({m.rank for m in merged.modules})
     kept = min((m.kept_energy for m in merged.modules), default=1.0)
+    space = f" in {merged.options.space} space" if merged.options.space else ""
     click.echo(
-        f"{merged.options.method}: {len(merged.modules)} module(s), rank {', '.join(map(str, ranks))}, "
+        f"{merged.options.method}{space}: {len(merged.modules)} module(s), rank {', '.join(map(str, ranks))}, "
         + ("exact" if exact else f"lowest kept energy {kept:.2%}")
     )
     lossy = [m for m in merged.modules if m.kept_energy < 1.0 - 1e-9]

@@ -7,9 +7,10 @@
     merged.save_pretrained("out/")
 
 Modules: ``options`` (the one options type and its check), ``methods`` (the registry of methods),
-``lowrank`` (factored SVD, re-ranking), ``elementwise`` (TIES, DARE, magnitude pruning on dense
-deltas), ``dense`` (the same, block by block from the factors), ``engine`` (checks and the streaming
-loop over open adapters), ``result`` (PEFT config and deterministic saving), ``recipes`` (the
+``lowrank`` (factored SVD, re-ranking), ``core_space`` (TIES, DARE, magnitude pruning, TSV, Iso and
+KnOTS in the adapters' own space: the default space), ``elementwise`` (TIES, DARE, magnitude pruning
+on dense deltas: full space), ``dense`` (the same, block by block from the factors), ``engine``
+(checks and the streaming loop over open adapters), ``result`` (PEFT config and deterministic saving), ``recipes`` (the
 provenance of a result), ``operations`` (the combine and compress steps the CLI and the Python API
 call: sources from the registry, checks, delivery).
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy
 import torch
 
 from loramgr.merge import elementwise
@@ -200,7 +199,7 @@ def _polar(x: torch.Tensor) -> torch.Tensor:
     and is what is used."""
     p, s, qh = torch.linalg.svd(x, full_matrices=False)
     keep = _nonnull(s, tuple(x.shape))
-    return p[:, :keep] @ qh[:keep]
+    return torch.matmul(p[:, :keep], qh[:keep])
 
 
 def _leading(matrix: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -274,26 +273,6 @@ def _generator(generator: torch.Generator | None) -> torch.Generator:
     return generator
 
 
-def trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = int(density · numel) entries of largest magnitude: elementwise.magnitude_prune_one's
-    selection, ties at the threshold included (tested equal), with the threshold found by numpy's
-    introselect, about 10x faster than torch.kthvalue on a KnOTS block of 700,000 entries."""
-    if density >= 1.0:
-        return tensor
-    magnitude = tensor.abs().reshape(-1)
-    n = magnitude.numel()
-    k = int(density * n)
-    if k <= 0:
-        return torch.zeros_like(tensor)
-    threshold = float(numpy.partition(magnitude.numpy(), n - k)[n - k])
-    keep = magnitude >= threshold
-    surplus = int(keep.sum()) - k
-    if surplus > 0:  # ties at the threshold: drop the last ones by index, as magnitude_prune_one does
-        tied = (magnitude == threshold).nonzero().squeeze(1)
-        keep[tied[tied.numel() - surplus :]] = False
-    return tensor * keep.reshape(tensor.shape)
-
-
 def drop(tensor: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
     """DARE: keep each entry with probability ``density`` (uniform draw < density, float32, from
     ``generator``) and rescale the survivors by 1 / density. The same distribution as merge_utils'
@@ -311,10 +290,11 @@ def _elementwise(method: str, tensors: list[torch.Tensor], weights: list[float],
     if method == "linear":
         return elementwise.weighted_sum(tensors, weights)
     if method == "ties":
-        trimmed = [trim(t, _density(density)) for t in tensors]
+        trimmed = [elementwise.magnitude_prune_one(t, _density(density)) for t in tensors]
         return elementwise.disjoint_merge(trimmed, weights, majority_sign)
     if method == "magnitude_prune":
-        return elementwise.weighted_sum([trim(t, _density(density)) for t in tensors], weights)
+        return elementwise.weighted_sum([elementwise.magnitude_prune_one(t, _density(density)) for t in tensors],
+                                          weights)
     if method == "dare_linear":
         generator = _generator(generator)
         return elementwise.weighted_sum([drop(t, _density(density), generator) for t in tensors], weights)
@@ -338,6 +318,16 @@ class KnotsSpace:
     weights: list[float]
 
 
+def _block_diagonal(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """The block-diagonal matrix of ``blocks`` (torch.block_diag, which mypy sees untyped)."""
+    out = blocks[0].new_zeros(sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks))
+    row = col = 0
+    for block in blocks:
+        out[row : row + block.shape[0], col : col + block.shape[1]] = block
+        row, col = row + block.shape[0], col + block.shape[1]
+    return out
+
+
 def knots_space(sources: Sequence[Source], weights: Sequence[float]) -> KnotsSpace:
     """The SVD of X = [ΔW_1 ... ΔW_T] from the factors, null directions dropped, signs canonical.
 
@@ -351,7 +341,7 @@ def knots_space(sources: Sequence[Source], weights: Sequence[float]) -> KnotsSpa
     b_cat, _ = _stacks(sources)
     left, b_coords = _column_basis(b_cat)
     r_ts = [torch.linalg.qr(a.to(torch.float64).T)[1] for a, _, _ in sources]
-    kernel = b_coords @ torch.block_diag(*(r.T for r in r_ts))
+    kernel = b_coords @ _block_diagonal([r.T for r in r_ts])
     p, s, _ = torch.linalg.svd(kernel, full_matrices=False)
     width = sum(a.shape[1] for a, _, _ in sources)
     p = p[:, : _nonnull(s, (b_cat.shape[0], width))]
@@ -414,9 +404,14 @@ def merge_module(
     ``sources`` holds (A_t, B_t, s_t); ``scale`` is the global λ multiplying the merged delta;
     ``generator`` draws DARE's masks (seed it per module, e.g. from elementwise.module_seed, so the
     result depends on the seed and the module name only); ``rank``/``energy`` truncate exactly.
+    When every source's delta is zero the result is a zero LoRA of rank 1.
     """
     if method not in METHODS:
         raise ValueError(f"unknown core-space method {method!r}")
+    if sources and not _usable(sources, weights)[0]:
+        # every source's delta is zero here (e.g. PEFT's initialisation, B = 0): so is the merge
+        a, b, _ = sources[0]
+        return Factors(a=a.new_zeros(1, a.shape[1], dtype=dtype), b=b.new_zeros(b.shape[0], 1, dtype=dtype))
     if method.startswith("knots_"):
         space = knots_space(sources, weights)
         rule = "ties" if method == "knots_ties" else "dare_ties"

@@ -28,9 +28,10 @@ def module_seed(seed: int, module: str, purpose: str = "dare") -> int:
 def magnitude_prune_one(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the k = int(density · numel) entries of largest magnitude, zero the rest (density 1: no-op).
 
-    The same selection as merge_utils' ``torch.topk``, found with ``torch.kthvalue`` (a threshold),
-    which is about 4x faster on a 4096 x 11008 delta. Entries tied with the threshold are kept in index
-    order until exactly k are kept; topk leaves the choice among ties unspecified.
+    The same selection as merge_utils' ``torch.topk``, found as a threshold (the k-th largest
+    magnitude, :func:`_kth_largest`). Entries tied with the threshold are kept in index order until
+    exactly k are kept; topk leaves the choice among ties unspecified. The one trimming rule of both
+    spaces: full space applies it to dense deltas, core space to the R x R cores and KnOTS blocks.
     """
     if density >= 1.0:
         return delta
@@ -39,13 +40,24 @@ def magnitude_prune_one(delta: torch.Tensor, density: float) -> torch.Tensor:
     k = int(density * n)
     if k <= 0:
         return torch.zeros_like(delta)
-    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    threshold = _kth_largest(magnitude, k)
     keep = magnitude >= threshold
     surplus = int(keep.sum()) - k
     if surplus > 0:  # ties at the threshold: drop the last ones by index
         tied = (magnitude == threshold).nonzero().squeeze(1)
         keep[tied[tied.numel() - surplus :]] = False
     return delta * keep.reshape(delta.shape)
+
+
+def _kth_largest(magnitude: torch.Tensor, k: int) -> float:
+    """The k-th largest entry of a flat tensor, exactly: numpy's introselect where numpy holds the dtype
+    (about 10x faster than torch.kthvalue on 700,000 entries, 4x on a 4096 x 11008 delta), else kthvalue."""
+    n = magnitude.numel()
+    if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float16, torch.float32, torch.float64):
+        import numpy
+
+        return float(numpy.partition(magnitude.numpy(), n - k)[n - k])
+    return float(torch.kthvalue(magnitude, n - k + 1).values)
 
 
 def random_prune_one(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

@@ -5,7 +5,7 @@ milliseconds: the options (:meth:`MergeOptions.validate`); the plain-LoRA guard 
 (a LoHa is refused as a LoHa, whatever else would be wrong with it); what the sources must share
 (module names, bias, base model, layout); and whether the merge would only copy its one source.
 
-Streaming: only one module's factors (and, for element-wise methods, its dense deltas) are in memory
+Streaming: only one module's factors (and, for full-space element-wise methods, its dense deltas) are in memory
 at a time, next to the output built so far; sources are read lazily through LoraAdapter.factors.
 """
 
@@ -93,7 +93,7 @@ def merge(
 
     tensors: dict[str, torch.Tensor] = {}
     reports: list[ModuleReport] = []
-    with single_threaded() if method.factored else nullcontext():
+    with single_threaded() if method.factored(options) else nullcontext():
         for done, planned in enumerate(plan, start=1):
             layout = planned.layout
             job = _load_job(adapters, weights, planned)
@@ -132,7 +132,7 @@ def refuse_copy(adapters: list[LoraAdapter], options: MergeOptions, method: Merg
     """Refuse a merge whose result would be its one source again (as a re-factored copy).
 
     One source with weight 1, through a method that gives a source back unchanged, with no module
-    losing rank: the delta stays what it was. A weight other than 1 (a scaling), an energy, a rank
+    losing rank: the delta stays what it was. A weight or scale other than 1, an energy, a rank
     below some module's rank, an element-wise method (pruning) or another dtype each change it.
     """
     if len(adapters) != 1 or not method.copies_single_source or options.energy is not None:
@@ -140,6 +140,8 @@ def refuse_copy(adapters: list[LoraAdapter], options: MergeOptions, method: Merg
     if options.dtype is not None and options.dtype != _source_dtype(adapters):
         return
     if options.weights is not None and options.weights[0] != 1.0:
+        return
+    if options.scale != 1.0:
         return
     adapter = adapters[0]
     top = max((spec.rank for spec in adapter.info.modules), default=0)

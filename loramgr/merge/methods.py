@@ -6,13 +6,18 @@ declares the method-specific options it reads (``parameters``) and the ones it c
 (``required``); :meth:`MergeOptions.validate <loramgr.merge.options.MergeOptions.validate>` refuses a
 method-specific option given to a method that does not declare it, so nothing is silently ignored.
 
-Two kinds of method merge one module:
+Three kinds of method merge one module:
 
 - a *factored* method (linear, svd) turns the sources' (c_i, A_i, B_i) into factors directly,
   without ever forming the d_out x d_in delta;
 - an *element-wise* method (:class:`Elementwise`: TIES, DARE, magnitude pruning, one configurable
-  class) forms the dense deltas ΔW_i = s_i B_i A_i, merges them entry by entry and re-ranks the
-  dense result.
+  class) applies its rule in one of two spaces (``space``): in *core space* (the default) to the
+  R x R cores of the sources in the canonical bases of their stacked factors
+  (:mod:`loramgr.merge.core_space`), so the result is a LoRA exactly and no dense delta exists; in
+  *full space* to the dense deltas ΔW_i = s_i B_i A_i entry by entry (PEFT's ``ties_svd``
+  semantics), followed by a lossy re-rank of the dense result;
+- a *core-space* method (:class:`CoreSpaceMethod`: TSV-M, Iso-C, Iso-CTS, KnOTS) exists in core
+  space only.
 
 Either way the engine calls :meth:`MergeMethod.merge_module` once per module and gets factors back.
 
@@ -53,6 +58,14 @@ class ModuleJob:
     def ranks(self) -> list[int]:
         return [a.shape[0] for a, _ in self.factors]
 
+    def scaled_parts(self, scale: float) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+        """(λ w_i s_i, A_i, B_i) per source, for the factored sums."""
+        return [(scale * c, a, b) for c, (a, b) in zip(self.coefs, self.factors, strict=True)]
+
+    def sources(self) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """(A_i, B_i, s_i) per source, as core_space takes them (unweighted: the weights act on the cores)."""
+        return [(a, b, s) for s, (a, b) in zip(self.scales, self.factors, strict=True)]
+
 
 @dataclass(frozen=True)
 class MergeMethod:
@@ -65,9 +78,9 @@ class MergeMethod:
     #: those of them it cannot run without
     required: frozenset[str] = field(default=frozenset(), kw_only=True)
 
-    #: True: only factor-sized matrices are formed (the engine then runs on one thread, where these
-    #: small operations are fastest); False: dense d_out x d_in deltas are formed
-    factored: ClassVar[bool] = False
+    #: the spaces the method can run in, its default first (see ``MergeOptions.space``); empty for
+    #: methods whose result does not depend on a space (linear, svd), which then refuse ``space``
+    spaces: ClassVar[tuple[str, ...]] = ()
     #: True: one source with weight 1 comes out as its own delta, so merging it alone copies it
     copies_single_source: ClassVar[bool] = False
     #: the rank of the result when neither rank nor energy is given, in words (for --help)
@@ -76,6 +89,12 @@ class MergeMethod:
     def merge_module(self, job: ModuleJob, options: MergeOptions) -> Factors:
         """The merged factors of one module, scale baked in (ΔW = b @ a)."""
         raise NotImplementedError
+
+    def factored(self, options: MergeOptions) -> bool:
+        """True when, with ``options``, only factor-sized matrices are formed (the engine then runs
+        on one thread, where these small operations are fastest); False when dense d_out x d_in
+        deltas are."""
+        return False
 
     def default_rank(self, ranks: list[int]) -> int:
         """Rank of a re-ranked result when neither rank nor energy is given."""
@@ -86,14 +105,16 @@ class MergeMethod:
 class ExactSum(MergeMethod):
     """Σ w_i ΔW_i exactly, by concatenating the factors; re-ranked like :class:`OptimalRank` on request."""
 
-    factored: ClassVar[bool] = True
     copies_single_source: ClassVar[bool] = True
     rank_default: ClassVar[str] = "exact"
+
+    def factored(self, options: MergeOptions) -> bool:
+        return True
 
     def merge_module(self, job: ModuleJob, options: MergeOptions) -> Factors:
         from loramgr.merge.lowrank import concat_factors, rerank_factors
 
-        exact = concat_factors([(c, a, b) for c, (a, b) in zip(job.coefs, job.factors, strict=True)])
+        exact = concat_factors(job.scaled_parts(options.scale))
         if options.rank is None and options.energy is None:
             return exact
         return rerank_factors(exact.a, exact.b, rank=options.rank, energy=options.energy)
@@ -103,9 +124,11 @@ class ExactSum(MergeMethod):
 class OptimalRank(MergeMethod):
     """The optimal rank-r approximation of Σ w_i ΔW_i, computed from the factors."""
 
-    factored: ClassVar[bool] = True
     copies_single_source: ClassVar[bool] = True
     rank_default: ClassVar[str] = "largest source rank"
+
+    def factored(self, options: MergeOptions) -> bool:
+        return True
 
     def default_rank(self, ranks: list[int]) -> int:
         # PEFT's default for its "svd" combination: the largest source rank
@@ -114,7 +137,7 @@ class OptimalRank(MergeMethod):
     def merge_module(self, job: ModuleJob, options: MergeOptions) -> Factors:
         from loramgr.merge.lowrank import concat_factors, rerank_factors
 
-        exact = concat_factors([(c, a, b) for c, (a, b) in zip(job.coefs, job.factors, strict=True)])
+        exact = concat_factors(job.scaled_parts(options.scale))
         rank = options.rank
         if rank is None and options.energy is None:
             rank = self.default_rank(job.ranks())
@@ -122,30 +145,81 @@ class OptimalRank(MergeMethod):
 
 
 @dataclass(frozen=True)
+class CoreSpaceMethod(MergeMethod):
+    """A method computed in the adapters' own space by :func:`loramgr.merge.core_space.merge_module`
+    under its own name: TSV-M, Iso-C, Iso-CTS, KnOTS-TIES, KnOTS-DARE. The result is a LoRA exactly
+    (rank at most Σ r_i), truncated exactly from the core when ``rank`` or ``energy`` is given."""
+
+    spaces: ClassVar[tuple[str, ...]] = ("core",)
+    rank_default: ClassVar[str] = "exact, at most the sum of source ranks"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parameters", self.parameters | {"space"})
+
+    def factored(self, options: MergeOptions) -> bool:
+        return True
+
+    def merge_module(self, job: ModuleJob, options: MergeOptions) -> Factors:
+        return merge_in_core_space(self.name, job, options)
+
+
+def merge_in_core_space(rule: str, job: ModuleJob, options: MergeOptions) -> Factors:
+    """One module through :func:`loramgr.merge.core_space.merge_module` with ``rule``: DARE's masks
+    from :func:`dare_generator` (as in full space), λ = ``options.scale``, the exact truncation to
+    ``rank`` / ``energy``. Reads only the job's factors: no dense delta is formed."""
+    from loramgr.merge import core_space
+
+    needs_generator = core_space.METHODS[rule][1]
+    rank = options.rank
+    if rank is None and options.energy is None and sum(job.ranks()) > job.max_rank:
+        rank = job.max_rank  # ΔW has rank <= min(d_in, d_out), so this truncation is exact
+    return core_space.merge_module(
+        rule, job.sources(), job.weights, density=options.density, majority_sign=options.majority_sign,
+        generator=dare_generator(options, job.name) if needs_generator else None, scale=options.scale,
+        rank=rank, energy=options.energy,
+    )
+
+
+@dataclass(frozen=True)
 class Elementwise(MergeMethod):
-    """Prune each dense delta, then combine the pruned deltas: TIES, DARE and magnitude pruning.
+    """Prune each delta, then combine the pruned deltas: TIES, DARE and magnitude pruning.
 
     ``prune``: "magnitude" keeps each delta's top ``density`` fraction of entries by magnitude;
     "random" is DARE's drop with probability 1 - density and 1 / density rescale (seeded by
     ``seed``). ``elect_signs``: TIES' sign election (``majority_sign``) and disjoint mean instead of
     the weighted sum. The options a configuration reads follow from these two choices.
+
+    In core space (the default) the rule acts on the sources' R x R cores
+    (:func:`merge_in_core_space`); in full space on the dense deltas (:meth:`merge_dense`), re-ranked.
     """
 
     prune: Literal["magnitude", "random"] = field(default="magnitude", kw_only=True)
     elect_signs: bool = field(default=False, kw_only=True)
 
+    spaces: ClassVar[tuple[str, ...]] = ("core", "full")
+    rank_default: ClassVar[str] = ("exact in core space (at most the sum of source ranks), the sum of source ranks "
+                                   "in full space")
+
     def __post_init__(self) -> None:
-        used = {"density"} | ({"seed"} if self.prune == "random" else set())
+        used = {"density", "space"} | ({"seed"} if self.prune == "random" else set())
         used |= {"majority_sign"} if self.elect_signs else set()
         object.__setattr__(self, "parameters", frozenset(used))
         object.__setattr__(self, "required", frozenset({"density"}))
 
+    def factored(self, options: MergeOptions) -> bool:
+        return options.space != "full"
+
     def merge_module(self, job: ModuleJob, options: MergeOptions) -> Factors:
-        """The element-wise merge, re-ranked (lossily: the kept energy is reported)."""
+        """Core space: the rule on the cores, exact. Full space: the element-wise merge of the dense
+        deltas, re-ranked (lossily: the kept energy is reported)."""
         from loramgr.merge.elementwise import module_seed
         from loramgr.merge.lowrank import rerank_dense
 
+        if options.space != "full":
+            return merge_in_core_space(self.name, job, options)
         merged = self.merge_dense(job, options)
+        if options.scale != 1.0:
+            merged.mul_(options.scale)
         rank = options.rank or min(self.default_rank(job.ranks()), job.max_rank)
         return rerank_dense(merged, rank=rank, energy=options.energy, seed=module_seed(0, job.name, "rerank"))
 
@@ -186,6 +260,11 @@ def register(method: MergeMethod) -> MergeMethod:
     return method
 
 
+def methods_in(space: str) -> list[str]:
+    """Names of the registered methods that can run in ``space``, in registration order."""
+    return [name for name, method in METHODS.items() if space in method.spaces]
+
+
 def methods_using(option: str) -> list[str]:
     """Names of the registered methods that read ``option``, in registration order."""
     return [name for name, method in METHODS.items() if option in method.parameters]
@@ -198,11 +277,18 @@ def method_options() -> set[str]:
 
 register(ExactSum("linear", "exact Σ w_i ΔW_i by concatenation (rank Σ r_i); re-ranked like svd with rank/energy"))
 register(OptimalRank("svd", "optimal rank-r approximation of Σ w_i ΔW_i, from the factors (no dense SVD)"))
-register(Elementwise("ties", "TIES: trim to top density by magnitude, elect signs, disjoint mean; then re-rank",
+register(Elementwise("ties", "TIES: trim to top density by magnitude, elect signs, disjoint mean",
                      prune="magnitude", elect_signs=True))
-register(Elementwise("dare_linear", "DARE: random drop (1 - density) and rescale, then weighted sum; then re-rank",
+register(Elementwise("dare_linear", "DARE: random drop (1 - density) and rescale, then weighted sum",
                      prune="random"))
-register(Elementwise("dare_ties", "DARE's random drop and rescale, then TIES sign election and disjoint mean; "
-                     "then re-rank", prune="random", elect_signs=True))
-register(Elementwise("magnitude_prune", "trim each delta to its top density by magnitude, then weighted sum; "
-                     "then re-rank", prune="magnitude"))
+register(Elementwise("dare_ties", "DARE's random drop and rescale, then TIES sign election and disjoint mean",
+                     prune="random", elect_signs=True))
+register(Elementwise("magnitude_prune", "trim each delta to its top density by magnitude, then weighted sum",
+                     prune="magnitude"))
+register(CoreSpaceMethod("tsv", "TSV-M: each source's top singular vectors, orthogonalised across sources"))
+register(CoreSpaceMethod("iso_c", "Iso-C: the sum's singular vectors with an isotropic (flat) spectrum"))
+register(CoreSpaceMethod("iso_cts", "Iso-CTS: a common and per-source subspaces, isotropic spectrum"))
+register(CoreSpaceMethod("knots_ties", "KnOTS: TIES on the sources' blocks of the SVD of [ΔW_1 ... ΔW_n]",
+                         parameters=frozenset({"density", "majority_sign"}), required=frozenset({"density"})))
+register(CoreSpaceMethod("knots_dare", "KnOTS: DARE then TIES on the blocks of the SVD of [ΔW_1 ... ΔW_n]",
+                         parameters=frozenset({"density", "seed", "majority_sign"}), required=frozenset({"density"})))

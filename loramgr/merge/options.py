@@ -18,11 +18,14 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 from loramgr.errors import MergeOptionError, NothingToMergeError
-from loramgr.merge.methods import METHODS, MergeMethod, method_options, methods_using
+from loramgr.merge.methods import METHODS, MergeMethod, method_options, methods_in, methods_using
 
 #: output dtypes a merge can write, by the names safetensors and ModuleSpec.dtype use
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 MAJORITY_SIGN_METHODS = ("total", "frequency")
+#: where a rule is applied: to the sources' cores in the canonical bases of their stacked factors
+#: ("core", the result is a LoRA exactly), or to the dense deltas entry by entry ("full")
+SPACES = ("core", "full")
 
 
 def flag(option: str) -> str:
@@ -34,7 +37,8 @@ def flag(option: str) -> str:
 class MergeOptions:
     """How to combine adapters: the method and its parameters (see docs/merge-methods.md).
 
-    Help texts may name ``{methods}``, ``{rank_defaults}`` and ``{uses[OPTION]}``: they are filled in
+    Help texts may name ``{methods}``, ``{rank_defaults}``, ``{uses[OPTION]}`` and ``{in_space[SPACE]}``:
+    they are filled in
     from the registry of methods (:func:`option_help`), so a new method appears everywhere at once.
     """
 
@@ -42,6 +46,11 @@ class MergeOptions:
     weights: tuple[float, ...] | None = field(
         default=None,
         metadata={"help": "one weight per adapter, in order (default 1.0 each); negative subtracts"},
+    )
+    scale: float = field(
+        default=1.0,
+        metadata={"help": "global scaling coefficient λ of the merged delta (default 1)",
+                  "example": "e.g. --scale 0.5 halves the merged delta"},
     )
     rank: int | None = field(
         default=None,
@@ -68,6 +77,12 @@ class MergeOptions:
         default=None,
         metadata={"help": "random seed of the drop masks of {uses[seed]} (default 0, recorded in the result)"},
     )
+    space: str | None = field(
+        default=None,
+        metadata={"help": "where the rule of {uses[space]} applies: core (default: on the adapters' own "
+                  "factors, the result is a LoRA exactly) or full (on the dense deltas, then re-ranked: PEFT's "
+                  "ties_svd semantics; only {in_space[full]})"},
+    )
     strict: bool = field(
         default=False,
         metadata={"help": "refuse modules that only some adapters target (default: absent counts as zero)"},
@@ -86,6 +101,8 @@ class MergeOptions:
         # Numbers become floats (so a recipe records 1.0, not 1); anything else is left for validate().
         if isinstance(self.weights, list | tuple):
             object.__setattr__(self, "weights", tuple(float(w) if _is_real(w) else w for w in self.weights))
+        if _is_real(self.scale):
+            object.__setattr__(self, "scale", float(self.scale))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/TOML-able form for recipes and lineage; ``None`` fields are left out (TOML has no null)."""
@@ -140,13 +157,22 @@ class MergeOptions:
                 check(option, value)
         if self.weights is not None:
             check_weights(self.weights, n_adapters)
+        if self.space is not None and self.space not in method.spaces:
+            raise MergeOptionError(
+                f"method {method.name} runs in {' or '.join(method.spaces)} space only, not {flag('space')} "
+                f"{self.space}", option="space", value=self.space,
+                hint=f"drop {flag('space')}, or use a method that runs in {self.space} space: "
+                f"{', '.join(methods_in(self.space))}",
+            )
         return method
 
     def with_defaults(self, n_adapters: int, method: MergeMethod) -> MergeOptions:
-        """The options as actually applied: weights filled in, a seed-using method's seed fixed to 0."""
+        """The options as actually applied: weights filled in, a seed-using method's seed fixed to 0,
+        the space of a method that has one fixed to its default (core)."""
         weights = self.weights if self.weights is not None else (1.0,) * n_adapters
         seed = 0 if self.seed is None and "seed" in method.parameters else self.seed
-        return replace(self, weights=weights, seed=seed)
+        space = method.spaces[0] if self.space is None and method.spaces else self.space
+        return replace(self, weights=weights, seed=seed, space=space)
 
 
 def compress_options(*, rank: int | None, energy: float | None, dtype: str | None = None) -> MergeOptions:
@@ -197,6 +223,7 @@ def option_help(name: str) -> str:
         methods=" or ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else "".join(names),
         rank_defaults="; ".join(f"{', '.join(users)}: {text}" for text, users in rank_defaults.items()),
         uses={option: ", ".join(methods_using(option)) for option in method_options()},
+        in_space={space: ", ".join(methods_in(space)) for space in SPACES},
     )
 
 
@@ -234,6 +261,12 @@ def _choice(choices: tuple[str, ...]) -> Any:
     return check
 
 
+def _check_scale(option: str, value: Any) -> None:
+    if not _is_real(value) or not math.isfinite(value) or value == 0:
+        raise MergeOptionError(f"{flag(option)} {value} is not a finite non-zero number", option=option, value=value,
+                               hint=_field(option).metadata.get("example"))
+
+
 def _check_seed(option: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise MergeOptionError(f"{flag(option)} {value!r} is not an integer", option=option, value=value,
@@ -247,10 +280,12 @@ def _check_switch(option: str, value: Any) -> None:
 
 # value checks of the options every method shares, in the order they are reported
 _VALUE_CHECKS = {
+    "scale": _check_scale,
     "rank": _check_rank,
     "energy": _check_fraction,
     "density": _check_fraction,
     "majority_sign": _choice(MAJORITY_SIGN_METHODS),
+    "space": _choice(SPACES),
     "dtype": _choice(DTYPES),
     "seed": _check_seed,
     "strict": _check_switch,

@@ -17,6 +17,11 @@ version = "1.0.0"
 ```
 ``loramgr show REF --recipe`` writes one; ``loramgr combine --recipe FILE`` reads it. Sources are
 checked by digest, so a recipe never silently runs on other bytes than it recorded.
+
+The ``[merge]`` table records the options as applied, the ``space`` of an element-wise method and the
+global ``scale`` included. A recipe written before merges had a space has no ``space`` key: its
+element-wise method ran on the dense deltas, so it is read as ``space = "full"`` and makes the same
+bytes again (:func:`recipe_options`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidRecipeError, MissingRecipeError
+from .methods import METHODS
 from .options import MergeOptions
 
 if TYPE_CHECKING:
@@ -94,7 +100,7 @@ class Recipe:
             sources=tuple(
                 RecipeSource(s["ref"], float(s["weight"]), s.get("digest")) for s in record.get("sources", [])
             ),
-            options=MergeOptions.from_dict(dict(record.get("options") or {})),
+            options=recipe_options(dict(record.get("options") or {})),
             output=RecipeOutput(output.get("name"), output.get("version")),
             loramgr_version=record.get("loramgr_version"),
         )
@@ -111,6 +117,16 @@ class Recipe:
             document["output"] = self.output.to_dict()
         header = f"# loramgr recipe (made by loramgr {self.loramgr_version})\n" if self.loramgr_version else ""
         return header + tomli_w.dumps(document)
+
+
+def recipe_options(table: dict[str, Any]) -> MergeOptions:
+    """A recipe's ``[merge]`` table as options. Without a ``space`` key the recipe predates spaces, when
+    every element-wise method ran in full space: a method that has a full space gets ``space = "full"``."""
+    name = table.get("method")
+    method = METHODS.get(name) if isinstance(name, str) else None
+    if "space" not in table and method is not None and "full" in method.spaces:
+        table = {**table, "space": "full"}
+    return MergeOptions.from_dict(table)
 
 
 def recipe_toml(details: VersionDetails) -> str:
@@ -152,6 +168,6 @@ def load_recipe(path: str | Path) -> Recipe:
     name, version = output.get("name"), output.get("version")
     return Recipe(
         sources=tuple(parsed),
-        options=MergeOptions.from_dict(merge),
+        options=recipe_options(merge),
         output=RecipeOutput(str(name) if name is not None else None, str(version) if version is not None else None),
     )

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from loramgr.adapter import AdapterInfo, ModuleSpec
-from loramgr.fileio import write_atomic
+from loramgr.fileio import write_atomic, write_atomic_with
 from loramgr.formats.peftconfig import lora_config
 from loramgr.formats.peftconfig import pattern_key as pattern_key  # re-exported: merge callers import it from here
 from loramgr.merge.options import MergeOptions
@@ -161,13 +161,20 @@ class MergedAdapter:
         byte-identical files (the registry's digests then identify a merge). Each file is written to a
         temporary file in the folder and moved into place, so a reader never sees half a file.
         """
-        from safetensors.torch import save
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {key: self.tensors[key].contiguous() for key in sorted(self.tensors)}
-        weights = save(tensors, metadata={"format": "pt"})
+        save_weights(folder / WEIGHTS_NAME, tensors)
         config = json.dumps(self.config, indent=2, sort_keys=True) + "\n"
-        write_atomic(folder / WEIGHTS_NAME, weights)
         write_atomic(folder / CONFIG_NAME, config.encode())
         return folder
+
+
+def save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The safetensors file of ``tensors`` with fixed metadata, written atomically and streamed:
+    safetensors' ``save_file`` writes each tensor straight from its memory, where ``save`` builds the file
+    in memory twice over (for a rank-64 merge of a 7B adapter, 1.2 GB on top of the 610 MB of tensors).
+    Same bytes as ``save``."""
+    from safetensors.torch import save_file
+
+    write_atomic_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
