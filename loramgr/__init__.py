@@ -2,8 +2,8 @@
 
 The public API, imported lazily so that ``import loramgr`` (and the CLI) stay fast::
 
-    loramgr.install(path_or_hf_ref, name=..., version=...)      an adapter into the registry
-    loramgr.export(ref, destination, format="peft" | "kohya" | "diffusers")
+    loramgr.install(path_or_hf_or_oci_ref, name=..., version=...)   an adapter into the registry
+    loramgr.export(ref, destination, format=...)   peft, kohya, diffusers, comfyui, xlabs, gguf, ollama
     loramgr.get(ref)                      a registered adapter (tensors read when needed)
     loramgr.load(ref_or_path)             the same, or a PEFT folder / .safetensors file
     loramgr.combine([...], weights=..., method=..., rank=...)   a merge in memory
