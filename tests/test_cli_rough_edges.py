@@ -1,0 +1,94 @@
+"""Rough edges of the CLI (issue 13): the messages a user meets after a typo or a habit from another tool."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from factories import write_peft_adapter
+
+from loramgr.cli.main import cli
+
+
+def run(*args: str, code: int = 0) -> str:
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.output
+
+
+@pytest.fixture
+def installed(tmp_path: Path) -> Path:
+    """sql-assistant 1.0.0 and 1.1.0 (sharing the README), and chat-helper 0.1.0."""
+    for i, (name, version) in enumerate([("sql-assistant", "1.0.0"), ("sql-assistant", "1.1.0"),
+                                         ("chat-helper", "0.1.0")]):
+        folder = tmp_path / f"run{i}"
+        write_peft_adapter(folder, {"model.layers.0.self_attn.q_proj": (32, 32, 4)}, seed=i, base_model="tiny",
+                           readme="---\nlicense: mit\n---\n\nA test adapter.\n")
+        run("install", str(folder), "--name", name, "--version", version)
+    return tmp_path
+
+
+def test_list_of_an_unknown_name_says_so_and_suggests(installed):
+    out = run("list", "sql-asistant", code=1)
+    assert "no adapter named 'sql-asistant'" in out
+    assert "did you mean sql-assistant?" in out
+    assert "no adapters installed" not in out
+
+
+def test_list_of_an_empty_registry_still_says_nothing_is_installed():
+    assert "no adapters installed" in run("list")
+
+
+@pytest.mark.parametrize("command", [["show"], ["tag", "", "stable"], ["remove"], ["export", "", "out"]])
+def test_every_reference_gets_a_did_you_mean(installed, command):
+    args = [a if a else "chat-helpr" for a in command]
+    if command[0] == "show":
+        args.append("chat-helpr")
+    elif command[0] == "remove":
+        args.append("chat-helpr==0.1.0")
+    out = run(*args, code=1)
+    assert "no adapter named 'chat-helpr'" in out and "did you mean chat-helper?" in out
+
+
+def test_no_suggestion_for_a_name_unlike_any(installed):
+    out = run("show", "zzzz", code=1)
+    assert "did you mean" not in out and "loramgr list" in out
+
+
+def test_ollama_and_huggingface_cli_habits_are_recognised(installed):
+    out = run("show", "sql-assistant:1.0.0", code=1)
+    assert "sql-assistant==1.0.0" in out
+    out = run("show", "someone/sql-lora", code=1)
+    assert "hf://someone/sql-lora" in out
+
+
+@pytest.mark.parametrize("tag", ["1.1.0", "v2", "2", "1.0rc1"])
+def test_version_like_tags_are_refused(installed, tag):
+    out = run("tag", "sql-assistant==1.0.0", tag, code=1)
+    assert "a tag that looks like a version would be ambiguous" in out
+    assert all(row["tags"] == [] for row in json.loads(run("list", "--json")))  # nothing tagged
+
+
+def test_word_tags_still_work(installed):
+    run("tag", "sql-assistant==1.0.0", "stable")
+    assert "1.0.0" in run("show", "sql-assistant@stable")
+
+
+def test_remove_names_dropped_tags_and_hints_gc_only_when_it_frees_something(installed):
+    run("tag", "sql-assistant==1.0.0", "stable")
+    run("tag", "sql-assistant==1.0.0", "prod")
+    out = run("remove", "sql-assistant==1.0.0")
+    assert "removed sql-assistant==1.0.0 and its tag(s) prod, stable" in out
+    assert "run 'loramgr gc' to free" in out  # its weights and config are used by no other version
+    run("gc")
+    # chat-copy stores the very same files as chat-helper: removing one of them frees nothing
+    run("install", str(installed / "run2"), "--name", "chat-copy", "--version", "0.1.0")
+    out = run("remove", "chat-helper")
+    assert out == "removed chat-helper==0.1.0\n"
+    out = run("remove", "chat-copy")
+    assert "run 'loramgr gc' to free" in out
+    run("gc")
+    assert "no adapter named" in run("remove", "chat-helper", code=1)
