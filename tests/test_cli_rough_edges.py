@@ -92,3 +92,25 @@ def test_remove_names_dropped_tags_and_hints_gc_only_when_it_frees_something(ins
     assert "run 'loramgr gc' to free" in out
     run("gc")
     assert "no adapter named" in run("remove", "chat-helper", code=1)
+
+
+def test_a_bare_version_in_loramgr_toml_means_that_version(installed, monkeypatch):
+    monkeypatch.chdir(installed)
+    (installed / "loramgr.toml").write_text('[adapters]\nsql-assistant = "1.0.0"\n')
+    run("lock")
+    lock = (installed / "loramgr.lock").read_text()
+    assert 'name = "sql-assistant"' in lock and 'version = "1.0.0"' in lock  # not the newest, 1.1.0
+    assert "1.1.0" not in lock
+
+
+@pytest.mark.parametrize(("toml", "entry", "words"), [
+    ('[adapters]\nsql = "one"\n', "sql", "invalid version specifier 'one'"),
+    ('[adapters]\n"sql:1.0.0" = "*"\n', "sql:1.0.0", "sql==1.0.0"),
+])
+def test_toml_mistakes_name_the_file_and_entry(tmp_path, monkeypatch, toml, entry, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loramgr.toml").write_text(toml)
+    out = run("lock", code=1)
+    assert out.startswith(f"Error: loramgr.toml: {entry}: ") and words in out, out
+    assert len(out.strip().splitlines()) == 1
+    assert not (tmp_path / "loramgr.lock").exists()
