@@ -114,3 +114,16 @@ def test_toml_mistakes_name_the_file_and_entry(tmp_path, monkeypatch, toml, entr
     assert out.startswith(f"Error: loramgr.toml: {entry}: ") and words in out, out
     assert len(out.strip().splitlines()) == 1
     assert not (tmp_path / "loramgr.lock").exists()
+
+
+def test_push_without_a_network_is_one_line(installed, monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a port that nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    out = run("push", "chat-helper", "--repo", "me/chat-helper", code=1)
+    assert out.startswith(f"Error: push to me/chat-helper failed: cannot reach http://127.0.0.1:{port}")
+    assert len(out.strip().splitlines()) == 1 and "Traceback" not in out
