@@ -127,3 +127,22 @@ def test_push_without_a_network_is_one_line(installed, monkeypatch):
     out = run("push", "chat-helper", "--repo", "me/chat-helper", code=1)
     assert out.startswith(f"Error: push to me/chat-helper failed: cannot reach http://127.0.0.1:{port}")
     assert len(out.strip().splitlines()) == 1 and "Traceback" not in out
+
+
+@pytest.mark.parametrize("doc", ["hub.md", "guide.md"])
+def test_every_option_the_docs_name_exists(doc):
+    import re
+
+    import click
+
+    def options(command: click.Command) -> set[str]:
+        found = {o for p in command.params for o in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
+        for sub in getattr(command, "commands", {}).values():
+            found |= options(sub)
+        return found
+
+    known = options(cli)
+    text = (Path(__file__).parent.parent / "docs" / doc).read_text()
+    named = {m[2] for m in re.finditer(r"(no `)?(--[a-z][a-z-]*[a-z])\b", text) if not m[1]}
+    named -= {f"--{part}" for part in re.findall(r"\w+--(\w[\w-]*)", text)}  # models--owner--repo folders
+    assert named and named <= known, sorted(named - known)
