@@ -146,3 +146,25 @@ def test_every_option_the_docs_name_exists(doc):
     named = {m[2] for m in re.finditer(r"(no `)?(--[a-z][a-z-]*[a-z])\b", text) if not m[1]}
     named -= {f"--{part}" for part in re.findall(r"\w+--(\w[\w-]*)", text)}  # models--owner--repo folders
     assert named and named <= known, sorted(named - known)
+
+
+@pytest.mark.parametrize("base_model", ["", "tiny/base"])
+def test_peft_template_readme_is_no_description_and_gives_no_empty_base_model_tag(tmp_path, base_model):
+    import yaml
+    from factories import peft_adapter_from_model, tiny_llama
+
+    # PEFT's own save_pretrained writes huggingface_hub's template card; a model built from a config has
+    # no name_or_path, so PEFT tags it 'base_model:adapter:' with nothing after the colon
+    folder = peft_adapter_from_model(tiny_llama(), tmp_path / "peft-run", base_model=base_model)
+    written = (folder / "README.md").read_text()
+    assert "Users (both direct and downstream) should be made aware" in written
+    assert "- 'base_model:adapter:'\n" in written
+    run("install", str(folder), "--name", "templated", "--version", "1.0.0")
+    card = json.loads(run("show", "templated", "--json"))["card"]
+    assert card["description"] is None and "base_model:adapter:" not in card["tags"]
+
+    pushed = run("push", "templated", "--repo", "me/templated", "--dry-run").split("\n\n", 1)[1]
+    meta = yaml.safe_load(pushed.split("---")[1])
+    linked = [tag for tag in meta["tags"] if tag.startswith("base_model:")]
+    assert linked == ([f"base_model:adapter:{base_model}"] if base_model else []), meta["tags"]
+    assert "Users (both direct" not in pushed and "A LoRA adapter" in pushed
