@@ -168,3 +168,14 @@ def test_peft_template_readme_is_no_description_and_gives_no_empty_base_model_ta
     linked = [tag for tag in meta["tags"] if tag.startswith("base_model:")]
     assert linked == ([f"base_model:adapter:{base_model}"] if base_model else []), meta["tags"]
     assert "Users (both direct" not in pushed and "A LoRA adapter" in pushed
+
+
+def test_method_names_are_case_insensitive(installed):
+    from loramgr.registry import Registry
+
+    run("combine", "sql-assistant==1.0.0", "chat-helper", "--method", "SVD", "--rank", "4", "--name", "upper")
+    run("combine", "sql-assistant==1.0.0", "chat-helper", "--method", "svd", "--rank", "4", "--name", "lower")
+    registry = Registry.open()
+    assert registry.show("upper").digest == registry.show("lower").digest
+    assert "is not a merge method" in run("combine", "sql-assistant", "chat-helper", "--method", "SLERP",
+                                          "--name", "x", code=1)

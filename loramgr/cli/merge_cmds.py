@@ -19,6 +19,11 @@ from ..merge.options import MergeOptions, check_weight_count, option_help
 from .render import progress_bars
 
 _SKIP = {"weights"}  # given as --weights 0.7,0.3
+_WORDS = {"method", "space"}  # names, not values: --method SVD is --method svd
+
+
+def _lower(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    return value.lower() if value is not None else None
 
 
 def _click_type(name: str) -> tuple[Any, bool]:
@@ -45,7 +50,9 @@ def merge_options(exclude: set[str] | frozenset[str] = frozenset()) -> Decorator
             if is_flag:
                 func = click.option(flag, f.name, is_flag=True, default=None, help=help_text)(func)
             else:
-                func = click.option(flag, f.name, type=click_type, default=None, help=help_text)(func)
+                callback = _lower if f.name in _WORDS else None
+                func = click.option(flag, f.name, type=click_type, default=None, help=help_text,
+                                    callback=callback)(func)
         return func
 
     return decorate
