@@ -179,3 +179,40 @@ def test_method_names_are_case_insensitive(installed):
     assert registry.show("upper").digest == registry.show("lower").digest
     assert "is not a merge method" in run("combine", "sql-assistant", "chat-helper", "--method", "SLERP",
                                           "--name", "x", code=1)
+
+
+def _stderr_on_a_terminal(*args: str) -> tuple[int, str]:
+    """Run the loramgr command with stderr on a pseudo-terminal (stdout a pipe); returns (exit code, stderr)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))  # 30 rows, 100 columns
+    with subprocess.Popen(["loramgr", *args], stdout=subprocess.PIPE, stderr=follower) as proc:
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        proc.communicate()
+    os.close(leader)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def test_merges_draw_a_module_bar_on_a_terminal_unless_quiet(installed):
+    code, drawn = _stderr_on_a_terminal("combine", "sql-assistant==1.0.0", "chat-helper", "--name", "bar")
+    assert code == 0 and "combining" in drawn and "/1 [" in drawn and "module" in drawn, drawn
+    code, drawn = _stderr_on_a_terminal("compress", "bar", "--rank", "2", "--name", "bar-r2")
+    assert code == 0 and "compressing" in drawn and "/1 [" in drawn, drawn
+    code, drawn = _stderr_on_a_terminal("compress", "bar", "--rank", "1", "--name", "bar-r1", "--quiet")
+    assert code == 0 and drawn == ""
+    assert "combining" not in run("combine", "bar", "chat-helper", "--name", "piped")  # not a terminal
