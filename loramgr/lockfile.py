@@ -27,7 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from .errors import IntegrityError, NotFoundError, ProjectFileError
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from .errors import IntegrityError, InvalidReferenceError, NotFoundError, ProjectFileError
 from .registry import Registry
 from .registry.records import ManifestEntry, manifest_digest
 from .registry.refs import check_name
@@ -95,9 +98,13 @@ def read_requirements(path: str | Path) -> list[Requirement]:
                                hint='list adapters as name = ">=1.0" or name = { hub = "owner/repo" }')
     result = []
     for name, value in sorted(adapters.items()):
-        check_name(name)
+        try:
+            check_name(name)
+        except InvalidReferenceError as exc:
+            raise ProjectFileError(f"{path}: {name}: {exc.message}", path=str(path), entry=name,
+                                   hint=exc.hint) from None
         if isinstance(value, str):
-            result.append(Requirement(name, value.strip()))
+            result.append(Requirement(name, _specifier(path, name, value)))
         elif isinstance(value, dict) and isinstance(value.get("hub"), str):
             unknown = set(value) - {"hub", "revision", "subfolder"}
             if unknown:
@@ -112,6 +119,25 @@ def read_requirements(path: str | Path) -> list[Requirement]:
                 f"{path}: {name}: expected a version specifier or {{ hub = ... }} (or {{ oci = ... }})",
                 path=str(path), entry=name)
     return result
+
+
+def _specifier(path: Path, name: str, text: str) -> str:
+    """An entry's version specifier; a bare version means exactly that version, as in Cargo and npm."""
+    text = text.strip()
+    if text in ("", "*"):
+        return text
+    if text[0] not in "=<>!~":
+        try:
+            return f"=={Version(text)}"
+        except InvalidVersion:
+            pass
+    try:
+        SpecifierSet(text)
+    except InvalidSpecifier:
+        raise ProjectFileError(
+            f"{path}: {name}: invalid version specifier {text!r}", path=str(path),
+            entry=name, hint='write e.g. "1.0.0", "==1.0.0", ">=1.0,<2" or "*"') from None
+    return text
 
 
 def lock(registry: Registry, requirements: list[Requirement], *, progress: Progress | None = None) -> list[Locked]:

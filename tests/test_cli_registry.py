@@ -89,7 +89,8 @@ def test_issue_walkthrough(runs, loramgr_home, tmp_path):
     assert refused.strip() == "Error: out exists and is not empty: choose a new or empty folder"
 
     assert "'sql-assistant' matches 2 versions" in invoke("remove", "sql-assistant", code=1)
-    assert invoke("remove", "sql-assistant==1.0.0").splitlines()[0] == "removed sql-assistant==1.0.0"
+    removed = invoke("remove", "sql-assistant==1.0.0").splitlines()[0]
+    assert removed == "removed sql-assistant==1.0.0 and its tag(s) stable"
     assert [r["version"] for r in json.loads(invoke("list", "--json"))] == ["1.1.0"]
     assert len(blobs(loramgr_home)) == 5  # remove touches rows only
 

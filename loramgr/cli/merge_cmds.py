@@ -19,6 +19,11 @@ from ..merge.options import MergeOptions, check_weight_count, option_help
 from .render import progress_bars
 
 _SKIP = {"weights"}  # given as --weights 0.7,0.3
+_WORDS = {"method", "space"}  # names, not values: --method SVD is --method svd
+
+
+def _lower(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    return value.lower() if value is not None else None
 
 
 def _click_type(name: str) -> tuple[Any, bool]:
@@ -45,7 +50,9 @@ def merge_options(exclude: set[str] | frozenset[str] = frozenset()) -> Decorator
             if is_flag:
                 func = click.option(flag, f.name, is_flag=True, default=None, help=help_text)(func)
             else:
-                func = click.option(flag, f.name, type=click_type, default=None, help=help_text)(func)
+                callback = _lower if f.name in _WORDS else None
+                func = click.option(flag, f.name, type=click_type, default=None, help=help_text,
+                                    callback=callback)(func)
         return func
 
     return decorate
@@ -113,8 +120,9 @@ def _report(result: Any) -> None:
 @click.option("--version", "version", help="Version of the result (default: 0.1.0 or the next minor).")
 @click.option("--output", type=click.Path(), help="Write a PEFT folder here instead of registering.")
 @click.option("--recipe", "recipe_path", type=click.Path(), help="Take sources and parameters from a TOML recipe.")
+@click.option("-q", "--quiet", is_flag=True, help="Draw no progress bar (drawn on a terminal only).")
 def combine(references: tuple[str, ...], weights_text: str | None, name: str | None, version: str | None,
-            output: str | None, recipe_path: str | None, **flags: Any) -> None:
+            output: str | None, recipe_path: str | None, quiet: bool, **flags: Any) -> None:
     """Combine adapters into a new one with a merge method (see --method).
 
     Every method works on each adapter's delta s*B*A; see docs/merge-methods.md.
@@ -122,7 +130,7 @@ def combine(references: tuple[str, ...], weights_text: str | None, name: str | N
     from ..merge.operations import combine as combine_step
     from ..merge.operations import combine_from_recipe, require_destination
 
-    with progress_bars() as progress:
+    with progress_bars(modules="combining", quiet=quiet) as progress:
         if recipe_path:
             if references or any(v is not None for v in flags.values()) or weights_text:
                 raise click.UsageError("--recipe takes sources and parameters from the file; give no others")
@@ -145,14 +153,15 @@ def combine(references: tuple[str, ...], weights_text: str | None, name: str | N
 @click.option("--name", help="Register the result under this name.")
 @click.option("--version", "version", help="Version of the result.")
 @click.option("--output", type=click.Path(), help="Write a PEFT folder here instead of registering.")
+@click.option("-q", "--quiet", is_flag=True, help="Draw no progress bar (drawn on a terminal only).")
 def compress(reference: str, rank: int | None, energy: float | None, dtype: str | None, name: str | None,
-             version: str | None, output: str | None) -> None:
+             version: str | None, output: str | None, quiet: bool) -> None:
     """Re-rank one adapter to a smaller rank: the optimal approximation, computed from its factors."""
     from ..merge.operations import compress as compress_step
     from ..merge.operations import require_destination
 
     require_destination(name, output)
-    with progress_bars() as progress:
+    with progress_bars(modules="compressing", quiet=quiet) as progress:
         result = compress_step(reference, rank=rank, energy=energy, dtype=dtype, name=name, version=version,
                                output=output, progress=progress)
     _report(result)

@@ -70,11 +70,14 @@ def list_(name: str | None, as_json: bool, digests: bool, base_family: str | Non
         rows = versions_for_family(open_registry(), base_family, name)
     if rows is None:
         rows = open_registry().list_versions(name)
+    if not rows and name and not base_family:
+        open_registry().resolve(name)  # the one not-found error, with its did-you-mean
     if as_json:
         echo_json([r.to_dict() for r in rows])
         return
     if not rows:
-        click.echo("no adapters installed; try 'loramgr install PATH'")
+        click.echo("no adapters installed; try 'loramgr install PATH'" if not base_family
+                   else f"no installed adapter is for the {base_family} family")
         return
     click.echo(table(
         ["NAME", "VERSION", "TYPE", "RANK", "MODULES", "SIZE", "BASE MODEL", "TAGS", "DIGEST"],
@@ -187,15 +190,19 @@ def export(reference: str, destination: str, fmt: str, base: str | None) -> None
 @click.option("--dry-run", is_flag=True, help="Print what would be removed and stop.")
 def remove(reference: str, all_versions: bool, dry_run: bool) -> None:
     """Remove an adapter version from the registry (its blobs go at the next 'loramgr gc')."""
-    from ..registry import execute_remove, plan_remove
+    from ..registry import execute_remove, plan_gc, plan_remove
 
     registry = open_registry()
     plan = plan_remove(registry, reference, all_versions=all_versions)
     for item in plan.items:
-        click.echo(f"{'would remove' if dry_run else 'removed'} {item.label}")
+        tags = registry.show(item.label).tags
+        dropped = f" and its tag(s) {', '.join(sorted(tags))}" if tags else ""
+        click.echo(f"{'would remove' if dry_run else 'removed'} {item.label}{dropped}")
     if not dry_run:
         execute_remove(registry, plan)
-        click.echo("run 'loramgr gc' to free blobs no longer used")
+        freeable = plan_gc(registry).freed
+        if freeable:
+            click.echo(f"run 'loramgr gc' to free {human_size(freeable)} of blobs no longer used")
 
 
 @click.command()

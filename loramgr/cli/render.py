@@ -32,9 +32,16 @@ def echo_json(data: Any) -> None:
 
 
 @contextmanager
-def progress_bars() -> Iterator[Callable[[str, int, int], None] | None]:
-    """A progress callback drawing one tqdm bar per label, for files large enough to wait on."""
-    if not sys.stderr.isatty():
+def progress_bars(
+    *, modules: str | None = None, quiet: bool = False
+) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A progress callback drawing tqdm bars on stderr, on a terminal only (never with ``quiet``).
+
+    By default one bar per label counts bytes, for files large enough to wait on. With ``modules``
+    (the bar's title, e.g. "merging"), the calls are a merge's ``(module, done, total)``: one bar
+    counts modules, names the module just done and shows the time left.
+    """
+    if quiet or not sys.stderr.isatty():
         yield None
         return
     from tqdm import tqdm
@@ -49,8 +56,15 @@ def progress_bars() -> Iterator[Callable[[str, int, int], None] | None]:
             bar = bars[label] = tqdm(total=total, desc=label, unit="B", unit_scale=True, leave=False)
         bar.update(done - bar.n)
 
+    def update_modules(module: str, done: int, total: int) -> None:
+        bar = bars.get("modules")
+        if bar is None:
+            bar = bars["modules"] = tqdm(total=total, desc=modules, unit="module", leave=False, file=sys.stderr)
+        bar.set_postfix_str(module, refresh=False)
+        bar.update(done - bar.n)
+
     try:
-        yield update
+        yield update_modules if modules else update
     finally:
         for bar in bars.values():
             bar.close()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConflictError, HubError, IntegrityError, InvalidReferenceError
-from .errors import download_error, no_adapter_files, push_error
+from .errors import download_error, no_adapter_files, push_error, push_errors
 from .modelcard import parse_card
 
 logger = logging.getLogger(__name__)
@@ -245,7 +245,6 @@ def push(
     tag holds this adapter and nothing stale.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     token = resolve_token(token)
     if not token:
@@ -282,8 +281,8 @@ def push(
             parent_commit=head or None,  # refuse to commit over a concurrent push
         ).oid
         api.create_tag(plan.repo_id, tag=plan.tag, revision=commit, tag_message=f"loramgr {plan.tag}")
-    except HfHubHTTPError as exc:
-        raise push_error(exc, plan.repo_id) from exc
+    except push_errors() as exc:
+        raise push_error(exc, plan.repo_id, api.endpoint) from exc
     return commit
 
 

@@ -123,9 +123,18 @@ def no_adapter_files(source: HubSource, *, cache_dir: Path, commit: str, allow_p
     return HubError(f"{source}: no adapter files", hint=hint)
 
 
-def push_error(exc: Exception, repo_id: str) -> HubError:
-    """A failed write: no access, a concurrent push, or the Hub being unwell."""
+def push_errors() -> tuple[type[Exception], ...]:
+    """What a push translates with :func:`push_error`: HTTP answers, and a network that does not answer."""
+    return tuple(e for e in _transfer_errors() if issubclass(e, Exception))
+
+
+def push_error(exc: Exception, repo_id: str, endpoint: str | None = None) -> HubError:
+    """A failed write: no network, no access, a concurrent push, or the Hub being unwell."""
     status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status is None and isinstance(exc, _network_errors()):
+        where = endpoint or "the Hub"
+        return HubError(f"push to {repo_id} failed: cannot reach {where} ({_first_line(exc)})",
+                        hint="check the network (and HF_ENDPOINT), then push again")
     if status in (401, 403, 404):
         return HubError(
             f"cannot write to {repo_id} (HTTP {status})", hint="use a token with write access to that namespace"
@@ -134,4 +143,24 @@ def push_error(exc: Exception, repo_id: str) -> HubError:
         return HubError(f"{repo_id}: the tag was created by someone else meanwhile", hint="push again to compare")
     if status == 412:
         return HubError(f"{repo_id} changed during the push", hint="push again")
-    return HubError(f"push to {repo_id} failed (HTTP {status or '?'})", hint="try again later")
+    if status is None:
+        return HubError(f"push to {repo_id} failed ({type(exc).__name__}: {_first_line(exc)})",
+                        hint="retry with LORAMGR_DEBUG=1")
+    return HubError(f"push to {repo_id} failed (HTTP {status})", hint="try again later")
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """A connection refused, reset or timed out, in the builtin and in the HTTP clients' own classes."""
+    import importlib
+
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]

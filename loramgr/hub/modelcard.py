@@ -54,19 +54,39 @@ def parse_card(text: str) -> dict[str, Any]:
     description = None
     for block in re.split(r"\n\s*\n", body):
         block = block.strip()
-        if block and not block.startswith(("#", "<!--", "-", "|", "```", "[", "*")):
+        if block and not block.startswith(("#", "<!--", "-", "|", "```", "[", "*")) and not _template_text(block):
             description = " ".join(block.split())[:1000]
             break
     tags = meta.get("tags") or []
+    tags = [str(t) for t in ([tags] if isinstance(tags, str) else tags)]
     base_model = meta.get("base_model")
     if isinstance(base_model, list):  # the Hub allows a list; the first is the one adapted
         base_model = base_model[0] if base_model else None
     return {
         "license": meta.get("license"),
         "base_model": str(base_model) if base_model else None,
-        "tags": [str(t) for t in ([tags] if isinstance(tags, str) else tags)],
+        "tags": [t for t in tags if not _empty_base_model_tag(t)],
         "description": description,
     }
+
+
+# The prose huggingface_hub's model card template (which PEFT's save_pretrained fills in) writes when
+# nothing was given: it describes no adapter, so it is never taken for a description.
+_TEMPLATE_PROSE = (
+    "Users (both direct and downstream) should be made aware of the risks",
+    "Use the code below to get started with the model.",
+    "Carbon emissions can be estimated using the [Machine Learning Impact calculator]",
+)
+
+
+def _template_text(block: str) -> bool:
+    text = " ".join(block.split())
+    return text.startswith(_TEMPLATE_PROSE) or "More Information Needed" in text
+
+
+def _empty_base_model_tag(tag: str) -> bool:
+    """``base_model:adapter:`` with nothing after it: PEFT writes it for a model built from a config."""
+    return tag.startswith("base_model:") and tag.endswith(":")
 
 
 def render_model_card(details: VersionDetails, *, repo_id: str, recipe_toml: str | None = None) -> str:
@@ -85,7 +105,7 @@ def render_model_card(details: VersionDetails, *, repo_id: str, recipe_toml: str
     tags = ["lora", "loramgr"]
     if base_model:
         tags.append(f"base_model:adapter:{base_model}")
-    tags += [t for t in card.get("tags") or [] if t not in tags]
+    tags += [t for t in card.get("tags") or [] if t not in tags and not t.startswith("base_model:adapter:")]
     meta: dict[str, Any] = {"library_name": "peft"}
     if base_model:
         meta["base_model"] = base_model

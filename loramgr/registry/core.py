@@ -358,8 +358,10 @@ class Registry:
             return rows[0]
         adapter = session.scalar(select(Adapter).where(Adapter.name == ref.name))
         if adapter is None:
+            known = session.scalars(select(Adapter.name)).all()
             raise NotFoundError(f"no adapter named {ref.name!r}", reference=reference,
-                                hint="run 'loramgr list' to see installed adapters")
+                                hint=refs.did_you_mean(str(ref.name), known)
+                                or "run 'loramgr list' to see installed adapters")
         if ref.kind == "tag":
             tag = session.scalar(select(Tag).where(Tag.adapter_id == adapter.id, Tag.tag == ref.tag))
             if tag is None:

@@ -14,6 +14,7 @@ Names compare as ``packaging.utils.canonicalize_name`` normalises them.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -64,12 +65,33 @@ def newest(versions: Iterable[Version]) -> Version | None:
 def check_name(name: str) -> str:
     """Validate an adapter name; returns its canonical form."""
     if not _NAME.match(name):
-        raise InvalidReferenceError(
-            f"invalid adapter name {name!r}",
-            reference=name,
-            hint="use letters, digits, '.', '_' and '-', starting and ending with a letter or digit",
-        )
+        raise InvalidReferenceError(f"invalid adapter name {name!r}", reference=name, hint=_name_hint(name))
     return canonicalize_name(name)
+
+
+def _name_hint(name: str) -> str:
+    """What an invalid name was probably meant to be: ollama's name:1.0.0, huggingface-cli's owner/repo."""
+    base, colon, version = name.partition(":")
+    if colon and _NAME.match(base) and _looks_like_version(version):
+        return f"versions are written {base}=={version}"
+    owner, slash, repo = name.partition("/")
+    if slash and _NAME.match(owner) and _NAME.match(repo):
+        return f"to install from the Hugging Face Hub, write hf://{name}"
+    return "use letters, digits, '.', '_' and '-', starting and ending with a letter or digit"
+
+
+def _looks_like_version(text: str) -> bool:
+    try:
+        Version(text)
+    except InvalidVersion:
+        return False
+    return len(text) <= 100
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str | None:
+    """'did you mean X?' for the known name closest to a mistyped one, or None."""
+    close = difflib.get_close_matches(canonicalize_name(name), list(known), n=1, cutoff=0.6)
+    return f"did you mean {close[0]}?" if close else None
 
 
 def parse_version(text: str) -> Version:
@@ -89,6 +111,12 @@ def check_tag(tag: str) -> str:
             f"invalid tag {tag!r}",
             reference=tag,
             hint="tags are letters, digits, '.', '_' and '-'; 'latest' is reserved for the newest version",
+        )
+    if re.fullmatch(r"v?[0-9]+(\.[0-9]+)*", tag, re.IGNORECASE) or _looks_like_version(tag):
+        raise InvalidReferenceError(
+            f"invalid tag {tag!r}: a tag that looks like a version would be ambiguous",
+            reference=tag,
+            hint="name the version with NAME==VERSION, and give tags words such as 'stable' or 'prod'",
         )
     return tag
 
