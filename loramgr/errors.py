@@ -264,3 +264,12 @@ class StoreWriteError(LoramgrError):
     def __init__(self, message: str, *, path: str, hint: str | None = None) -> None:
         self.path = path
         super().__init__(message, hint=hint)
+
+
+class InvalidConfigFieldError(InvalidAdapterError):
+    """A field of an adapter's config (adapter_config.json, or the config a file's metadata carries) has the
+    wrong type or range: names the file and the field."""
+
+    def __init__(self, message: str, *, path: str, field: str, hint: str | None = None) -> None:
+        self.field = field
+        super().__init__(message, path=path, hint=hint or "fix the field, or re-save the adapter with PEFT")

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import InvalidAdapterError
 
@@ -92,32 +94,12 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             raw = handle.read(length)
     except OSError as exc:
         raise InvalidAdapterError(f"{path}: cannot read ({exc.strerror})", path=str(path)) from exc
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidAdapterError(f"{path}: safetensors header is not valid JSON", path=str(path), hint=hint) from exc
-    if not isinstance(header, dict):
-        raise InvalidAdapterError(f"{path}: safetensors header is not a JSON object", path=str(path), hint=hint)
-    metadata = header.pop("__metadata__", None) or {}
+    header = _parse_json(raw, path, hint)
     data_size = size - 8 - length
+    metadata = _metadata(header.pop("__metadata__", None), path, hint)
     tensors: dict[str, TensorEntry] = {}
     for name, entry in header.items():
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            start, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidAdapterError(
-                f"{path}: malformed header entry for tensor {name!r}", path=str(path), hint=hint
-            ) from exc
-        expected = math.prod(shape) * DTYPE_SIZES.get(dtype, 0)
-        if dtype not in DTYPE_SIZES or end - start != expected or start < 0 or end > data_size:
-            raise InvalidAdapterError(
-                f"{path}: tensor {name!r} ({dtype}, shape {list(shape)}) lies outside the file's data",
-                path=str(path),
-                hint=hint,
-            )
-        tensors[name] = TensorEntry(dtype, shape, (start, end))
+        tensors[name] = _entry(name, entry, data_size, path, hint)
     # the format requires the tensors to tile the data section exactly (safetensors refuses holes/overlaps)
     position = 0
     for name, entry in sorted(tensors.items(), key=lambda item: item[1].offsets):
@@ -132,7 +114,107 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         raise InvalidAdapterError(
             f"{path}: {data_size - position} bytes after the last tensor", path=str(path), hint=hint
         )
-    return SafetensorsHeader(path, tensors, dict(metadata), 8 + length, size)
+    return SafetensorsHeader(path, tensors, metadata, 8 + length, size)
+
+
+#: the safetensors library parses the header with serde_json, which stops at 128 levels of nesting
+MAX_NESTING = 128
+_UINT_MAX = 2**64 - 1
+
+
+def _parse_json(raw: bytes, path: Path, hint: str) -> dict[str, Any]:
+    """The header as the safetensors library reads it: strict UTF-8 JSON, no NaN / Infinity, no lone
+    surrogates, at most MAX_NESTING levels deep, an object at the top."""
+
+    def refuse(why: str) -> InvalidAdapterError:
+        return InvalidAdapterError(f"{path}: safetensors header {why}", path=str(path), hint=hint)
+
+    def constant(name: str) -> None:
+        raise refuse(f"holds {name}, which is not JSON")
+
+    try:
+        text = raw.decode("utf-8")
+        if _depth(text) > MAX_NESTING:
+            raise refuse(f"nests deeper than {MAX_NESTING} levels")
+        header = json.loads(text, parse_constant=constant)
+    except UnicodeDecodeError as exc:
+        raise refuse("is not valid JSON (not UTF-8 text)") from exc
+    except json.JSONDecodeError as exc:
+        raise refuse(f"is not valid JSON ({exc.msg} at byte {exc.pos})") from exc
+    except RecursionError as exc:
+        raise refuse(f"nests deeper than {MAX_NESTING} levels") from exc
+    if not isinstance(header, dict):
+        raise refuse("is not a JSON object")
+    for key in header:
+        if has_surrogate(key):
+            raise refuse(f"has a tensor name with a lone surrogate ({key!r})")
+    return header
+
+
+def _depth(text: str) -> int:
+    """How deeply the JSON text nests arrays and objects (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_STRINGS.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def has_surrogate(text: str) -> bool:
+    """True if ``text`` holds a lone UTF-16 surrogate (JSON's "\\ud800"), which is not Unicode text."""
+    return any("\ud800" <= char <= "\udfff" for char in text)
+
+
+def _metadata(value: object, path: Path, hint: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidAdapterError(f"{path}: safetensors __metadata__ is a {type(value).__name__}, not an object "
+                                  "of strings", path=str(path), hint=hint)
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise InvalidAdapterError(f"{path}: safetensors __metadata__[{key!r}] is a {type(item).__name__}, "
+                                      "not a string", path=str(path), hint=hint)
+        if has_surrogate(key) or has_surrogate(item):
+            raise InvalidAdapterError(f"{path}: safetensors __metadata__[{key!r}] holds a lone surrogate",
+                                      path=str(path), hint=hint)
+    return dict(value)
+
+
+def _uints(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= _UINT_MAX for x in value)
+
+
+def _entry(name: str, entry: object, data_size: int, path: Path, hint: str) -> TensorEntry:
+    """One tensor's header entry, checked field by field as the safetensors library checks it."""
+
+    def refuse(why: str) -> InvalidAdapterError:
+        return InvalidAdapterError(f"{path}: header entry of tensor {name!r}: {why}", path=str(path),
+                                   module=name, hint=hint)
+
+    if not isinstance(entry, dict):
+        raise refuse(f"is a {type(entry).__name__}, not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise refuse(f"no {key}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise refuse(f"dtype {dtype!r} is not one of {', '.join(DTYPE_SIZES)}")
+    if not _uints(shape):
+        raise refuse(f"shape {shape!r} is not a list of non-negative integers")
+    if not _uints(offsets) or len(offsets) != 2:
+        raise refuse(f"data_offsets {offsets!r} is not a pair of non-negative integers")
+    start, end = offsets
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end < start or end - start != expected or end > data_size:
+        raise refuse(f"{dtype} {list(shape)} needs {expected} bytes, data_offsets [{start}, {end}] "
+                     f"{'lie outside the file' if end > data_size else 'disagree'}")
+    return TensorEntry(dtype, tuple(shape), (start, end))
 
 
 def find_non_finite(header: SafetensorsHeader, progress: Callable[[str, int, int], None] | None = None

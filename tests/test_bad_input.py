@@ -264,3 +264,170 @@ def test_overlapping_tensors(home, tmp_path):
     assert len(raw) == length
     weights.write_bytes(data[:8] + raw + data[8 + length :])
     run_failing(["install", str(folder)], home, str(weights), "starts at byte")
+
+
+# Each cause of a traceback (or of a silent acceptance) the fuzzer in test_fuzz_inputs.py found, by name.
+
+def rewrite_header(path: Path, change) -> None:
+    """Apply ``change`` to the parsed JSON header of a safetensors file and write it back (data unchanged)."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    text = change(header)
+    encoded = (text if isinstance(text, str) else json.dumps(header)).encode("utf-8", "surrogatepass")
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length :])
+
+
+def set_entry(field, value):
+    def change(header):
+        header[KEY_A][field] = value
+    return change
+
+
+def read_all(safe_open, path: Path) -> None:
+    with safe_open(str(path), "pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 - a safe_open handle is not a dict
+            handle.get_tensor(key)
+
+
+@pytest.mark.parametrize(
+    ("change", "fact"),
+    [
+        (set_entry("shape", ["4", 16]), "shape ['4', 16] is not a list of non-negative integers"),
+        (set_entry("shape", [4.0, 16]), "shape [4.0, 16] is not a list of non-negative integers"),
+        (set_entry("shape", [-4, -16]), "is not a list of non-negative integers"),
+        (set_entry("shape", [True, 16]), "is not a list of non-negative integers"),
+        (set_entry("data_offsets", ["0", "256"]), "data_offsets ['0', '256'] is not a pair"),
+        (set_entry("data_offsets", [-8, 0]), "is not a pair of non-negative integers"),
+        (set_entry("dtype", ["F32"]), "dtype ['F32'] is not one of"),
+        (set_entry("dtype", {"F32": 1}), "dtype {'F32': 1} is not one of"),
+        (lambda h: h.update({KEY_A: 3}), "is a int, not an object"),
+        (lambda h: h.update({"__metadata__": 1.5}), "__metadata__ is a float, not an object"),
+        (lambda h: h.update({"__metadata__": ["format"]}), "__metadata__ is a list"),
+        (lambda h: h.update({"__metadata__": {"format": ["pt"]}}), "__metadata__['format'] is a list, not a string"),
+        (lambda h: h.update({"__metadata__": {"format": "\ud800"}}), "lone surrogate"),
+        (lambda h: json.dumps(h).replace('"F32"', "[" * 5000 + "1" + "]" * 5000, 1), "nests deeper than 128"),
+        (lambda h: json.dumps(h).replace('"F32"', "[" * 200 + "1" + "]" * 200, 1), "nests deeper than 128"),
+        (lambda h: json.dumps(h).replace("16", "NaN", 1), "NaN, which is not JSON"),
+    ],
+    ids=["shape-str", "shape-float", "shape-negative", "shape-bool", "offsets-str", "offsets-negative",
+         "dtype-list", "dtype-dict", "entry-int", "metadata-float", "metadata-list", "metadata-value-list",
+         "metadata-surrogate", "nested-5000", "nested-200", "nan-constant"],
+)
+def test_safetensors_header_fields_checked_as_the_safetensors_library_does(home, tmp_path, change, fact):
+    from safetensors import safe_open
+
+    folder = adapter(tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    rewrite_header(weights, change)
+    with pytest.raises(Exception):  # noqa: B017 - the library's own verdict: it refuses the same file
+        read_all(safe_open, weights)
+    run_failing(["install", str(folder)], home, str(weights), fact)
+    run_failing(["check", str(folder)], home, str(weights), fact)
+
+
+@pytest.mark.parametrize(
+    ("config", "fact"),
+    [
+        ({"r": 8.5}, "r must be a positive number (a whole number below 2**31), found 8.5"),
+        ({"r": True}, "r must be a positive number"),
+        ({"r": 2**70}, "r must be a positive number"),
+        ({"r": math.nan}, "r must be a positive number"),
+        ({"lora_alpha": math.inf}, "lora_alpha must be a finite number, found inf"),
+        ({"lora_alpha": math.nan}, "lora_alpha must be a finite number, found nan"),
+        ({"lora_alpha": 1e400}, "lora_alpha must be a finite number"),
+        ({"lora_alpha": "16"}, "lora_alpha must be a finite number, found '16'"),
+        ({"rank_pattern": {"q": math.nan}}, "rank_pattern['q'] must be a positive number"),
+        ({"rank_pattern": {"(": 4}}, "rank_pattern key must be a valid regular expression, found '('"),
+        ({"alpha_pattern": {"*": 4.0}}, "alpha_pattern key must be a valid regular expression, found '*'"),
+        ({"rank_pattern": 8.5}, "rank_pattern must be an object of regex -> number"),
+        ({"alpha_pattern": {"q": "x"}}, "alpha_pattern['q'] must be a finite number"),
+        ({"target_modules": "(q"}, "target_modules must be a valid regular expression, found '(q'"),
+        ({"target_modules": 1.5}, "target_modules must be a regular expression or a list of module names"),
+        ({"target_modules": [["q"]]}, "target_modules must be a regular expression or a list"),
+        ({"use_rslora": "yes"}, "use_rslora must be true or false, found 'yes'"),
+        ({"base_model_name_or_path": {"a": 1}}, "base_model_name_or_path must be a string"),
+        ({"base_model_name_or_path": 3}, "base_model_name_or_path must be a string, found 3"),
+        ({"base_model_name_or_path": "\ud800"}, "base_model_name_or_path holds a lone surrogate"),
+        ({"bias": "some"}, "bias must be 'none', 'all' or 'lora_only'"),
+        ({"layers_to_transform": [-1]}, "layers_to_transform must be a layer index or a list of them"),
+        ({"modules_to_save": "lm_head"}, "modules_to_save must be a list of module names"),
+    ],
+    ids=lambda v: json.dumps(v, allow_nan=True, ensure_ascii=True)[:40] if isinstance(v, dict) else "",
+)
+def test_config_fields_checked_for_type_and_range(home, tmp_path, config, fact):
+    folder = adapter(tmp_path)
+    path = folder / "adapter_config.json"
+    path.write_bytes(json.dumps({**json.loads(path.read_text()), **config}).encode("utf-8", "surrogatepass"))
+    run_failing(["install", str(folder)], home, str(path), fact)
+    run_failing(["check", str(folder)], home, str(path), fact)
+
+
+def test_deeply_nested_config(home, tmp_path):
+    folder = adapter(tmp_path)
+    path = folder / "adapter_config.json"
+    path.write_text(path.read_text().replace('"bias": "none"', '"bias": ' + "[" * 5000 + "]" * 5000))
+    run_failing(["install", str(folder)], home, str(path), "nested too deeply")
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (4, 0)], ids=["rank-0", "in-0"])
+def test_zero_size_factor(home, tmp_path, shape):
+    folder = adapter(tmp_path, extra_config={"r": 4},
+                     tensors_override={KEY_A: torch.zeros(*shape), KEY_B: torch.zeros(8, shape[0])})
+    facts = ["layers.0.v"] + (["has shape [4, 0], with no elements"] if shape[0] else ["rank 0"])
+    run_failing(["install", str(folder)], home, *facts)
+
+
+def write_kohya_file(path: Path, metadata: dict[str, str], alpha: float = 2.0) -> Path:
+    key = "lora_unet_down_blocks_0_attn_to_q"
+    save_file({key + ".lora_down.weight": torch.randn(2, 8), key + ".lora_up.weight": torch.randn(8, 2),
+               key + ".alpha": torch.tensor(alpha)}, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("alpha", [math.nan, math.inf], ids=["nan", "inf"])
+def test_kohya_alpha_tensor_not_finite(home, tmp_path, alpha):
+    path = write_kohya_file(tmp_path / "k.safetensors", {"ss_network_module": "networks.lora"}, alpha)
+    run_failing(["install", str(path)], home, str(path), "lora_unet_down_blocks_0_attn_to_q.alpha",
+                "not a finite number")
+
+
+def test_kohya_metadata_value_not_a_string(home, tmp_path):
+    path = write_kohya_file(tmp_path / "k.safetensors", {"modelspec.tags": "x"})
+    rewrite_header(path, lambda h: h["__metadata__"].update({"modelspec.tags": None}))
+    run_failing(["install", str(path)], home, str(path), "__metadata__['modelspec.tags'] is a NoneType")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e400"])
+def test_kohya_network_dim_not_finite_reads_as_unknown(home, tmp_path, value):
+    """kohya's ss_network_dim is informational: a non-number ("Dynamic", "inf") is ignored, the
+    rank comes from the tensors, as it does for "Dynamic"."""
+    path = write_kohya_file(tmp_path / "k.safetensors", {"ss_network_dim": value, "ss_network_alpha": value})
+    result = CliRunner().invoke(cli, ["install", str(path), "--name", "k", "--version", "1.0.0"])
+    assert result.exit_code == 0, result.output
+    shown = CliRunner().invoke(cli, ["show", "k", "--json"])
+    assert json.loads(shown.output)["rank"] == 2, shown.output
+
+
+def write_diffusers_file(path: Path, config: object) -> Path:
+    key = "unet.down_blocks.0.attentions.0.to_q"
+    save_file({key + ".lora_A.weight": torch.randn(2, 8), key + ".lora_B.weight": torch.randn(8, 2)}, str(path),
+              metadata={"lora_adapter_metadata": json.dumps(config, allow_nan=True)})
+    return path
+
+
+@pytest.mark.parametrize(
+    ("config", "fact"),
+    [
+        ({"r": 2, "lora_alpha": "*"}, "lora_alpha must be a finite number, found '*'"),
+        ({"r": 2, "lora_alpha": math.inf}, "lora_alpha must be a finite number"),
+        ({"r": "\ud800"}, "r holds a lone surrogate"),
+        ({"r": 2**70}, "r must be a positive number"),
+        ({"r": 2, "target_modules": 1.5}, "target_modules must be a regular expression or a list"),
+        ({"unet.r": 2, "unet.alpha_pattern": {"(": 1}}, "metadata lora_adapter_metadata unet: alpha_pattern key"),
+    ],
+    ids=["alpha-str", "alpha-inf", "r-surrogate", "r-huge", "targets-float", "component-regex"],
+)
+def test_diffusers_metadata_config_checked(home, tmp_path, config, fact):
+    path = write_diffusers_file(tmp_path / "d.safetensors", config)
+    run_failing(["install", str(path)], home, str(path), "metadata lora_adapter_metadata", fact)

@@ -19,6 +19,7 @@ from .diffusion.read import annotate_diffusers, detect_convention, read_original
 from .hashes import file_hashes
 from .kohya import kohya_prefix, read_kohya
 from .lycoris import split_key
+from .peft import refuse_empty_factors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -56,6 +57,7 @@ def read_adapter_file(path: str | Path) -> AdapterInfo:
     keys = list(header.tensors)
     info = _read_known(header, keys)
     if info is not None:
+        refuse_empty_factors(info, header)
         info.config["hashes"] = file_hashes(path)
         identity = identify_adapter(info)
         if identity is not None:

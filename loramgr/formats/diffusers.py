@@ -25,7 +25,7 @@ from ..adapter import AdapterInfo, ModuleSpec, factors_fit
 from ..errors import InvalidAdapterError
 from ..safetensors_io import SafetensorsHeader
 from .kohya import read_scalars
-from .peft import pattern_value
+from .peft import pattern_value, validate_config
 
 METADATA_KEY = "lora_adapter_metadata"
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior", "decoder")
@@ -60,6 +60,8 @@ def component_configs(metadata: dict[str, str], path: str) -> dict[str, dict[str
         return {}
     try:
         data = json.loads(raw)
+    except RecursionError as exc:
+        raise InvalidAdapterError(f"{path}: metadata {METADATA_KEY} nests too deeply", path=path) from exc
     except json.JSONDecodeError as exc:
         raise InvalidAdapterError(
             f"{path}: metadata {METADATA_KEY} is not valid JSON ({exc.msg})",
@@ -75,6 +77,8 @@ def component_configs(metadata: dict[str, str], path: str) -> dict[str, dict[str
             configs.setdefault(component, {})[rest] = value
         else:
             configs.setdefault("", {})[key] = value
+    for component, config in configs.items():
+        validate_config(config, f"{path}: metadata {METADATA_KEY}{' ' + component if component else ''}")
     return configs
 
 
@@ -123,7 +127,9 @@ def read_diffusers(header: SafetensorsHeader) -> AdapterInfo:
         if "alpha" in found:
             alpha = alpha_values[found["alpha"][0]] or float(rank)
         elif config:
-            alpha = float(pattern_value(config.get("alpha_pattern") or {}, inner, config.get("lora_alpha", rank)))
+            default_alpha = config.get("lora_alpha")
+            alpha = float(pattern_value(config.get("alpha_pattern") or {}, inner,
+                                        rank if default_alpha is None else default_alpha))
         else:
             alpha = float(rank)
         modules.append(

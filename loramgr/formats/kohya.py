@@ -17,6 +17,7 @@ so that an export back to kohya reproduces them exactly.
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 from collections import Counter
 from collections.abc import Iterable
@@ -90,18 +91,22 @@ def read_scalars(header: SafetensorsHeader, keys: Iterable[str]) -> dict[str, fl
                 )
             handle.seek(header.data_offset + entry.offsets[0])
             raw = handle.read(entry.offsets[1] - entry.offsets[0])
-            if fmt == "bf16":
-                values[key] = struct.unpack("<f", b"\x00\x00" + raw)[0]
-            else:
-                values[key] = float(struct.unpack(fmt, raw)[0])
+            # bfloat16 is the top half of a float32
+            value = float(struct.unpack("<f", b"\x00\x00" + raw)[0] if fmt == "bf16" else struct.unpack(fmt, raw)[0])
+            if not math.isfinite(value):
+                raise InvalidAdapterError(f"{header.path}: {key} is {value}, not a finite number",
+                                          path=str(header.path), module=key,
+                                          hint="re-save the adapter with a finite alpha")
+            values[key] = value
     return values
 
 
 def _number(text: str | None) -> float | None:
     try:
-        return float(text) if text is not None else None
+        value = float(text) if text is not None else None
     except ValueError:  # "Dynamic" and other non-numbers
         return None
+    return value if value is not None and math.isfinite(value) else None  # "nan" / "inf" say nothing either
 
 
 def kohya_summary(metadata: dict[str, str]) -> dict[str, Any]:

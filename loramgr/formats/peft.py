@@ -9,14 +9,16 @@ and, with ``check_values``, no tensor holds NaN or Inf.
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..adapter import AdapterInfo, ModuleSpec
-from ..errors import InvalidAdapterError, UnsupportedAdapterError
-from ..safetensors_io import SafetensorsHeader, read_header
+from ..errors import InvalidAdapterError, InvalidConfigFieldError, UnsupportedAdapterError
+from ..safetensors_io import SafetensorsHeader, has_surrogate, read_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -60,6 +62,8 @@ def load_config(folder: Path) -> dict[str, Any]:
         ) from exc
     except UnicodeDecodeError as exc:
         raise InvalidAdapterError(f"{path}: not UTF-8 text", path=str(path)) from exc
+    except RecursionError as exc:
+        raise InvalidAdapterError(f"{path}: JSON nested too deeply", path=str(path)) from exc
     if not isinstance(config, dict):
         raise InvalidAdapterError(f"{path}: expected a JSON object", path=str(path))
     peft_type = str(config.get("peft_type", "")).upper()
@@ -71,10 +75,112 @@ def load_config(folder: Path) -> dict[str, Any]:
             hint="loramgr manages LoRA adapters (peft_type LORA), and stores PEFT's LoHa and LoKr as they are",
         )
     for key in ("r", PEFT_TYPES[peft_type]):
-        value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise InvalidAdapterError(f"{path}: {key} must be a positive number, found {value!r}", path=str(path))
+        if config.get(key) is None:
+            raise InvalidConfigFieldError(f"{path}: {key} is missing", path=str(path), field=key)
+    validate_config(config, str(path), alpha_key=PEFT_TYPES[peft_type])
     return config
+
+
+#: the largest rank accepted (a rank is a tensor dimension; PEFT would allocate it)
+MAX_RANK = 2**31
+
+
+def validate_config(config: dict[str, Any], where: str, *, alpha_key: str = "lora_alpha") -> None:
+    """Check the type and range of every config field loramgr reads, as PEFT's LoraConfig uses them.
+
+    ``where`` names the file (and the metadata key) in the one-line error. Absent fields are fine here:
+    the caller decides which ones are required.
+    """
+
+    def refuse(field: str, value: object, expected: str) -> InvalidConfigFieldError:
+        return InvalidConfigFieldError(f"{where}: {field} must be {expected}, found {_shown(value)}",
+                                       path=where, field=field)
+
+    def check(field: str, value: object, ok: bool, expected: str) -> None:
+        if not ok:
+            raise refuse(field, value, expected)
+
+    for field, value in _strings(config, ""):
+        if has_surrogate(value):
+            raise InvalidConfigFieldError(f"{where}: {field or 'a key'} holds a lone surrogate (not Unicode text)",
+                                          path=where, field=field)
+    present = {key: value for key, value in config.items() if value is not None}
+    rank_expected = "a positive number (a whole number below 2**31)"
+    if "r" in present:
+        check("r", present["r"], _positive_int(present["r"]), rank_expected)
+    if alpha_key in present:
+        check(alpha_key, present[alpha_key], _finite(present[alpha_key]), "a finite number")
+    for field, value_ok, expected in (("rank_pattern", _positive_int, rank_expected),
+                                      ("alpha_pattern", _finite, "a finite number")):
+        patterns = present.get(field, {})
+        check(field, patterns, isinstance(patterns, dict), "an object of regex -> number")
+        for key, value in patterns.items():
+            check(f"{field}[{key!r}]", value, value_ok(value), expected)
+            check(f"{field} key", key, _regex(rf"(.*\.)?({key})$"), "a valid regular expression")
+    for field in ("target_modules", "exclude_modules"):
+        targets = present.get(field, [])
+        if isinstance(targets, str):
+            check(field, targets, _regex(targets), "a valid regular expression")
+        else:
+            check(field, targets, isinstance(targets, list) and all(isinstance(t, str) for t in targets),
+                  "a regular expression or a list of module names")
+    for field in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "inference_mode"):
+        if field in present:
+            check(field, present[field], isinstance(present[field], bool), "true or false")
+    for field in ("base_model_name_or_path", "revision", "task_type", "init_lora_weights_path"):
+        if field in present:
+            check(field, present[field], isinstance(present[field], str), "a string")
+    if "bias" in present:
+        check("bias", present["bias"], present["bias"] in ("none", "all", "lora_only"), "'none', 'all' or 'lora_only'")
+    if "modules_to_save" in present:
+        saved = present["modules_to_save"]
+        check("modules_to_save", saved, isinstance(saved, list) and all(isinstance(m, str) for m in saved),
+              "a list of module names")
+    if "layers_to_transform" in present:
+        layers = present["layers_to_transform"]
+        items = layers if isinstance(layers, list) else [layers]
+        check("layers_to_transform", layers, all(_index(x) for x in items), "a layer index or a list of them")
+    if "layers_pattern" in present:
+        pattern = present["layers_pattern"]
+        items = pattern if isinstance(pattern, list) else [pattern]
+        check("layers_pattern", pattern, all(isinstance(x, str) for x in items), "a name or a list of names")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _strings(value: object, field: str) -> Iterator[tuple[str, str]]:
+    if isinstance(value, str):
+        yield field, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield field, str(key)
+            yield from _strings(item, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _strings(item, f"{field}[{i}]")
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < MAX_RANK
+
+
+def _index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _regex(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
 
 
 def read_peft_folder(folder: str | Path, *, weights_file: str = WEIGHTS_NAME) -> AdapterInfo:
@@ -103,6 +209,7 @@ def read_peft_folder(folder: str | Path, *, weights_file: str = WEIGHTS_NAME) ->
         raise InvalidAdapterError(f"{folder}: no {WEIGHTS_NAME} in this folder", path=str(folder))
     header = read_header(weights)
     info = describe(config, header, weights_file)
+    refuse_empty_factors(info, header)
     card = folder / CARD_NAME
     if card.is_file():
         info.card = read_card(card)  # before identification: the card's base_model is one of the claims it weighs
@@ -113,6 +220,18 @@ def read_peft_folder(folder: str | Path, *, weights_file: str = WEIGHTS_NAME) ->
         info.config["base_identity"] = identity.to_dict()
         info.notes.extend(identity.warnings)
     return info
+
+
+def refuse_empty_factors(info: AdapterInfo, header: SafetensorsHeader) -> None:
+    """Refuse a module whose factor has a zero-size dimension: it adapts nothing, and the operations
+    that divide by its rank or reshape it would fail on it."""
+    for module in info.modules:
+        for key in (module.key_a, module.key_b, *module.extra_keys):
+            entry = header.tensors.get(key)
+            if entry is not None and entry.numel == 0:
+                raise InvalidAdapterError(
+                    f"{header.path}: module {module.name}: {key} has shape {list(entry.shape)}, with no elements",
+                    path=str(header.path), module=module.name, hint="re-save the adapter; a factor cannot be empty")
 
 
 def describe(config: dict[str, Any], header: SafetensorsHeader, weights_file: str) -> AdapterInfo:
