@@ -216,3 +216,14 @@ def test_merges_draw_a_module_bar_on_a_terminal_unless_quiet(installed):
     code, drawn = _stderr_on_a_terminal("compress", "bar", "--rank", "1", "--name", "bar-r1", "--quiet")
     assert code == 0 and drawn == ""
     assert "combining" not in run("combine", "bar", "chat-helper", "--name", "piped")  # not a terminal
+
+
+def test_remove_names_the_versions_that_keep_it_in_their_lineage(installed):
+    run("combine", "sql-assistant==1.0.0", "chat-helper", "--weights", "0.5,0.5", "--name", "mix", "--version", "1.0.0")
+    out = run("remove", "chat-helper", "--dry-run")
+    assert "would remove chat-helper==0.1.0" in out
+    assert "mix==1.0.0 keep(s) it as a parent in their lineage" in out
+    out = run("remove", "sql-assistant==1.1.0")  # no combined version names this one
+    assert "lineage" not in out
+    run("remove", "mix")
+    assert "lineage" not in run("remove", "chat-helper")  # once the dependent is gone, nothing to say

@@ -198,6 +198,9 @@ def remove(reference: str, all_versions: bool, dry_run: bool) -> None:
         tags = registry.show(item.label).tags
         dropped = f" and its tag(s) {', '.join(sorted(tags))}" if tags else ""
         click.echo(f"{'would remove' if dry_run else 'removed'} {item.label}{dropped}")
+        if item.label in plan.dependents:
+            click.echo(f"  {', '.join(plan.dependents[item.label])} keep(s) it as a parent in their lineage "
+                       "(by digest; 'combine --recipe' will need its bytes again)")
     if not dry_run:
         execute_remove(registry, plan)
         freeable = plan_gc(registry).freed

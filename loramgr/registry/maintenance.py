@@ -12,7 +12,7 @@ from collections.abc import Callable
 from packaging.version import Version
 from sqlalchemy import delete, select
 
-from registry_schema.models import Adapter, AdapterVersion, File
+from registry_schema.models import Adapter, AdapterVersion, File, Lineage
 
 from ..errors import InvalidReferenceError
 from . import refs
@@ -45,6 +45,16 @@ def plan_remove(registry: Registry, reference: str, *, all_versions: bool = Fals
         for row in sorted(rows, key=lambda r: Version(r.version)):
             plan.items.append(PlanItem("version", f"{row.adapter.name}=={row.version}", row.size))
             plan.version_ids.append(row.id)
+        # combined versions whose lineage names a removed one keep its digest, not its bytes: say so
+        removed = {row.digest: f"{row.adapter.name}=={row.version}" for row in rows}
+        children = session.execute(
+            select(Lineage.parent_digest, Adapter.name, AdapterVersion.version)
+            .join(AdapterVersion, AdapterVersion.id == Lineage.child_id)
+            .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
+            .where(Lineage.parent_digest.in_(list(removed)), AdapterVersion.id.not_in(plan.version_ids))
+        ).all()
+        for parent, name, version in sorted(children):
+            plan.dependents.setdefault(removed[parent], []).append(f"{name}=={version}")
     return plan
 
 

@@ -225,6 +225,8 @@ class Plan:
     action: str
     items: list[PlanItem] = field(default_factory=list)
     version_ids: list[int] = field(default_factory=list)
+    #: remove: per removed version, the versions that stay and record it as a parent in their lineage
+    dependents: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def freed(self) -> int:
@@ -235,6 +237,7 @@ class Plan:
             "action": self.action,
             "items": [{"what": i.what, "label": i.label, "size": i.size} for i in self.items],
             "bytes": self.freed,
+            **({"dependents": self.dependents} if self.dependents else {}),
         }
 
 
