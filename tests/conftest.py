@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +43,18 @@ def hub():
 
     with HubServer(lifetime_s=120) as server:
         yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, loramgr_home: Path) -> str:
+    """The registry's database: the home's SQLite file, or a clean PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{loramgr_home / 'registry.db'}"
+    from pgcluster import cluster_url, reset
+
+    url = cluster_url()
+    if url is None:
+        pytest.skip("PostgreSQL server or psycopg not installed (.ci/run installs both)")
+    reset(url)
+    monkeypatch.setenv("LORAMGR_DATABASE_URL", url)
+    return url

@@ -18,22 +18,9 @@ from pathlib import Path
 
 import pytest
 from factories import one_line_error, run_cli, write_peft_adapter
-from pgcluster import cluster_url, reset
+from pgcluster import reset
 
 MODULES = {"model.layers.0.self_attn.q_proj": (16, 16, 4), "model.layers.0.self_attn.v_proj": (16, 16, 4)}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, loramgr_home: Path) -> str:
-    """The registry's database: the home's SQLite file, or a clean PostgreSQL database."""
-    if request.param == "sqlite":
-        return f"sqlite:///{loramgr_home / 'registry.db'}"
-    url = cluster_url()
-    if url is None:
-        pytest.skip("PostgreSQL server or psycopg not installed (.ci/run installs both)")
-    reset(url)
-    monkeypatch.setenv("LORAMGR_DATABASE_URL", url)
-    return url
 
 
 def blobs(home: Path) -> list[Path]:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 from factories import write_peft_adapter
-from pgcluster import cluster_url, reset
 
 pytestmark = pytest.mark.slow
 
@@ -25,18 +24,6 @@ WORKERS = 8
 INSTALLS_PER_WORKER = 5
 TRIALS_PER_STEP = 3
 MODULES = {"model.layers.0.self_attn.q_proj": (16, 16, 4)}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, loramgr_home: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{loramgr_home / 'registry.db'}"
-    url = cluster_url()
-    if url is None:
-        pytest.skip("PostgreSQL server or psycopg not installed (.ci/run installs both)")
-    reset(url)
-    monkeypatch.setenv("LORAMGR_DATABASE_URL", url)
-    return url
 
 
 _WORKER = textwrap.dedent("""
