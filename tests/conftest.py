@@ -58,3 +58,16 @@ def database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, lo
     reset(url)
     monkeypatch.setenv("LORAMGR_DATABASE_URL", url)
     return url
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> tuple[Path, Path]:
+    """Two installed adapters for the merge tests: sql (rank 4 on q, v) and style (rank 2 rsLoRA on q, k)."""
+    from factories import run_cli, write_peft_adapter
+
+    q, v, k = (f"model.layers.0.self_attn.{p}" for p in ("q_proj", "v_proj", "k_proj"))
+    a = write_peft_adapter(tmp_path / "a", {q: (16, 16, 4), v: (16, 16, 4)}, alpha=8, seed=1)
+    b = write_peft_adapter(tmp_path / "b", {q: (16, 16, 2), k: (16, 16, 2)}, alpha=4, use_rslora=True, seed=2)
+    run_cli("install", str(a), "--name", "sql", "--version", "1.0.0")
+    run_cli("install", str(b), "--name", "style", "--version", "1.0.0")
+    return a, b

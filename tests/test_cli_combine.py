@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from factories import run_cli, write_peft_adapter
 from safetensors.torch import load_file, save_file
@@ -33,15 +32,6 @@ def dense(folder: Path, module: str) -> torch.Tensor:
                   or k.lstrip("^").replace("\\", "") == module), config["lora_alpha"])
     scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
     return scale * b @ a
-
-
-@pytest.fixture
-def sources(tmp_path: Path) -> tuple[Path, Path]:
-    a = write_peft_adapter(tmp_path / "a", {Q: (16, 16, 4), V: (16, 16, 4)}, alpha=8, seed=1)
-    b = write_peft_adapter(tmp_path / "b", {Q: (16, 16, 2), K: (16, 16, 2)}, alpha=4, use_rslora=True, seed=2)
-    run("install", str(a), "--name", "sql", "--version", "1.0.0")
-    run("install", str(b), "--name", "style", "--version", "1.0.0")
-    return a, b
 
 
 def test_combine_output_is_the_weighted_sum_and_reports_partial_targets(sources, tmp_path: Path) -> None:

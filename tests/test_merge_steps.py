@@ -15,7 +15,7 @@ import pytest
 import torch
 from factories import write_peft_adapter
 from safetensors.torch import save_file
-from test_cli_combine import dense, run
+from test_cli_combine import Q, V, dense, run
 from test_lycoris import M as KOHYA_MODULE
 from test_lycoris import write as write_lycoris
 
@@ -36,18 +36,6 @@ from loramgr.merge.methods import Elementwise, ExactSum, ModuleJob
 from loramgr.merge.options import option_help
 from loramgr.merge.recipes import RecipeOutput, load_recipe
 from loramgr.registry import Registry, execute_gc, verify
-
-Q, V, K = (f"model.layers.0.self_attn.{p}" for p in ("q_proj", "v_proj", "k_proj"))
-
-
-@pytest.fixture
-def sources(tmp_path: Path) -> tuple[Path, Path]:
-    """Two installed adapters: sql (rank 4 on q, v) and style (rank 2 rsLoRA on q, k)."""
-    a = write_peft_adapter(tmp_path / "a", {Q: (16, 16, 4), V: (16, 16, 4)}, alpha=8, seed=1)
-    b = write_peft_adapter(tmp_path / "b", {Q: (16, 16, 2), K: (16, 16, 2)}, alpha=4, use_rslora=True, seed=2)
-    run("install", str(a), "--name", "sql", "--version", "1.0.0")
-    run("install", str(b), "--name", "style", "--version", "1.0.0")
-    return a, b
 
 
 def flags(options: dict[str, object]) -> list[str]:
