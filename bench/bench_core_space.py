@@ -33,7 +33,16 @@ import time
 from pathlib import Path
 
 import torch
-from bench_merge import SHAPES, Layers, module_names, note, peak_rss_mb, relative_difference, write_adapter
+from bench_merge import (
+    SHAPES,
+    Layers,
+    merged_deltas,
+    module_names,
+    note,
+    peak_rss_mb,
+    relative_difference,
+    write_adapter,
+)
 
 RANK, ALPHA, DENSITY = 16, 32.0, 0.5
 
@@ -93,11 +102,7 @@ def peft_merge(adapters, weights, combination: str) -> tuple[float, dict[str, to
     model.base_model.add_weighted_adapter(names, list(weights), "merged", combination_type=combination,
                                           density=DENSITY, svd_rank=RANK, svd_full_matrices=False)
     elapsed = time.perf_counter() - start
-    deltas = {}
-    for name, module in model.base_model.model.named_modules():
-        if hasattr(module, "lora_A") and "merged" in module.lora_A:
-            deltas[name] = module.get_delta_weight("merged").detach()
-    return elapsed, deltas
+    return elapsed, merged_deltas(model)
 
 
 #: the commands of part 3, as a user types them after ``loramgr combine a0 a1 a2 a3``

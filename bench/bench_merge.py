@@ -122,11 +122,16 @@ def peft_merge(folders: list[Path], layers: int, combination: str, density: floa
     start = time.perf_counter()
     model.base_model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "merged", combination_type=combination, **kwargs)
     elapsed = time.perf_counter() - start
+    return elapsed, merged_deltas(model)
+
+
+def merged_deltas(model) -> dict[str, torch.Tensor]:  # model: a PeftModel after add_weighted_adapter
+    """ΔW of the adapter PEFT's add_weighted_adapter wrote as "merged", per module."""
     deltas = {}
     for name, module in model.base_model.model.named_modules():
         if hasattr(module, "lora_A") and "merged" in module.lora_A:
             deltas[name] = module.get_delta_weight("merged").detach()
-    return elapsed, deltas
+    return deltas
 
 
 def note(message: str) -> None:
