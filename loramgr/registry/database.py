@@ -88,9 +88,13 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
 def current_revisions(engine: Engine) -> list[str] | None:
     """The rows of ``alembic_version`` (None when the table is missing)."""
     with engine.connect() as connection:
-        if not inspect(connection).has_table("alembic_version"):
-            return None
-        return [str(r) for r in connection.execute(text("SELECT version_num FROM alembic_version")).scalars()]
+        return _revisions(connection)
+
+
+def _revisions(connection: Connection) -> list[str] | None:
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    return [str(r) for r in connection.execute(text("SELECT version_num FROM alembic_version")).scalars()]
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -136,23 +140,31 @@ def lock_names(session: Session, names: Iterable[str]) -> None:
         _advisory_lock(session, f"loramgr:adapter:{name}")
 
 
-def upgrade(engine: Engine) -> None:
-    """Apply every migration up to head, once: concurrent openers wait for the lock, then find head."""
+def upgrade(engine: Engine, where: str | None = None) -> None:
+    """Apply every migration up to head, once: concurrent openers wait for the lock, then find head.
+
+    With ``where`` (the database as errors name it), the schema is read and checked under that same
+    lock first: an opener that looked while another was migrating must not mistake half a schema
+    for a foreign one."""
     from alembic import command
 
     config = _alembic_config()
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             _advisory_lock(connection, _MIGRATION_LOCK)
+        if where is not None:
+            revisions = _revisions(connection)
+            if revisions == [HEAD_REVISION]:
+                return
+            _check_revisions(connection, revisions, where)
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
 
-def _check_revisions(engine: Engine, revisions: list[str] | None, where: str) -> None:
+def _check_revisions(connection: Connection, revisions: list[str] | None, where: str) -> None:
     """Refuse a database whose ``alembic_version`` loramgr did not write (or a newer loramgr did)."""
     if revisions is None:
-        with engine.connect() as connection:
-            tables = sorted(inspect(connection).get_table_names())
+        tables = sorted(inspect(connection).get_table_names())
         if tables:
             raise RegistryError(
                 f"registry database {where} has tables ({', '.join(tables[:4])}) but no alembic_version, so its "
@@ -179,15 +191,14 @@ def open_database(url: str, *, read_only: bool = False) -> Engine:
         revisions = current_revisions(engine)
         if revisions == [HEAD_REVISION]:
             return engine
-        _check_revisions(engine, revisions, where)
         if read_only:
+            with engine.connect() as connection:
+                _check_revisions(connection, revisions, where)
             raise RegistryError(
                 f"registry database {where} needs a schema upgrade, but its home is read-only", database=where,
                 hint="open it once with a loramgr that may write there",
             )
-        upgrade(engine)
-        if current_revisions(engine) != [HEAD_REVISION]:
-            _check_revisions(engine, current_revisions(engine), where)
+        upgrade(engine, where)  # checks the schema again under the migration lock, then migrates
         return engine
     except SQLAlchemyError as exc:
         raise database_error(exc, where) from exc
