@@ -143,18 +143,22 @@ def converted_config(config: dict[str, Any]) -> dict[str, Any]:
     return converted
 
 
-def convert_init(trained: LoraAdapter, initial: LoraAdapter, output: str | Path) -> Path:
+def convert_init(trained: LoraAdapter | str | Path, initial: LoraAdapter | str | Path, output: str | Path) -> Path:
     """Write the plain LoRA equivalent of a PiSSA / OLoRA / CorDA / LoRA-GA adapter as a PEFT folder.
 
     ``trained`` is the adapter after training; ``initial`` the one PEFT saved before training
     (``peft_model.save_pretrained(init_folder)`` right after ``get_peft_model``), holding A0 and B0.
-    The folder ``output`` gets the tensors and config PEFT's own conversion writes; it applies to the
-    original base. Nothing is written when a check fails.
+    Each is an open adapter, a folder, or a registry reference. The folder ``output`` gets the tensors
+    and config PEFT's own conversion writes; it applies to the original base. Nothing is written when a
+    check fails.
     """
     import torch
 
+    from ..fileio import require_new_folder
     from .peft import PEFT_PREFIX, write_peft_folder
 
+    require_new_folder(Path(output))
+    trained, initial = _open_source(trained), _open_source(initial)
     info = trained.info
     method = info.init_method or init_method(info.config)
     label = trained.label
@@ -192,6 +196,16 @@ def convert_init(trained: LoraAdapter, initial: LoraAdapter, output: str | Path)
             tensors[f"{key}.lora_B.weight"] = torch.cat([b, -b0.to(b.dtype)], dim=1)
     config = converted_config({k: v for k, v in info.config.items() if k != "base_identity"})
     return write_peft_folder(output, config, tensors)
+
+
+def _open_source(source: LoraAdapter | str | Path) -> LoraAdapter:
+    """An adapter from a folder or file path (one that exists), or else a registry reference."""
+    from ..adapter import LoraAdapter
+    from ..api import load
+
+    if isinstance(source, LoraAdapter):
+        return source
+    return load(Path(source) if Path(source).exists() else str(source))
 
 
 def _open(adapter: LoraAdapter) -> Any:
