@@ -116,6 +116,7 @@ class AdapterInfo:
     file_metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__
     card: dict[str, Any] = field(default_factory=dict)  # license, description, tags from README.md
     notes: list[str] = field(default_factory=list)  # disagreements found while reading, shown to the user
+    init_method: str | None = None  # PEFT init_lora_weights naming a method (pissa, olora, eva...): formats/initmethods
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -157,6 +158,7 @@ class AdapterInfo:
             file_metadata=dict(record.get("file_metadata") or {}),
             card=dict(record.get("card") or {}),
             notes=list(record.get("notes") or []),
+            init_method=record.get("init_method"),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -183,6 +185,7 @@ class AdapterInfo:
             "file_metadata": self.file_metadata,
             "card": self.card,
             "notes": self.notes,
+            "init_method": self.init_method,
         }
 
 

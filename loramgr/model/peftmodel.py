@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapter import LoraAdapter
 from ..errors import ConflictError, IncompatibleError, MissingDependencyError, NotFoundError
+from ..formats.initmethods import require_plain_delta
 from ..formats.lycoris import require_plain_lora
+from ..formats.moe import apply_parameter_targets
 from ..formats.peft import PEFT_PREFIX
 from ..formats.peftconfig import lora_config, module_scales
 from .weights import (
@@ -78,8 +80,11 @@ def apply(model: torch.nn.Module, adapter: AdapterLike, adapter_name: str = "def
             f"the model already has an adapter named {adapter_name!r}",
             hint="pass another adapter_name, or hotswap() to replace its weights",
         )
+    if (loaded := apply_parameter_targets(model, adapter, adapter_name)) is not None:  # MoE: through PEFT
+        return loaded
     base = model.get_base_model() if is_peft else model  # type: ignore[operator]
     lora, mapping = checked_mapping(base, adapter)
+    require_plain_delta(lora.info, "apply", label=lora.label)  # PiSSA & co. unconverted
 
     folder_config = lora.folder / "adapter_config.json"
     as_is = all(name == path for name, path in mapping.items())
