@@ -1,0 +1,214 @@
+"""The parts of a PEFT LoRA adapter that are no low-rank delta, and the guard of the operations that drop them.
+
+PEFT saves more than lora_A / lora_B when its config asks for it (``peft.utils.save_and_load``):
+
+- ``modules_to_save``: every tensor of each such module, whole (``<module>.weight``, ``<module>.bias``);
+  loading replaces the module (a classifier, an lm_head) by the trained copy.
+- ``bias="all"`` / ``"lora_only"``: the trained biases of the base modules (``<module>.bias``, or
+  ``<module>.base_layer.bias`` for a LoRA layer), which replace the base's.
+- ``lora_bias=True``: ``<module>.lora_B.bias``; the layer's output gains scale · bias, as its weight gains
+  scale · B · A.
+- ``trainable_token_indices``: ``<embedding>.token_adapter.trainable_tokens_delta``, the new values of
+  the listed rows of an embedding (PEFT's TrainableTokens writes them with ``index_copy``: despite the
+  name, not a difference).
+
+:func:`read_extras` turns those keys into :class:`~loramgr.adapter.ExtraTensor` entries (LoRA biases
+into ``ModuleSpec.key_bias``), so install records them and ``show`` reports them; the model operations
+(:mod:`loramgr.model.extras`) apply them exactly as PEFT does. :func:`refuse_extras` is the guard of
+every operation that cannot carry them exactly (combine, compress, export to kohya or diffusers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+from ..adapter import AdapterInfo, ExtraTensor, ModuleSpec
+from ..errors import InvalidAdapterError, InvalidConfigFieldError, UnsupportedFeatureError
+from ..safetensors_io import SafetensorsHeader
+
+PEFT_PREFIX = "base_model.model."
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+LORA_BIAS_SUFFIX = ".lora_B.bias"
+#: what each feature is called in messages: the config field that asks for it
+FEATURE_NAMES = {
+    "modules_to_save": "modules_to_save",
+    "bias": "trained biases (bias=...)",
+    "lora_bias": "lora_bias",
+    "trainable_tokens": "trainable_token_indices",
+}
+
+
+def read_extras(
+    config: dict[str, Any], header: SafetensorsHeader, modules: list[ModuleSpec], other: list[str]
+) -> tuple[list[ModuleSpec], list[ExtraTensor], list[str]]:
+    """(modules with their LoRA bias keys, the extra tensors, the keys still unaccounted for).
+
+    ``other`` are the header's keys that are no LoRA factor. A key counts as a feature's only when the
+    config asks for that feature, as PEFT only loads it then; the rest stay ``other`` (noted at install).
+    """
+    path = str(header.path)
+    by_name = {m.name: m for m in modules}
+    saved_names = _modules_to_save(config, path)
+    tokens = _token_indices(config, path)
+    bias_mode = config.get("bias") or "none"
+    extras: list[ExtraTensor] = []
+    bias_keys: dict[str, str] = {}
+    left: list[str] = []
+    for key in other:
+        name = key.removeprefix(PEFT_PREFIX)
+        shape = tuple(header.tensors[key].shape)
+        if config.get("lora_bias") and name.endswith(LORA_BIAS_SUFFIX) and name[: -len(LORA_BIAS_SUFFIX)] in by_name:
+            module = by_name[name[: -len(LORA_BIAS_SUFFIX)]]
+            if shape != (module.out_features,):
+                raise InvalidAdapterError(
+                    f"{path}: module {module.name}: {key} has shape {list(shape)}, not [{module.out_features}]",
+                    path=path, module=module.name, hint="the weights file is damaged; re-save the adapter")
+            bias_keys[module.name] = key
+            continue
+        if tokens is not None and name.endswith(TOKENS_SUFFIX):
+            module_name = name[: -len(TOKENS_SUFFIX)]
+            indices = _indices_for(tokens, module_name)
+            if indices is not None:
+                if len(shape) != 2 or shape[0] != len(indices):
+                    raise InvalidAdapterError(
+                        f"{path}: {key} has shape {list(shape)}, but trainable_token_indices lists "
+                        f"{len(indices)} token(s) for {module_name}", path=path, module=module_name,
+                        hint="the weights file and adapter_config.json disagree; re-save the adapter")
+                extras.append(ExtraTensor("trainable_tokens", module_name, "weight", key, shape, indices))
+                continue
+        owner = _saved_module(name, saved_names)
+        if owner is not None:
+            extras.append(ExtraTensor("modules_to_save", owner, name[len(owner) + 1 :], key, shape))
+            continue
+        if bias_mode != "none" and name.endswith(".bias") and ".lora_" not in name:
+            module_name = name[: -len(".bias")].removesuffix(".base_layer")
+            if bias_mode == "all" or module_name in by_name:
+                extras.append(ExtraTensor("bias", module_name, "bias", key, shape))
+                continue
+        left.append(key)
+    with_bias = [replace(m, key_bias=bias_keys[m.name]) if m.name in bias_keys else m for m in modules]
+    return with_bias, sorted(extras, key=lambda e: (e.feature, e.module, e.param)), left
+
+
+def _modules_to_save(config: dict[str, Any], path: str) -> list[str]:
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved):
+        raise InvalidConfigFieldError(f"{path}: modules_to_save must be a list of module names, found {saved!r}",
+                                      path=path, field="modules_to_save")
+    return saved
+
+
+def _saved_module(name: str, saved_names: list[str]) -> str | None:
+    """The module of a saved tensor: the outermost module path that ends with a modules_to_save entry,
+    as PEFT wraps the first module it meets whose name ends with one (``key.endswith(target)``)."""
+    if not saved_names:
+        return None
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        candidate = ".".join(parts[:i])
+        if any(candidate.endswith(target) for target in saved_names):
+            return candidate
+    return None
+
+
+def _token_indices(config: dict[str, Any], path: str) -> list[int] | dict[str, list[int]] | None:
+    """``trainable_token_indices`` checked: a list of row indices (the input embedding's) or an object
+    of module name -> list of row indices."""
+    value = config.get("trainable_token_indices")
+    if value is None:
+        return None
+
+    def rows(items: object) -> bool:
+        return isinstance(items, list) and bool(items) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items) and len(set(items)) == len(items)
+
+    if isinstance(value, dict) and all(isinstance(k, str) and rows(v) for k, v in value.items()):
+        return value
+    if rows(value):
+        return value  # type: ignore[no-any-return]
+    raise InvalidConfigFieldError(
+        f"{path}: trainable_token_indices must be a list of distinct token indices, or an object of module name "
+        f"-> such a list, found {value!r}"[:300], path=path, field="trainable_token_indices")
+
+
+def _indices_for(tokens: list[int] | dict[str, list[int]], module: str) -> tuple[int, ...] | None:
+    if isinstance(tokens, list):
+        return tuple(tokens)
+    for target, indices in tokens.items():
+        if module == target or module.endswith("." + target) or module.endswith(target):
+            return tuple(indices)
+    return None
+
+
+def describe_notes(modules: Iterable[ModuleSpec], extras: list[ExtraTensor]) -> list[str]:
+    """One line per feature, for ``show``: what the adapter replaces besides its low-rank deltas."""
+    notes: list[str] = []
+    saved = sorted({e.module for e in extras if e.feature == "modules_to_save"})
+    if saved:
+        notes.append(f"saves whole modules (modules_to_save): {', '.join(saved)}")
+    biases = [e.module for e in extras if e.feature == "bias"]
+    if biases:
+        notes.append(f"trained biases of {len(biases)} module(s), e.g. {biases[0]}")
+    lora_biases = [m.name for m in modules if m.key_bias]
+    if lora_biases:
+        notes.append(f"LoRA biases (lora_bias) on {len(lora_biases)} module(s)")
+    for e in extras:
+        if e.feature == "trainable_tokens" and e.indices is not None:
+            shown = ", ".join(map(str, e.indices[:8])) + (", ..." if len(e.indices) > 8 else "")
+            notes.append(f"trainable tokens of {e.module}: {len(e.indices)} row(s) ({shown})")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------------
+# the guard
+
+
+def features(info: AdapterInfo) -> list[tuple[str, str]]:
+    """(feature, module) for every part of ``info`` that is no low-rank delta, empty for a plain LoRA.
+
+    A record stored before loramgr read these parts (``extras`` None) is judged by what its config asks for.
+    """
+    found: list[tuple[str, str]] = []
+    if info.extras is None:
+        config = info.config
+        found += [("modules_to_save", m) for m in (config.get("modules_to_save") or [])]
+        if (config.get("bias") or "none") != "none":
+            found.append(("bias", f"bias={config['bias']}"))
+        if config.get("lora_bias"):
+            found.append(("lora_bias", "its LoRA modules"))
+        tokens = config.get("trainable_token_indices")
+        if tokens:
+            found += [("trainable_tokens", m) for m in (tokens if isinstance(tokens, dict) else ["the embedding"])]
+        return found
+    seen: set[tuple[str, str]] = set()
+    for e in info.extras:
+        if (e.feature, e.module) not in seen:
+            seen.add((e.feature, e.module))
+            found.append((e.feature, e.module))
+    found += [("lora_bias", m.name) for m in info.modules if m.key_bias]
+    return found
+
+
+def refuse_extras(adapters: Iterable[Any], operation: str) -> None:
+    """Refuse ``operation`` for any adapter (a LoraAdapter, or an AdapterInfo) with parts besides its
+    low-rank deltas: one line naming the adapter, the feature and the module.
+
+    Combine and compress sum or re-rank deltas, and kohya / diffusers files hold nothing else: a saved
+    module, a trained bias or a token row would be dropped, or (two adapters saving one lm_head) one of
+    them would have to win.
+    """
+    for adapter in adapters:
+        info: AdapterInfo = getattr(adapter, "info", adapter)
+        found = features(info)
+        if not found:
+            continue
+        label = getattr(adapter, "label", None)
+        feature, module = found[0]
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise UnsupportedFeatureError(
+            f"{operation} is not possible for {label or 'the adapter'}: {module} has "
+            f"{FEATURE_NAMES[feature]}{more}, which {operation} cannot carry exactly",
+            feature=feature, module=module, path=label,
+            hint="apply, fuse or export --format peft keep it; or re-train the adapter without it")
