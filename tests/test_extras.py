@@ -265,3 +265,38 @@ def test_a_saved_module_of_another_shape_is_a_mismatch(tmp_path: Path) -> None:
         loramgr.apply(other, adapter)
     with pytest.raises(ModelMismatchError, match="classifier"):
         loramgr.fuse(other, adapter)
+
+
+def test_compress_refuses_saved_modules(tmp_path: Path) -> None:
+    install(make_adapter(tiny_llama(), tmp_path / "head", modules_to_save=["lm_head"]), "head")
+    error = one_line_error("compress", "head", "--rank", "2", "--name", "small")
+    assert "lm_head" in error and "modules_to_save" in error
+    assert "small" not in run_cli("list").output.split()
+
+
+def test_hotswap_refuses_trainable_tokens(tmp_path: Path) -> None:
+    from loramgr.errors import UnsupportedFeatureError
+
+    base = tiny_llama()
+    plain = install(make_adapter(base, tmp_path / "plain"), "plain")
+    tokens = install(make_adapter(base, tmp_path / "tok", trainable_token_indices=[3]), "tok")
+    model = loramgr.apply(copy.deepcopy(base), plain)
+    with pytest.raises(UnsupportedFeatureError, match="embed_tokens"):
+        loramgr.hotswap(model, "default", tokens)
+
+
+def test_check_compares_a_saved_classifier_with_the_base(tmp_path: Path) -> None:
+    """PEFT cannot load a 3-label classifier into a 2-label model: check says so, naming the module."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    base = tiny_bert_classifier()
+    base.save_pretrained(tmp_path / "bert3")
+    other = BertForSequenceClassification(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=64, num_labels=2))
+    other.save_pretrained(tmp_path / "bert2")
+    folder = make_adapter(base, tmp_path / "cls", task_type="SEQ_CLS", target_modules=["query", "value"])
+    run_cli("check", str(folder), "--base", str(tmp_path / "bert3"))
+    output = run_cli("check", str(folder), "--base", str(tmp_path / "bert2"), code=1).output
+    assert "modules_to_save classifier.weight is [3, 32], the base has [2, 32]" in output
+    with pytest.raises(RuntimeError, match="size mismatch"):  # what PEFT itself says on that base
+        peft_outputs(other, folder)

@@ -212,3 +212,49 @@ def refuse_extras(adapters: Iterable[Any], operation: str) -> None:
             f"{FEATURE_NAMES[feature]}{more}, which {operation} cannot carry exactly",
             feature=feature, module=module, path=label,
             hint="apply, fuse or export --format peft keep it; or re-train the adapter without it")
+
+
+# ---------------------------------------------------------------------------------------------------
+# against a base model's checkpoint (loramgr check)
+
+
+def base_findings(info: AdapterInfo, label: str, tensors: dict[str, tuple[tuple[int, ...], str]]) -> list[Any]:
+    """Errors of ``loramgr check`` for the extras that PEFT would fail to load into the base whose checkpoint
+    holds ``tensors`` (name -> (shape, dtype)): a saved module or bias of another shape (a classifier for
+    another number of labels), token rows beyond the embedding or of another width, a LoRA bias on a
+    layer without bias. A tensor the checkpoint lacks is not judged (a tied lm_head is not stored)."""
+    from ..compat.findings import Finding
+    from ..compat.names import ModuleIndex
+
+    extras = info.extras or []
+    lora_biases = [m for m in info.modules if m.key_bias]
+    if not extras and not lora_biases:
+        return []
+    index = ModuleIndex({key.rsplit(".", 1)[0] for key in tensors if "." in key})
+    findings: list[Any] = []
+
+    def base_path(module: str) -> str | None:
+        found = index.candidates(module)
+        return found[0] if len(found) == 1 else None
+
+    for e in extras:
+        path = base_path(e.module)
+        entry = tensors.get(f"{path}.{e.param}") if path else None
+        if entry is None:
+            continue
+        shape = tuple(entry[0])
+        what = f"{FEATURE_NAMES[e.feature]} {e.module}.{e.param}"
+        if e.feature == "trainable_tokens":
+            last = max(e.indices or (0,))
+            if len(shape) != 2 or shape[1] != e.shape[1] or last >= shape[0]:
+                findings.append(Finding("error", "shape", label, e.module,
+                                        f"{what}: rows up to {last} of width {e.shape[1]}, the base has {list(shape)}"))
+        elif shape != e.shape:
+            findings.append(Finding("error", "shape", label, e.module,
+                                    f"{what} is {list(e.shape)}, the base has {list(shape)}"))
+    for m in lora_biases:
+        path = base_path(m.name)
+        if path and f"{path}.weight" in tensors and f"{path}.bias" not in tensors:
+            findings.append(Finding("error", "missing-module", label, m.name,
+                                    f"the adapter has a LoRA bias (lora_bias), the base's {path} has no bias"))
+    return findings
