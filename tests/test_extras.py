@@ -300,3 +300,32 @@ def test_check_compares_a_saved_classifier_with_the_base(tmp_path: Path) -> None
     assert "modules_to_save classifier.weight is [3, 32], the base has [2, 32]" in output
     with pytest.raises(RuntimeError, match="size mismatch"):  # what PEFT itself says on that base
         peft_outputs(other, folder)
+
+
+def test_tied_embeddings_take_the_token_rows_as_peft_does(tmp_path: Path) -> None:
+    """GPT-2 ties wte and lm_head: PEFT's trainable tokens change both, a saved lm_head replaces lm_head alone."""
+    from loramgr.model.weights import ModelMismatchError
+    from tests.factories import tiny_gpt2
+
+    base = tiny_gpt2()
+    folder = make_adapter(base, tmp_path / "tok", target_modules=["c_attn"], trainable_token_indices=[1, 5])
+    model = copy.deepcopy(base)
+    loramgr.fuse(model, install(folder, "tok"))
+    assert_close(outputs(model), peft_outputs(base, folder, merged=True))
+    head = make_adapter(base, tmp_path / "head", target_modules=["c_attn"], modules_to_save=["lm_head"])
+    model = copy.deepcopy(base)
+    with pytest.raises(ModelMismatchError, match="lm_head.weight: its tensor is shared with transformer.wte"):
+        loramgr.fuse(model, install(head, "head"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in base.state_dict().items())
+
+
+def test_apply_through_resolved_names_refuses_the_extras(tmp_path: Path) -> None:
+    """PEFT loads saved modules by their exact names; under a wrapper level loramgr refuses rather than drop them."""
+    from loramgr.errors import UnsupportedFeatureError
+
+    base = tiny_llama()
+    adapter = install(make_adapter(base, tmp_path / "head", modules_to_save=["lm_head"]), "head")
+    wrapped = torch.nn.ModuleDict({"inner": copy.deepcopy(base)})
+    with pytest.raises(UnsupportedFeatureError, match="lm_head has modules_to_save") as raised:
+        loramgr.apply(wrapped, adapter)
+    assert "\n" not in str(raised.value)

@@ -140,8 +140,9 @@ def prepare(
     fused: dict[str, dict[str, Any]] = model.__dict__.setdefault(ORIGINALS, {})
     if factor > 0:
         _refuse_overlap(fused, identity, writes, label)
-        if not allow_tied:
-            _refuse_tied(model, [w for w in writes if w.extra is not None and w.extra.feature != "bias"], label)
+        if not allow_tied:  # PEFT writes token rows into a tied weight too, but replaces a saved module alone
+            _refuse_tied(model, [w for w in writes if w.extra is not None and w.extra.feature == "modules_to_save"],
+                         label)
         return lambda: _fuse(fused, identity, lora, writes)
     if identity in fused:
         return lambda: _restore(fused, identity, writes)
@@ -178,7 +179,8 @@ def _refuse_tied(model: torch.nn.Module, writes: list[_Write], label: str) -> No
             problems.append(Mismatch(w.name, "tied", f"its tensor is shared with {', '.join(sharing)}"))
     if problems:
         raise ModelMismatchError(label, problems, n_modules=len(writes),
-                                 hint="untie the weights first, or pass allow_tied=True to change both")
+                                 hint="PEFT replaces the saved module alone: untie the weights first (or pass "
+                                 "allow_tied=True to change both, which PEFT does not)")
 
 
 def _fuse(fused: dict[str, dict[str, Any]], identity: str, lora: LoraAdapter, writes: list[_Write]) -> None:
