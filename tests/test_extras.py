@@ -89,6 +89,8 @@ CASES = {
     "vit-classifier": (tiny_vit_classifier, {"modules_to_save": ["classifier"]}),
     "bias-lora-only": (lambda: tiny_llama(attention_bias=True), {"bias": "lora_only"}),
     "bias-all": (lambda: tiny_llama(attention_bias=True), {"bias": "all"}),
+    "bert-bias-all-lora-bias": (tiny_bert_classifier, {"task_type": "SEQ_CLS", "target_modules": ["query", "value"],
+                                                       "bias": "all", "lora_bias": True}),
     "lora-bias": (lambda: tiny_llama(attention_bias=True), {"lora_bias": True}),
     "tokens": (lambda: tiny_llama(), {"trainable_token_indices": [1, 5, 7, 100]}),
     "tokens-by-name": (lambda: tiny_llama(), {"trainable_token_indices": {"embed_tokens": [0, 3, 9]}}),

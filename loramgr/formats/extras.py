@@ -31,6 +31,7 @@ from ..safetensors_io import SafetensorsHeader
 PEFT_PREFIX = "base_model.model."
 TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 LORA_BIAS_SUFFIX = ".lora_B.bias"
+_WRAPPER_PARTS = ("modules_to_save.", "original_module.")
 #: what each feature is called in messages: the config field that asks for it
 FEATURE_NAMES = {
     "modules_to_save": "modules_to_save",
@@ -54,6 +55,7 @@ def read_extras(
     tokens = _token_indices(config, path)
     bias_mode = config.get("bias") or "none"
     extras: list[ExtraTensor] = []
+    saved: dict[tuple[str, str], ExtraTensor] = {}
     bias_keys: dict[str, str] = {}
     left: list[str] = []
     for key in other:
@@ -80,7 +82,14 @@ def read_extras(
                 continue
         owner = _saved_module(name, saved_names)
         if owner is not None:
-            extras.append(ExtraTensor("modules_to_save", owner, name[len(owner) + 1 :], key, shape))
+            # bias="all" also saves the wrapper's own names: <module>.modules_to_save.bias (the trained copy's
+            # bias again) and <module>.original_module.bias (the original's, unused once the module is saved)
+            param = name[len(owner) + 1 :]
+            if not param.startswith(_WRAPPER_PARTS):
+                saved[(owner, param)] = ExtraTensor("modules_to_save", owner, param, key, shape)
+            elif param.startswith("modules_to_save."):
+                param = param.removeprefix("modules_to_save.")
+                saved.setdefault((owner, param), ExtraTensor("modules_to_save", owner, param, key, shape))
             continue
         if bias_mode != "none" and name.endswith(".bias") and ".lora_" not in name:
             module_name = name[: -len(".bias")].removesuffix(".base_layer")
@@ -88,6 +97,7 @@ def read_extras(
                 extras.append(ExtraTensor("bias", module_name, "bias", key, shape))
                 continue
         left.append(key)
+    extras += saved.values()
     with_bias = [replace(m, key_bias=bias_keys[m.name]) if m.name in bias_keys else m for m in modules]
     return with_bias, sorted(extras, key=lambda e: (e.feature, e.module, e.param)), left
 
@@ -134,12 +144,11 @@ def _token_indices(config: dict[str, Any], path: str) -> list[int] | dict[str, l
 
 
 def _indices_for(tokens: list[int] | dict[str, list[int]], module: str) -> tuple[int, ...] | None:
+    """The rows of ``module``: a list is the input embedding's; an object's keys end module names, as
+    PEFT matches them (``key.endswith(target)``)."""
     if isinstance(tokens, list):
         return tuple(tokens)
-    for target, indices in tokens.items():
-        if module == target or module.endswith("." + target) or module.endswith(target):
-            return tuple(indices)
-    return None
+    return next((tuple(indices) for target, indices in tokens.items() if module.endswith(target)), None)
 
 
 def describe_notes(modules: Iterable[ModuleSpec], extras: list[ExtraTensor]) -> list[str]:
