@@ -331,3 +331,17 @@ def test_apply_through_resolved_names_refuses_the_extras(tmp_path: Path) -> None
     with pytest.raises(UnsupportedFeatureError, match="lm_head has modules_to_save") as raised:
         loramgr.apply(wrapped, adapter)
     assert "\n" not in str(raised.value)
+
+
+def test_a_version_recorded_before_extras_were_read_fuses_them(tmp_path: Path) -> None:
+    """A registry record without "extras" (an older loramgr's) is described again from its stored files."""
+    from dataclasses import replace
+
+    base = tiny_llama()
+    folder = make_adapter(base, tmp_path / "head", modules_to_save=["lm_head"], trainable_token_indices=[2])
+    stored = install(folder, "head")
+    old = loramgr.LoraAdapter(replace(stored.info, extras=None), stored.folder, label=stored.label,
+                              weights_path=stored.weights_path, digest=stored.digest)
+    model = copy.deepcopy(base)
+    loramgr.fuse(model, old)
+    assert_close(outputs(model), peft_outputs(base, folder, merged=True))

@@ -117,9 +117,9 @@ def prepare(
     feature, module = found[0]
     if lora.info.extras is None:
         raise UnsupportedFeatureError(
-            f"{operation} of {label}: its config asks for {FEATURE_NAMES[feature]} ({module}), which this "
-            "version's record does not describe (installed by an older loramgr)",
-            feature=feature, module=module, path=label, hint="install the adapter again")
+            f"{operation} of {label}: its config asks for {FEATURE_NAMES[feature]} ({module}), which its "
+            f"{lora.info.format} description does not hold", feature=feature, module=module, path=label,
+            hint="load it with the tool that wrote it")
     replacing = [e for e in lora.info.extras]
     if replacing and abs(factor) != 1.0:
         e = replacing[0]

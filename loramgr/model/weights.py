@@ -84,6 +84,8 @@ class InMemoryAdapter(LoraAdapter):
 def as_lora_adapter(adapter: AdapterLike) -> LoraAdapter:
     """Accept a LoraAdapter as is, or wrap an object with a PEFT ``config`` and ``tensors``."""
     if isinstance(adapter, LoraAdapter):
+        if adapter.info.extras is None and adapter.info.format == "peft":
+            return _with_extras(adapter)
         return adapter
     if isinstance(adapter, PeftAdapterLike):
         config = adapter.config
@@ -93,6 +95,20 @@ def as_lora_adapter(adapter: AdapterLike) -> LoraAdapter:
         label = getattr(adapter, "label", None) or f"<{type(adapter).__name__}>"
         return InMemoryAdapter(config, adapter.tensors, label=str(label))
     raise TypeError(f"expected a LoraAdapter or an object with .config and .tensors, got {type(adapter).__name__}")
+
+
+def _with_extras(adapter: LoraAdapter) -> LoraAdapter:
+    """A version recorded before loramgr read saved modules, biases and token rows, described again from its
+    stored config and weights header, so that fuse and apply see every part of it."""
+    from dataclasses import replace
+
+    from ..formats.peft import describe
+    from ..safetensors_io import read_header
+
+    fresh = describe(dict(adapter.info.config), read_header(adapter.weights_path), adapter.info.weights_file)
+    info = replace(adapter.info, modules=fresh.modules, extras=fresh.extras)
+    return LoraAdapter(info, adapter.folder, label=adapter.label, weights_path=adapter.weights_path,
+                       digest=adapter.digest)
 
 
 @dataclass(frozen=True)
