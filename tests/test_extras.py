@@ -186,7 +186,7 @@ def test_combine_refuses_two_adapters_saving_one_lm_head(tmp_path: Path) -> None
     for seed, name in enumerate(("a", "b")):
         install(make_adapter(base, tmp_path / name, seed=seed, modules_to_save=["lm_head"]), name)
     error = one_line_error("combine", "a", "b", "--name", "ab")
-    assert "lm_head" in error and "modules_to_save" in error
+    assert "a==0.1.0 and b==0.1.0 both have modules_to_save lm_head" in error
     assert "ab" not in run_cli("list").output.split()
 
 

@@ -35,7 +35,7 @@ _WRAPPER_PARTS = ("modules_to_save.", "original_module.")
 #: what each feature is called in messages: the config field that asks for it
 FEATURE_NAMES = {
     "modules_to_save": "modules_to_save",
-    "bias": "trained biases (bias=...)",
+    "bias": "trained bias",
     "lora_bias": "lora_bias",
     "trainable_tokens": "trainable_token_indices",
 }
@@ -206,21 +206,31 @@ def refuse_extras(adapters: Iterable[Any], operation: str) -> None:
 
     Combine and compress sum or re-rank deltas, and kohya / diffusers files hold nothing else: a saved
     module, a trained bias or a token row would be dropped, or (two adapters saving one lm_head) one of
-    them would have to win.
+    them would have to win, which only the user can say.
     """
+    found: list[tuple[str, str, str]] = []  # (feature, module, adapter label)
     for adapter in adapters:
         info: AdapterInfo = getattr(adapter, "info", adapter)
-        found = features(info)
-        if not found:
-            continue
-        label = getattr(adapter, "label", None)
-        feature, module = found[0]
-        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        label = getattr(adapter, "label", None) or "the adapter"
+        found += [(feature, module, label) for feature, module in features(info)]
+    if not found:
+        return
+    found.sort(key=lambda f: _ORDER.index(f[0]))  # the most visible part first: a saved module
+    feature, module, label = found[0]
+    both = sorted({f[2] for f in found if f[:2] == (feature, module)})
+    hint = "apply, fuse or export --format peft keep it; or re-train the adapter without it"
+    if len(both) > 1:
         raise UnsupportedFeatureError(
-            f"{operation} is not possible for {label or 'the adapter'}: {module} has "
-            f"{FEATURE_NAMES[feature]}{more}, which {operation} cannot carry exactly",
-            feature=feature, module=module, path=label,
-            hint="apply, fuse or export --format peft keep it; or re-train the adapter without it")
+            f"{operation} is not possible: {' and '.join(both)} both have {FEATURE_NAMES[feature]} {module}, and "
+            f"{operation} cannot tell which one wins", feature=feature, module=module, path=both[0], hint=hint)
+    others = len({(f[0], f[1]) for f in found}) - 1
+    more = f" (and {others} more)" if others else ""
+    raise UnsupportedFeatureError(
+        f"{operation} is not possible for {label}: {module} has {FEATURE_NAMES[feature]}{more}, which "
+        f"{operation} cannot carry exactly", feature=feature, module=module, path=label, hint=hint)
+
+
+_ORDER = ("modules_to_save", "trainable_tokens", "lora_bias", "bias")
 
 
 # ---------------------------------------------------------------------------------------------------
