@@ -345,3 +345,18 @@ def test_a_version_recorded_before_extras_were_read_fuses_them(tmp_path: Path) -
     model = copy.deepcopy(base)
     loramgr.fuse(model, old)
     assert_close(outputs(model), peft_outputs(base, folder, merged=True))
+
+
+def test_lora_bias_fuses_at_a_scale_and_unfuses_at_the_same(tmp_path: Path) -> None:
+    from loramgr.errors import ConflictError
+
+    base = tiny_llama(attention_bias=True)
+    adapter = install(make_adapter(base, tmp_path / "lb", lora_bias=True), "lb")
+    model = copy.deepcopy(base)
+    loramgr.fuse(model, adapter, scale=0.5)
+    bias = model.model.layers[0].self_attn.q_proj.bias
+    assert not torch.equal(bias, base.model.layers[0].self_attn.q_proj.bias)
+    with pytest.raises(ConflictError, match="fused at scale 0.5"):
+        loramgr.unfuse(model, adapter)
+    loramgr.unfuse(model, adapter, scale=0.5)
+    assert torch.equal(bias, base.model.layers[0].self_attn.q_proj.bias)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 #: attribute of a model holding, per fused adapter, the tensors its fuse replaced
 ORIGINALS = "_loramgr_replaced"
+SCALE = ""  # the key, among an adapter's replaced tensors' names, of the scale it was fused at
 
 
 def read_tensor(lora: LoraAdapter, key: str) -> torch.Tensor:
@@ -143,8 +144,12 @@ def prepare(
         if not allow_tied:  # PEFT writes token rows into a tied weight too, but replaces a saved module alone
             _refuse_tied(model, [w for w in writes if w.extra is not None and w.extra.feature == "modules_to_save"],
                          label)
-        return lambda: _fuse(fused, identity, lora, writes)
+        return lambda: _fuse(fused, identity, lora, writes, factor)
     if identity in fused:
+        fused_at = fused[identity][SCALE]
+        if fused_at != -factor:
+            raise ConflictError(f"{label} was fused at scale {fused_at:g}, not {-factor:g}",
+                                hint=f"unfuse it at scale {fused_at:g}")
         return lambda: _restore(fused, identity, writes)
     if replacing:
         e = replacing[0]
@@ -183,10 +188,11 @@ def _refuse_tied(model: torch.nn.Module, writes: list[_Write], label: str) -> No
                                  "allow_tied=True to change both, which PEFT does not)")
 
 
-def _fuse(fused: dict[str, dict[str, Any]], identity: str, lora: LoraAdapter, writes: list[_Write]) -> None:
+def _fuse(fused: dict[str, dict[str, Any]], identity: str, lora: LoraAdapter, writes: list[_Write],
+          factor: float) -> None:
     import torch
 
-    originals: dict[str, Any] = {}
+    originals: dict[str, Any] = {SCALE: factor}
     for w in writes:
         if w.name not in originals:
             rows = w.extra.indices if w.extra is not None and w.extra.feature == "trainable_tokens" else None
@@ -209,6 +215,7 @@ def _restore(fused: dict[str, dict[str, Any]], identity: str, writes: list[_Writ
     import torch
 
     originals = fused.pop(identity)
+    del originals[SCALE]
     tensors = {w.name: w.tensor for w in writes}
     with torch.no_grad():
         for name, (rows, kept) in originals.items():
