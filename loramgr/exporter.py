@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from .errors import UnknownFormatError
 from .fileio import atomic_folder, require_new_file, require_new_folder
+from .formats.extras import refuse_extras
 
 if TYPE_CHECKING:
     from .compat.basemodel import BaseFingerprint
@@ -44,6 +45,8 @@ def export_version(
         raise UnknownFormatError(f"unknown export format {fmt!r}", format=fmt, known=EXPORT_FORMATS)
     destination = Path(destination)
     details = registry.show(reference)
+    if fmt != "peft":  # the other formats hold LoRA factors only
+        refuse_extras([registry.open_adapter(reference)], f"export to {fmt}")
     if fmt in ("gguf", "ollama"):
         return _export_gguf(registry, details, destination, fmt=fmt, base=base)
     if fmt == "peft":

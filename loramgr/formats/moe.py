@@ -193,16 +193,9 @@ def apply_parameter_targets(model: torch.nn.Module, adapter: Any, adapter_name: 
     if problems:
         raise ModelMismatchError(lora.label, problems, n_modules=len(lora.info.modules),
                                  hint="the adapter was trained for another base model; check its base_model")
-    folder = lora.folder
-    if lora.info.format == "peft" and (folder / "adapter_config.json").is_file() and (
-            lora.weights_path == folder / lora.info.weights_file):
-        if isinstance(model, PeftModel):
-            model.load_adapter(str(folder), adapter_name=adapter_name)
-            return model
-        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name)
-    from ..model.peftmodel import _load_as_peft_folder
+    from ..model.peftmodel import _load_peft_folder
 
-    return _load_as_peft_folder(model, lora, adapter_name)
+    return _load_peft_folder(model, lora, adapter_name)  # the one route of a PEFT folder, from disk or the store
 
 
 def _parameter_problem(base: torch.nn.Module, module_path: str, param: str, spec: ModuleSpec) -> str | None:

@@ -19,6 +19,7 @@ from typing import Any
 from ..adapter import AdapterInfo, ModuleSpec
 from ..errors import InvalidAdapterError, InvalidConfigFieldError, UnsupportedAdapterError
 from ..safetensors_io import SafetensorsHeader, has_surrogate, read_header
+from .extras import describe_notes, read_extras
 from .initmethods import init_method, init_note
 from .moe import parameter_targets, take_parameter_targets
 
@@ -322,7 +323,9 @@ def describe(config: dict[str, Any], header: SafetensorsHeader, weights_file: st
             hint="is this a PEFT LoRA adapter?",
         )
 
+    modules, extras, other = read_extras(config, header, modules, other)
     notes, target_list, leaves = _target_notes(config, modules, other)
+    notes += describe_notes(modules, extras)
     if use_dora and not any(m.extra_keys for m in modules):
         notes.append("use_dora is set but no lora_magnitude_vector tensors were found")
     modules += parameter_specs
@@ -334,6 +337,7 @@ def describe(config: dict[str, Any], header: SafetensorsHeader, weights_file: st
                       alpha=float(config["lora_alpha"]), use_rslora=use_rslora, use_dora=use_dora, notes=notes,
                       targets=(target_list, leaves))
     info.init_method = init_method(config)
+    info.extras = extras
     return info
 
 
