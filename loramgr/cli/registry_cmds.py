@@ -159,12 +159,40 @@ def tag(reference: str, tag_name: str) -> None:
 
 
 @click.command()
-@click.argument("name")
-@click.argument("tag_name", metavar="TAG")
-def untag(name: str, tag_name: str) -> None:
-    """Remove TAG from adapter NAME."""
-    version = open_registry().untag(name, tag_name)
-    click.echo(f"removed tag {tag_name} (was on {version})")
+@click.argument("reference", metavar="NAME[@TAG]")
+@click.argument("tag_name", metavar="[TAG]", required=False)
+def untag(reference: str, tag_name: str | None) -> None:
+    """Remove a tag: 'untag NAME TAG' or 'untag NAME@TAG'. With a version (NAME==VERSION, sha256:...),
+    the tag is removed only if it is on that version."""
+    registry = open_registry()
+    name, tag = untag_target(registry, reference, tag_name)
+    version = registry.untag(name, tag)
+    click.echo(f"removed tag {name}@{tag} (was on {name}=={version})")
+
+
+def untag_target(registry: Registry, reference: str, tag: str | None) -> tuple[str, str]:
+    """(adapter name, tag) from what a user typed after 'untag', refusing forms that name two things."""
+    from ..errors import ConflictError, InvalidReferenceError
+    from ..registry.refs import check_tag, parse_reference
+
+    ref = parse_reference(reference)
+    if ref.kind == "tag":
+        if tag is not None and tag != ref.tag:
+            raise InvalidReferenceError(f"{reference!r} names tag {ref.tag!r} but the command also names {tag!r}",
+                                        reference=reference,
+                                        hint="write 'loramgr untag NAME TAG' or 'loramgr untag NAME@TAG'")
+        tag = ref.tag
+    if tag is None:
+        raise click.UsageError("name the tag to remove: 'loramgr untag NAME TAG' or 'loramgr untag NAME@TAG'")
+    check_tag(tag)
+    if ref.kind in ("name", "tag"):
+        return registry.show(f"{reference.partition('@')[0]}@{tag}").name, tag  # the name as installed
+    picked = registry.show(reference)  # a version reference: the tag must be on the version it picks
+    tagged = registry.show(f"{picked.name}@{tag}")
+    if tagged.version != picked.version:
+        raise ConflictError(f"tag {tag!r} of {picked.name} is on {tagged.version}, not on {picked.version}",
+                            hint=f"'loramgr untag {picked.name} {tag}' removes it from {tagged.version}")
+    return picked.name, tag
 
 
 @click.command()
@@ -177,7 +205,13 @@ def untag(name: str, tag_name: str) -> None:
               help="Base model (a registered name or a checkpoint folder) instead of the one linked at install: "
                    "gguf and ollama need its architecture, kohya names need its module paths.")
 def export(reference: str, destination: str, fmt: str, base: str | None) -> None:
-    """Write a stored adapter version out as a folder (PEFT, Ollama) or file (kohya, diffusers, GGUF)."""
+    """Write a stored adapter version out as a folder (PEFT, Ollama) or file (kohya, diffusers, GGUF).
+
+    A folder format writes into a new or empty folder DESTINATION. A file format given an existing folder
+    writes NAME.safetensors (NAME.gguf) inside it, as cp does; a DESTINATION without an extension gets the
+    format's. Files get the mode of any new file (0644 under umask 022). kohya and diffusers are diffusion
+    formats: an LLM adapter is refused in them (use peft or gguf).
+    """
     from ..exporter import export_version
 
     path = export_version(open_registry(), reference, destination, fmt=fmt, base=base)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..registry import VersionDetails
 
-#: PEFT task_type -> the Hub's pipeline_tag; kohya / diffusers adapters are text-to-image
+#: PEFT task_type -> the Hub's pipeline_tag; kohya / diffusers adapters without one are text-to-image
 PIPELINE_TAGS = {
     "CAUSAL_LM": "text-generation",
     "SEQ_2_SEQ_LM": "text2text-generation",
@@ -130,9 +130,16 @@ def render_model_card(details: VersionDetails, *, repo_id: str, recipe_toml: str
 
 
 def _pipeline_tag(details: VersionDetails) -> str | None:
-    if details.format in ("kohya", "diffusers"):
-        return "text-to-image"
-    return PIPELINE_TAGS.get(str(details.task_type or "").upper())
+    """The task the adapter was made for decides, whatever the file format uploaded."""
+    if details.task_type:
+        return PIPELINE_TAGS.get(str(details.task_type).upper())
+    return "text-to-image" if _for_diffusion(details) else None
+
+
+def _for_diffusion(details: VersionDetails) -> bool:
+    """A kohya / diffusers file of an adapter not made for a transformers task (no task_type, no Conv1D)."""
+    return (details.format in ("kohya", "diffusers") and not details.task_type
+            and not details.config.get("fan_in_fan_out"))
 
 
 def _shape_table(details: VersionDetails) -> list[str]:
@@ -164,7 +171,7 @@ def _lineage_lines(details: VersionDetails) -> list[str]:
 def _usage(details: VersionDetails, *, repo_id: str, tag: str, base_model: str | None) -> list[str]:
     base = base_model or "<base model>"
     lines = ["## Use it", ""]
-    if details.format in ("kohya", "diffusers"):
+    if _for_diffusion(details):
         lines += [
             "With diffusers:",
             "",

@@ -1,0 +1,219 @@
+"""What a user meets around the registry's logic (issue 13): untag forms, export destinations and modes,
+formats that do not fit an adapter, folders that are not adapters, the demo on an existing registry, progress."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import stat
+import struct
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from factories import one_line_error, write_peft_adapter
+
+from loramgr.cli.main import cli
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+def run(*args: str, code: int = 0) -> str:
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.output
+
+
+def install_llm(tmp_path: Path, name: str = "ad", **kwargs) -> Path:
+    folder = write_peft_adapter(tmp_path / f"src-{name}", {Q_PROJ: (32, 32, 4)}, **kwargs)
+    run("install", str(folder), "--name", name, "--version", "1.0.0")
+    return folder
+
+
+def tags_of(name: str) -> dict[str, str]:
+    """tag -> version, read from list --json (independently of what untag prints)."""
+    rows = json.loads(run("list", name, "--json"))
+    return {tag: row["version"] for row in rows for tag in row["tags"]}
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    with open(path, "rb") as handle:
+        size = struct.unpack("<Q", handle.read(8))[0]
+        return [k for k in json.loads(handle.read(size)) if k != "__metadata__"]
+
+
+# -- untag -------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def two_tagged(tmp_path: Path) -> None:
+    """ad 1.0.0 tagged stable, ad 1.1.0 tagged beta."""
+    for i, version in enumerate(("1.0.0", "1.1.0")):
+        folder = write_peft_adapter(tmp_path / f"v{i}", {Q_PROJ: (32, 32, 4)}, seed=i)
+        run("install", str(folder), "--name", "ad", "--version", version)
+    run("tag", "ad==1.0.0", "stable")
+    run("tag", "ad==1.1.0", "beta")
+
+
+@pytest.mark.parametrize("args", [["ad", "stable"], ["ad@stable"], ["ad@stable", "stable"], ["ad==1.0.0", "stable"],
+                                  ["AD", "stable"]])
+def test_untag_takes_every_form_a_user_types(two_tagged, args):
+    out = run("untag", *args)
+    assert out.strip().endswith("(was on ad==1.0.0)") and "stable" in out and "@stable@" not in out
+    assert tags_of("ad") == {"beta": "1.1.0"}
+
+
+@pytest.mark.parametrize("args, words, code", [
+    (["ad@stable", "beta"], "names tag 'stable' but the command also names 'beta'", 1),
+    (["ad==1.1.0", "stable"], "tag 'stable' of ad is on 1.0.0, not on 1.1.0", 1),
+    (["ad", "latest"], "'latest' is reserved for the newest version", 1),
+    (["ad"], "name the tag to remove", 2),
+    (["ad", "nope"], "ad has no tag 'nope'", 1),
+])
+def test_untag_refuses_what_names_two_things_and_removes_nothing(two_tagged, args, words, code):
+    out = run("untag", *args, code=code)
+    assert words in out and "Traceback" not in out
+    assert tags_of("ad") == {"stable": "1.0.0", "beta": "1.1.0"}
+
+
+# -- export: formats that do not fit the adapter ------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_llm_adapter_is_refused_in_diffusion_formats(tmp_path, fmt):
+    install_llm(tmp_path)
+    error = one_line_error("export", "ad", str(tmp_path / "out.safetensors"), "--format", fmt)
+    assert error.startswith(f"Error: {fmt} files hold LoRAs of diffusion models, and ad==1.0.0 is made for a "
+                            "CAUSAL_LM model")
+    assert "--format peft" in error and "--format gguf" in error
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_gpt2_conv1d_adapter_is_refused_in_kohya_even_without_a_task(tmp_path):
+    """A GPT-2 adapter (Conv1D, fan_in_fan_out) has no kohya form that installs back: refused up front."""
+    from factories import peft_adapter_from_model, tiny_gpt2
+
+    folder = peft_adapter_from_model(tiny_gpt2(), tmp_path / "gpt2", target_modules=["c_attn"])
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    config["task_type"] = None  # the refusal must not depend on the task alone
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    run("install", str(folder), "--name", "gpt2-lora")
+    error = one_line_error("export", "gpt2-lora", str(tmp_path / "g.safetensors"), "--format", "kohya")
+    assert "made for Conv1D layers (GPT-2 style, fan_in_fan_out)" in error
+    assert not (tmp_path / "g.safetensors").exists()
+
+
+def test_card_of_an_llm_adapter_says_its_task_whatever_the_file_format(tmp_path):
+    """The pipeline tag and the snippet follow what the adapter is for, not the file format uploaded."""
+    import loramgr.api
+    from loramgr.hub.modelcard import render_model_card
+
+    install_llm(tmp_path)
+    details = loramgr.api.registry().show("ad")
+    for fmt in ("peft", "kohya", "diffusers"):
+        card = render_model_card(dataclasses.replace(details, format=fmt), repo_id="me/ad")
+        meta = yaml.safe_load(card.split("---")[1])
+        assert meta["pipeline_tag"] == "text-generation", fmt
+        assert "DiffusionPipeline" not in card and "PeftModel.from_pretrained" in card
+
+
+def test_card_of_a_kohya_file_adapter_is_text_to_image(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    import loramgr.api
+    from loramgr.hub.modelcard import render_model_card
+
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{key}.lora_down.weight": torch.randn(4, 32), f"{key}.lora_up.weight": torch.randn(32, 4),
+               f"{key}.alpha": torch.tensor(4.0)}, str(tmp_path / "style.safetensors"))
+    run("install", str(tmp_path / "style.safetensors"))
+    card = render_model_card(loramgr.api.registry().show("style"), repo_id="me/style")
+    assert yaml.safe_load(card.split("---")[1])["pipeline_tag"] == "text-to-image"
+    assert "DiffusionPipeline" in card
+
+
+# -- export: destinations and file modes --------------------------------------------------------------------
+
+def _modes(path: Path) -> set[tuple[str, int]]:
+    found = {("dir" if path.is_dir() else "file", stat.S_IMODE(path.stat().st_mode))}
+    if path.is_dir():
+        for child in path.rglob("*"):
+            found.add(("dir" if child.is_dir() else "file", stat.S_IMODE(child.stat().st_mode)))
+    return found
+
+
+@pytest.fixture
+def llm_and_diffusion(tmp_path: Path) -> None:
+    """'chat' (a PEFT adapter linked to a registered tiny Llama) and 'flux' (a kohya Flux.1 file)."""
+    import torch
+    import transformers
+    from diffusion_files import flux_model, flux_original_shapes, random_factors, write_kohya
+    from safetensors.torch import save_file
+
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    run("base", "add", str(tmp_path / "base"), "--name", "tiny-llama")
+    folder = write_peft_adapter(tmp_path / "chat", {Q_PROJ: (32, 32, 4)}, base_model="tiny-llama")
+    run("install", str(folder), "--name", "chat", "--base", "tiny-llama")
+    factors = random_factors(flux_original_shapes(flux_model()))
+    write_kohya(tmp_path / "flux.safetensors", factors)
+    run("install", str(tmp_path / "flux.safetensors"), "--name", "flux")
+    leaves = {"img_attn.qkv": "qkv_lora1", "txt_attn.qkv": "qkv_lora2", "img_attn.proj": "proj_lora1",
+              "txt_attn.proj": "proj_lora2"}
+    xlabs = {}
+    for leaf, xlabs_leaf in leaves.items():
+        a, b, _ = factors[f"double_blocks.0.{leaf}"]
+        xlabs |= {f"double_blocks.0.processor.{xlabs_leaf}.down.weight": a,
+                  f"double_blocks.0.processor.{xlabs_leaf}.up.weight": b}
+    save_file(xlabs, str(tmp_path / "xl.safetensors"))
+    run("install", str(tmp_path / "xl.safetensors"), "--name", "xl")
+
+
+FILE_FORMATS = [("kohya", "flux", ".safetensors"), ("diffusers", "flux", ".safetensors"),
+                ("comfyui", "flux", ".safetensors"), ("xlabs", "xl", ".safetensors"), ("gguf", "chat", ".gguf")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_format_writes_the_same_modes_under_the_umask(tmp_path, llm_and_diffusion, umask):
+    previous = os.umask(umask)
+    try:
+        file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
+        for fmt, name, extension in FILE_FORMATS:
+            out = tmp_path / f"out-{fmt}{extension}"
+            run("export", name, str(out), "--format", fmt)
+            assert _modes(out) == {("file", file_mode)}, fmt
+        for fmt in ("peft", "ollama"):
+            out = tmp_path / f"out-{fmt}"
+            run("export", "chat", str(out), "--format", fmt)
+            assert _modes(out) == {("dir", dir_mode), ("file", file_mode)}, fmt
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.slow
+def test_file_formats_write_inside_an_existing_folder_and_add_their_extension(tmp_path, llm_and_diffusion):
+    for fmt, name, extension in FILE_FORMATS:
+        into = tmp_path / f"into-{fmt}"
+        into.mkdir()
+        out = run("export", name, str(into), "--format", fmt)
+        written = into / f"{name}{extension}"
+        assert [p.name for p in into.iterdir()] == [written.name] and f"to {written}" in out
+        bare = tmp_path / f"bare-{fmt}"
+        out = run("export", name, str(bare), "--format", fmt)
+        assert not bare.exists() and bare.with_name(bare.name + extension).is_file() and extension in out
+        # the same destination again is refused, not overwritten
+        assert "exists" in one_line_error("export", name, str(into), "--format", fmt)
+    assert safetensors_keys(tmp_path / "into-kohya" / "flux.safetensors")[0].startswith("lora_unet_double_blocks_0")
+    # folder formats: a new or empty folder, filled in place
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run("export", "chat", str(empty))
+    assert (empty / "adapter_config.json").is_file()
+    error = one_line_error("export", "chat", str(empty))
+    assert "exists and is not empty" in error
