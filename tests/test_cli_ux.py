@@ -217,3 +217,88 @@ def test_file_formats_write_inside_an_existing_folder_and_add_their_extension(tm
     assert (empty / "adapter_config.json").is_file()
     error = one_line_error("export", "chat", str(empty))
     assert "exists and is not empty" in error
+
+
+# -- folders that are not what the command takes ------------------------------------------------------------
+
+def registered_names() -> list[str]:
+    return [row["name"] for row in json.loads(run("list", "--json"))]
+
+
+def test_a_whole_model_given_to_install_is_named_and_pointed_at_base_add(tmp_path):
+    from factories import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    error = one_line_error("install", str(tmp_path / "llama"))
+    assert error == (f"Error: {tmp_path / 'llama'} is a whole model (config.json + model.safetensors), not an adapter: "
+                     f"register it as a base model with 'loramgr base add {tmp_path / 'llama'}'")
+    assert registered_names() == []
+    run("base", "add", str(tmp_path / "llama"), "--name", "tiny-llama")  # what the hint says works
+
+
+def test_an_adapter_given_to_base_add_is_named_and_pointed_at_install(tmp_path):
+    folder = write_peft_adapter(tmp_path / "ad", {Q_PROJ: (32, 32, 4)}, extra_config={"task_type": None})
+    error = one_line_error("base", "add", str(folder))
+    assert "is a LoRA adapter (adapter_config.json), not a base model" in error
+    assert f"install it with 'loramgr install {folder}'" in error
+    run("install", str(folder), "--name", "ad")
+    kohya = tmp_path / "ad.safetensors"
+    run("export", "ad", str(kohya), "--format", "kohya")
+    for path in (kohya, tmp_path):  # the file, and a folder holding it beside the PEFT folder
+        error = one_line_error("base", "add", str(path))
+        assert "is a LoRA adapter (kohya tensor names), not a base model" in error, path
+        assert f"'loramgr install {kohya}'" in error
+    assert "no base models registered" in run("base", "list")
+
+
+def _training_run(root: Path, steps: tuple[int, ...]) -> Path:
+    for i, step in enumerate(steps):
+        write_peft_adapter(root / f"checkpoint-{step}", {Q_PROJ: (32, 32, 4)}, seed=i)
+    (root / "trainer_state.json").write_text("{}")
+    return root
+
+
+def test_a_training_run_offers_its_checkpoints_in_step_order(tmp_path):
+    runs = _training_run(tmp_path / "run", (500, 1500, 1000))
+    error = one_line_error("install", str(runs))
+    assert error == (f"Error: {runs} is a training run: its adapters are the checkpoints checkpoint-500, "
+                     f"checkpoint-1000, checkpoint-1500: install one, e.g. the last: "
+                     f"'loramgr install {runs / 'checkpoint-1500'}'")
+    assert registered_names() == []
+    run("install", str(runs / "checkpoint-1500"), "--name", "last")
+    assert registered_names() == ["last"]
+    assert "is a training run whose checkpoints are adapters" in one_line_error("base", "add", str(runs))
+
+
+def test_a_training_run_with_a_final_adapter_installs_it_and_mentions_the_checkpoints(tmp_path):
+    runs = _training_run(tmp_path / "run", (500, 1000))
+    write_peft_adapter(runs, {Q_PROJ: (32, 32, 4)}, seed=9)
+    out = run("install", str(runs), "--name", "final")
+    assert f"note: {runs} also holds training checkpoints (checkpoint-500, checkpoint-1000)" in out
+    final = json.loads(run("show", "final", "--json"))
+    ckpt = json.loads(run("install", str(runs / "checkpoint-1000"), "--name", "ckpt", "--json"))
+    assert final["digest"] != ckpt["digest"]  # the top-level adapter was stored, not a checkpoint
+
+
+def test_base_remove_refuses_while_versions_are_linked_unless_forced(tmp_path):
+    from factories import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    run("base", "add", str(tmp_path / "llama"), "--name", "tiny-llama")
+    run("base", "add", str(tmp_path / "llama"), "--name", "spare")
+    folder = write_peft_adapter(tmp_path / "ad", {Q_PROJ: (32, 32, 4)}, base_model="tiny-llama")
+    run("install", str(folder), "--name", "ad", "--base", "tiny-llama")
+    assert run("base", "remove", "spare").strip() == "removed base spare"
+    error = one_line_error("base", "remove", "tiny-llama")
+    assert error == ("Error: base model 'tiny-llama' is linked to 1 installed version(s): ad==0.1.0: remove those "
+                     "versions first, or pass --force to unlink them")
+    assert [b["name"] for b in json.loads(run("base", "list", "--json"))] == ["tiny-llama"]
+    assert run("base", "remove", "tiny-llama", "--force").strip() == "removed base tiny-llama; unlinked ad==0.1.0"
+    assert "no base models registered" in run("base", "list")
+    # the version keeps its files and the base name it declares
+    shown = json.loads(run("show", "ad", "--json"))
+    assert shown["base_model"] == "tiny-llama"
+    run("export", "ad", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == \
+        (folder / "adapter_model.safetensors").read_bytes()
+    assert "no base model named 'tiny-llama'" in one_line_error("base", "remove", "tiny-llama")
