@@ -302,3 +302,55 @@ def test_base_remove_refuses_while_versions_are_linked_unless_forced(tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == \
         (folder / "adapter_model.safetensors").read_bytes()
     assert "no base model named 'tiny-llama'" in one_line_error("base", "remove", "tiny-llama")
+
+
+# -- progress -----------------------------------------------------------------------------------------------
+
+def _check_progress(calls: list[tuple[str, int, int]]) -> dict[str, tuple[int, int]]:
+    """Per label: done never goes back and never passes total; returns label -> (last done, total)."""
+    last: dict[str, tuple[int, int]] = {}
+    for label, done, total in calls:
+        previous = last.get(label, (0, total))
+        assert previous[1] == total and previous[0] <= done <= total, (label, previous, done, total)
+        last[label] = (done, total)
+    return last
+
+
+def test_install_reports_monotone_progress_that_sums_to_the_files(tmp_path):
+    import loramgr.api
+    from loramgr.installer import install_source
+
+    folder = write_peft_adapter(tmp_path / "ad", {Q_PROJ: (32, 32, 4), "model.layers.0.self_attn.v_proj": (32, 64, 8)},
+                                readme="# ad\n")
+    calls: list[tuple[str, int, int]] = []
+    install_source(loramgr.api.registry(), folder, progress=lambda *call: calls.append(call))
+    last = _check_progress(calls)
+    sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
+    for verb in ("storing", "hashing"):  # every file copied into the store, then hashed from the copy
+        assert {label.split(" ", 1)[1]: done for label, (done, _) in last.items() if label.startswith(verb)} == sizes
+
+
+@pytest.mark.slow
+def test_oci_push_and_pull_report_monotone_progress_to_the_artifact_size(tmp_path, monkeypatch):
+    from ociregistry import OciRegistry
+
+    from loramgr.installer import install_source
+    from loramgr.oci.push import plan_push, run_push
+    from loramgr.registry import Registry
+
+    folder = install_llm(tmp_path)
+    with OciRegistry(tmp_path / "oci") as reg:
+        plan = plan_push(Registry.open(), "ad", reg.url("team/ad"))
+        pushed: list[tuple[str, int, int]] = []
+        run_push(plan, progress=lambda *call: pushed.append(call))
+        last = _check_progress(pushed)
+        assert max(done for done, _ in last.values()) == plan.size == sum(layer.size for layer in plan.layers)
+        assert {label.removeprefix("pushing ") for label in last} == {layer.path for layer in plan.layers}
+        monkeypatch.setenv("LORAMGR_HOME", str(tmp_path / "other-machine"))
+        pulled: list[tuple[str, int, int]] = []
+        install_source(Registry.open(), f"{reg.url('team/ad')}:1.0.0", progress=lambda *call: pulled.append(call))
+    last = _check_progress(pulled)
+    pulls = {label.removeprefix("pulling "): done for label, (done, _) in last.items() if label.startswith("pulling")}
+    assert max(pulls.values()) == plan.size and set(pulls) == {layer.path for layer in plan.layers}
+    weights = (folder / "adapter_model.safetensors").stat().st_size
+    assert last["hashing adapter_model.safetensors"] == (weights, weights)  # stored, then hashed

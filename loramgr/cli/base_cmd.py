@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from .registry_cmds import open_registry
+from .registry_cmds import open_registry, quiet_option
 from .render import echo_json, human_size, progress_bars, table
 
 
@@ -24,7 +24,8 @@ def base() -> None:
 @click.option("--revision", help="Revision or commit the files come from.")
 @click.option("--content", is_flag=True, help="Also sha256 every weight file (reads every byte; slow for big models).")
 @click.option("--json", "as_json", is_flag=True, help="Print the fingerprint as JSON.")
-def add(path: str, name: str | None, revision: str | None, content: bool, as_json: bool) -> None:
+@quiet_option
+def add(path: str, name: str | None, revision: str | None, content: bool, as_json: bool, quiet: bool) -> None:
     """Fingerprint a base model folder or .safetensors file (sharded and diffusers folders too) and register it."""
     from pathlib import Path
 
@@ -32,7 +33,7 @@ def add(path: str, name: str | None, revision: str | None, content: bool, as_jso
     from ..installer import refuse_adapter_as_base
 
     refuse_adapter_as_base(Path(path))
-    with progress_bars() as progress:
+    with progress_bars(quiet=quiet) as progress:
         fingerprint = fingerprint_base_model(path, revision=revision, content=content, progress=progress)
     fingerprint.name = name or fingerprint.name or Path(path).resolve().name
     open_registry().add_base(fingerprint)

@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from ..registry import Registry, VersionDetails
 
 
+#: ``-q/--quiet`` of every command that draws byte progress bars (on stderr, on a terminal only)
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="Draw no progress bars (drawn on a terminal only).")
+
+
 def open_registry() -> Registry:
     from ..registry import Registry
 
@@ -28,8 +32,9 @@ def open_registry() -> Registry:
 @click.option("--base", "base", help="Record this registered base model for the adapter.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--recursive", is_flag=True, help="Install every .safetensors file under the folder SOURCE.")
+@quiet_option
 def install(source: str, name: str | None, version: str | None, allow_pickle: bool, base: str | None,
-            as_json: bool, recursive: bool) -> None:
+            as_json: bool, recursive: bool, quiet: bool) -> None:
     """Install an adapter from a PEFT folder, a .safetensors file or hf://owner/repo[@rev][:subfolder]."""
     from ..installer import InstallOptions, install_source
 
@@ -39,7 +44,7 @@ def install(source: str, name: str | None, version: str | None, allow_pickle: bo
         from .diffusion_cmds import install_recursive
 
         return install_recursive(registry, source, options, as_json)
-    with progress_bars() as progress:
+    with progress_bars(quiet=quiet) as progress:
         result = install_source(registry, source, options, progress=progress)
     if as_json:
         echo_json(result.to_dict())
@@ -247,12 +252,13 @@ def remove(reference: str, all_versions: bool, dry_run: bool) -> None:
 @click.option("--repair", is_flag=True,
               help="Restore missing or corrupt blobs from the files they were installed from or the Hub cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(reference: str | None, repair: bool, as_json: bool) -> None:
+@quiet_option
+def verify(reference: str | None, repair: bool, as_json: bool, quiet: bool) -> None:
     """Re-hash every stored blob (or one version's); exit 1 if any is missing or corrupt (and not repaired)."""
     from ..registry import verify as run_verify
 
     registry = open_registry()
-    with progress_bars() as progress:
+    with progress_bars(quiet=quiet) as progress:
         report = run_verify(registry, reference, progress=progress)
         repaired = None
         if repair and not report.ok:
