@@ -354,3 +354,32 @@ def test_oci_push_and_pull_report_monotone_progress_to_the_artifact_size(tmp_pat
     assert max(pulls.values()) == plan.size and set(pulls) == {layer.path for layer in plan.layers}
     weights = (folder / "adapter_model.safetensors").stat().st_size
     assert last["hashing adapter_model.safetensors"] == (weights, weights)  # stored, then hashed
+
+
+# -- rank -------------------------------------------------------------------------------------------------
+
+def test_list_and_show_give_the_largest_module_rank(tmp_path):
+    """vLLM's --max-lora-rank must be at least the largest module rank, not PEFT's r (4 here)."""
+    from safetensors import safe_open
+
+    modules = {Q_PROJ: (32, 32, 4), "model.layers.0.self_attn.k_proj": (32, 32, 8),
+               "model.layers.0.self_attn.v_proj": (32, 32, 12)}
+    folder = write_peft_adapter(tmp_path / "mixed", modules, rank=4)
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        largest = max(f.get_slice(k).get_shape()[0] for k in names if k.endswith("lora_A.weight"))
+    assert largest == 12 and json.loads((folder / "adapter_config.json").read_text())["r"] == 4
+    run("install", str(folder), "--name", "mixed")
+    header, _, row = run("list").splitlines()
+    assert row.split()[header.split().index("RANK")] == str(largest)
+    assert json.loads(run("list", "--json"))[0]["rank"] == largest
+    shown = json.loads(run("show", "mixed", "--json"))
+    assert shown["rank"] == largest and shown["config"]["r"] == 4 and shown["ranks_found"] == [4, 8, 12]
+    assert "rank / alpha  12 (found 4, 8, 12; config r 4) / 16.0" in run("show", "mixed")
+    card = run("push", "mixed", "--repo", "me/mixed", "--dry-run")
+    assert "largest rank 12" in card
+    for leaf, rank in (("q_proj", 4), ("k_proj", 8), ("v_proj", 12)):
+        assert f"| `{leaf}` | {rank} | 16.0 |" in card
+    # the stored files are untouched: PEFT's config still says r = 4
+    run("export", "mixed", str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 4

@@ -116,8 +116,10 @@ def show(reference: str, as_json: bool, as_recipe: bool) -> None:
 def render_show(d: VersionDetails) -> str:
     from ..compat.identify import show_lines
 
-    ranks = d.ranks_found
-    rank = str(d.rank) + (f" (found {', '.join(map(str, ranks))})" if ranks and ranks != [d.rank] else "")
+    ranks, declared = d.ranks_found, d.config.get("r")
+    found = [f"found {', '.join(map(str, ranks))}"] if ranks and ranks != [d.rank] else []
+    found += [f"config r {declared}"] if declared is not None and declared != d.rank else []
+    rank = str(d.rank) + (f" ({'; '.join(found)})" if found else "")  # the largest module rank, as list shows
     lines = [
         f"{d.name} {d.version}" + (f"  [{', '.join(d.tags)}]" if d.tags else ""),
         f"  digest        {d.digest}",
