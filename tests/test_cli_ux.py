@@ -383,3 +383,24 @@ def test_list_and_show_give_the_largest_module_rank(tmp_path):
     # the stored files are untouched: PEFT's config still says r = 4
     run("export", "mixed", str(tmp_path / "out"))
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 4
+
+
+# -- merges that would only copy --------------------------------------------------------------------------
+
+def test_a_merge_that_would_only_copy_its_source_is_refused_and_registers_nothing(tmp_path):
+    modules = {Q_PROJ: (32, 32, 4), "model.layers.0.self_attn.v_proj": (32, 32, 8)}
+    run("install", str(write_peft_adapter(tmp_path / "mixed", modules, rank=4)), "--name", "mixed")
+    before = registered_names()
+    refused = [
+        (["combine", "mixed", "--name", "copy"], "combining mixed==0.1.0 alone with weight 1 would only copy it"),
+        (["compress", "mixed", "--rank", "8", "--name", "copy"],
+         "every module of mixed==0.1.0 has rank 8 or less: compressing it to rank 8 would only copy it"),
+        (["compress", "mixed", "--rank", "32", "--name", "copy"], "compressing it to rank 32 would only copy it"),
+    ]
+    for args, words in refused:
+        error = one_line_error(*args)
+        assert words in error, (args, error)
+    assert registered_names() == before
+    # a rank below the largest module rank changes the adapter: that is a compression
+    run("compress", "mixed", "--rank", "4", "--name", "small")
+    assert json.loads(run("show", "small", "--json"))["ranks_found"] == [4]
