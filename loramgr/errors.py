@@ -37,6 +37,7 @@ program (what ``loramgr --json`` prints on a failure).
 
 from __future__ import annotations
 
+import math
 from pathlib import PurePath
 from typing import Any
 
@@ -65,7 +66,9 @@ class LoramgrError(Exception):
 
 
 def _jsonable(value: Any) -> Any:
-    """A fact as JSON can hold it: containers kept, paths and anything else as their text."""
+    """A fact as JSON can hold it: containers kept; paths, NaN, infinities and anything else as text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, dict):

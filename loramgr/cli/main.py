@@ -227,6 +227,7 @@ def main() -> None:
     with ``os._exit``, skipping the interpreter's teardown of torch and SQLAlchemy (a fifth of a
     short command's CPU). Only here: CliRunner and the Python API never end the process.
     """
+    sys.addaudithook(_track_sqlite)
     if not os.environ.get("LORAMGR_DEBUG"):
         # huggingface_hub logs retries and pattern misses to stderr; loramgr reports outcomes itself
         import logging
@@ -265,19 +266,25 @@ def _end(code: int) -> None:
     os._exit(code)
 
 
+#: SQLite connections opened during this run, closed before the process ends (see _track_sqlite)
+_SQLITE_CONNECTIONS: list[Any] = []
+
+
+def _track_sqlite(event: str, args: tuple[Any, ...]) -> None:
+    """An audit hook: Python announces every new sqlite3 connection as ``sqlite3.connect/handle``."""
+    if event == "sqlite3.connect/handle":
+        _SQLITE_CONNECTIONS.append(args[0])
+
+
 def _close_databases() -> None:
-    """Dispose of every SQLAlchemy engine still open, as the interpreter's teardown would (a SQLite file
-    checkpoints its write-ahead log; a server sees the connection closed)."""
-    if "sqlalchemy" not in sys.modules:
-        return
-    import gc
-
-    from sqlalchemy.engine import Engine
-
-    for obj in gc.get_objects():
-        if isinstance(obj, Engine):
-            with contextlib.suppress(Exception):
-                obj.dispose()
+    """Close the SQLite connections still open, as the interpreter's teardown would: the last one to
+    close checkpoints the write-ahead log into registry.db. Every transaction has committed by now (a
+    command's writes end with their session), and a PostgreSQL server sees its connections end as it
+    does for any client that exits."""
+    for connection in _SQLITE_CONNECTIONS:
+        with contextlib.suppress(Exception):  # closed already, or owned by another thread: nothing to do
+            connection.close()
+    _SQLITE_CONNECTIONS.clear()
 
 
 if __name__ == "__main__":
