@@ -25,11 +25,15 @@ def home() -> Path:
         from platformdirs import user_data_dir
 
         path = Path(user_data_dir("loramgr", appauthor=False))
-    if path.exists() and not path.is_dir():
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
         from .errors import SettingError
 
         setting = "LORAMGR_HOME" if configured else "the default home (LORAMGR_HOME unset)"
-        raise SettingError(f"{setting} {path} is a file, not a folder", setting="LORAMGR_HOME", value=str(path),
+        where = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        raise SettingError(f"{setting} {path} {where}, not a folder", setting="LORAMGR_HOME", value=str(path),
                            hint="point LORAMGR_HOME at a folder (created if missing), or move the file away")
     return path
 

@@ -173,6 +173,9 @@ def test_a_home_that_is_a_file_is_named(tmp_path: Path, monkeypatch: pytest.Monk
     for args in (["list"], ["show", "x"], ["env"]):
         out = _one_line(invoke(*args, code=1))
         assert f"LORAMGR_HOME {tmp_path / 'home'} is a file" in out and "point LORAMGR_HOME at a folder" in out
+    monkeypatch.setenv("LORAMGR_HOME", str(tmp_path / "home" / "loramgr"))
+    out = _one_line(invoke("install", str(tmp_path), code=1))
+    assert f"LORAMGR_HOME {tmp_path / 'home' / 'loramgr'} is inside {tmp_path / 'home'}, which is a file" in out
 
 
 def test_a_database_url_that_is_not_one_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
