@@ -47,6 +47,8 @@ def console(*args: str) -> subprocess.CompletedProcess:
 def test_loramgr_alone_prints_the_help_and_succeeds() -> None:
     out = invoke(code=0)
     assert out.startswith("Usage: loramgr") and "Commands:" in out and " env " in out
+    out = invoke("base", code=0)
+    assert out.startswith("Usage: loramgr base") and "Commands:" in out and "Error" not in out
 
 
 def test_version_names_the_registry_in_use(loramgr_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -152,6 +152,18 @@ def cli(ctx: click.Context) -> None:
         click.echo(ctx.get_help())
 
 
+def _help_when_bare(callback: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(callback)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        if ctx.invoked_subcommand is None:
+            click.echo(ctx.get_help())
+            return None
+        return callback(*args, **kwargs)
+
+    return run
+
+
 def _json_fallback(callback: Callable[..., Any]) -> Callable[..., Any]:
     """For a command with no JSON form of its own: with --json, what it prints, line by line, under
     ``"output"`` (or the JSON-able value it returns)."""
@@ -178,6 +190,11 @@ def _prepare(command: click.Command, path: str) -> None:
         for name, sub in command.commands.items():
             _prepare(sub, f"{path} {name}")
         command.epilog = command.epilog or epilog(path)
+        # a group alone prints its help and succeeds, as loramgr alone does
+        command.no_args_is_help = False
+        command.invoke_without_command = True
+        if command.callback is not None:
+            command.callback = _help_when_bare(command.callback)
         return
     command.epilog = command.epilog or epilog(path)
     own_json = False
