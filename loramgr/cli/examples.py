@@ -2,6 +2,7 @@
 
 Keyed by the command's path; cli/main.py renders each list as the command's epilog. A test checks
 that every command has an example and that each example parses with the command's own options.
+A command added to the CLI needs its line here.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ EXAMPLES: dict[str, list[str]] = {
     "loramgr base add": ["loramgr base add ./Llama-3.2-1B --name llama-3.2-1b --revision main"],
     "loramgr base list": ["loramgr base list --json"],
     "loramgr base show": ["loramgr base show llama-3.2-1b --modules"],
+    "loramgr base remove": ["loramgr base remove llama-3.2-1b", "loramgr base remove llama-3.2-1b --force"],
     "loramgr check": ["loramgr check sql-assistant --base llama-3.2-1b --engine vllm:max-rank=64",
                       "loramgr check ./runs/sql-lora --values --json"],
     "loramgr push": ["loramgr push sql-assistant==1.0.0 --repo me/sql-assistant --dry-run",
@@ -49,6 +51,7 @@ EXAMPLES: dict[str, list[str]] = {
     "loramgr duplicates": ["loramgr duplicates --json"],
     "loramgr link": ["loramgr link ./ComfyUI/models/loras"],
     "loramgr demo": ["loramgr demo"],
+    "loramgr convert-init": ["loramgr convert-init ./runs/pissa --initial ./runs/pissa-init --output ./pissa-lora"],
 }
 
 

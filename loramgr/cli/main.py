@@ -226,9 +226,11 @@ def _register() -> None:
     )
 
     for module in (registry_cmds, merge_cmds, base_cmd, check_cmd, hub_cmds, oci_cmds, serve_cmds, diffusion_cmds,
-                   demo_cmd, env_cmd):
+                   demo_cmd):
         for command in module.COMMANDS:
             cli.add_command(command)
+    for command in env_cmd.COMMANDS:
+        cli.add_command(command)
     for name, command in cli.commands.items():
         _prepare(command, f"loramgr {name}")
 

@@ -166,8 +166,7 @@ def combine(references: tuple[str, ...], weights_text: str | None, name: str | N
 @click.argument("reference")
 @click.option("--rank", type=int, help="Rank of the result (every module).")
 @click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of the energy.")
-@click.option("--dtype", callback=_lower, help="dtype of the written factors: float32, float16, bfloat16 "
-              "(default: the source's).")
+@click.option("--dtype", help="dtype of the written factors (default: the source's).")
 @click.option("--name", help="Register the result under this name.")
 @click.option("--version", "version", help="Version of the result.")
 @click.option("--output", type=click.Path(), help="Write a PEFT folder here instead of registering.")
@@ -179,6 +178,7 @@ def compress(reference: str, rank: int | None, energy: float | None, dtype: str 
     from ..merge.operations import compress as compress_step
     from ..merge.operations import require_destination
 
+    dtype = dtype.lower() if dtype is not None else None  # a name, as --method: Float16 is float16
     require_destination(name, output)
     with progress_bars(modules="compressing", quiet=quiet) as progress:
         result = compress_step(reference, rank=rank, energy=energy, dtype=dtype, name=name, version=version,
