@@ -158,6 +158,16 @@ def test_option_value_mistakes_are_usage_errors(sources) -> None:
     run_cli("list", "x", code=1)  # nothing was registered
 
 
+def test_options_are_shown_as_flags() -> None:
+    from loramgr.merge.options import MergeOptions, as_flags
+
+    recorded = MergeOptions(method="ties", density=0.5, strict=True, weights=(0.7, 0.3)).to_dict()
+    assert as_flags(recorded) == ("--method ties --weights 0.7,0.3 --scale 1 --density 0.5 --majority-sign total "
+                                  "--strict")
+    words = shlex.split("loramgr combine a b " + as_flags(recorded) + " --name x")
+    assert _parse(words[1:]).params["density"] == 0.5  # the line parses as the combine it describes
+
+
 def test_choices_are_case_insensitive(sources, tmp_path: Path) -> None:
     invoke("combine", "sql", "style", "--method", "SVD", "--rank", "2", "--dtype", "Float16", "--name", "mix",
            code=0)
