@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..exporter import EXPORT_FORMATS
+from ..merge.options import as_flags
 from .render import echo_json, human_size, progress_bars, table
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ def render_show(d: VersionDetails) -> str:
         params = {k: v for k, v in (recipe.get("options") or {}).items()
                   if v not in (None, False) and k not in ("method", "weights")
                   and not (k == "majority_sign" and "ties" not in method)}
-        lines.append(f"  made by       {method}" + (f" {params}" if params else ""))
+        lines.append(f"  made by       {method}" + (f" {as_flags(params)}" if params else ""))
         for p in d.parents:
             lines.append(f"    {p.weight:+g} x {p.name}=={p.version}  {p.digest[:19]}")
     for note in d.notes:
