@@ -319,3 +319,15 @@ def test_the_console_script_ends_with_complete_output_and_the_right_status(tmp_p
     assert not (loramgr_home / "registry.db-wal").exists()
     with sqlite3.connect(loramgr_home / "registry.db") as connection:
         assert connection.execute("SELECT tag FROM tags WHERE tag = 'stable'").fetchone() == ("stable",)
+
+
+def test_check_colours_warnings_only_where_colour_is_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = {"model.layers.0.self_attn.q_proj": (8, 16, 4)}
+    a = write_peft_adapter(tmp_path / "a", module, base_model="base-one")
+    b = write_peft_adapter(tmp_path / "b", module, base_model="base-two")
+    plain = run_cli("check", str(a), str(b)).output
+    assert "warning: " in plain and "adapters declare different base models" in plain and "\x1b[" not in plain
+    monkeypatch.setattr("loramgr.cli.render.colour", lambda stream: True)  # a terminal, NO_COLOR unset
+    coloured = run_cli("check", str(a), str(b)).output
+    assert f"\x1b[33mwarning:\x1b[0m {a}, {b}: adapters declare different base models" in coloured
+    assert f"\ninfo: {a}, {b}: no base model given" in coloured  # info stays plain

@@ -8,7 +8,7 @@ import click
 
 from ..exporter import EXPORT_FORMATS
 from ..merge.options import as_flags
-from .render import echo_json, human_size, progress_bars, table
+from .render import echo_json, echo_warning, human_size, progress_bars, table
 
 if TYPE_CHECKING:
     from ..registry import Registry, VersionDetails
@@ -44,7 +44,7 @@ def install(source: str, name: str | None, version: str | None, allow_pickle: bo
     if recursive:
         from .diffusion_cmds import install_recursive
 
-        return install_recursive(registry, source, options, as_json)
+        return install_recursive(registry, source, options, as_json, quiet=quiet)
     with progress_bars(quiet=quiet) as progress:
         result = install_source(registry, source, options, progress=progress)
     if as_json:
@@ -56,7 +56,7 @@ def install(source: str, name: str | None, version: str | None, allow_pickle: bo
         click.echo(f"already installed as {result.ref} ({result.digest[:19]}); nothing new stored")
     for note in result.notes:
         if note != "already installed":
-            click.echo(f"  note: {note}")
+            echo_warning(note, label="note")
 
 
 @click.command(name="list")

@@ -69,6 +69,17 @@ def echo_warning(message: str, *, label: str = "warning") -> None:
     click.echo(f"  {click.style(label + ':', fg='yellow')} {message}", file=stream, color=colour(stream))
 
 
+#: the colour of a finding's severity (``check``): errors red, warnings yellow, the rest plain
+SEVERITY_COLOURS = {"error": "red", "warning": "yellow"}
+
+
+def echo_finding(severity: str, message: str) -> None:
+    """``severity: message`` on stdout (a ``check`` finding), the severity coloured on a terminal."""
+    stream = sys.stdout
+    label = click.style(f"{severity}:", fg=SEVERITY_COLOURS.get(severity))
+    click.echo(f"{label} {message}", file=stream, color=colour(stream))
+
+
 @contextmanager
 def progress_bars(
     *, modules: str | None = None, quiet: bool = False
