@@ -76,7 +76,8 @@ SEVERITY_COLOURS = {"error": "red", "warning": "yellow"}
 def echo_finding(severity: str, message: str) -> None:
     """``severity: message`` on stdout (a ``check`` finding), the severity coloured on a terminal."""
     stream = sys.stdout
-    label = click.style(f"{severity}:", fg=SEVERITY_COLOURS.get(severity))
+    fg = SEVERITY_COLOURS.get(severity)
+    label = click.style(f"{severity}:", fg=fg) if fg else f"{severity}:"
     click.echo(f"{label} {message}", file=stream, color=colour(stream))
 
 
