@@ -51,7 +51,7 @@ def push(reference: str, destination: str | None, repo_id: str | None, private: 
             click.echo(plan.card, nl=False)
             return
         if quiet or global_flag(QUIET_FLAG):  # huggingface_hub draws its own bars for large uploads
-            from huggingface_hub.utils import disable_progress_bars
+            from huggingface_hub.utils.tqdm import disable_progress_bars
 
             disable_progress_bars()
         said: list[str] = []  # push only speaks when the tag already holds these files
