@@ -14,8 +14,12 @@ Both return the new factors and the kept fraction of Frobenius energy, which cal
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+import numpy as np
+from numpy.typing import NDArray
+
+Matrix = NDArray[Any]
 
 #: a dense matrix whose smaller side is at most this is decomposed exactly (cheap enough, no risk)
 EXACT_SVD_MAX_DIM = 512
@@ -30,26 +34,26 @@ POWER_ITERATIONS = 4
 class Factors:
     """A module's LoRA factors with the scale baked in: ΔW = b @ a (scale 1)."""
 
-    a: torch.Tensor  # rank x in
-    b: torch.Tensor  # out x rank
+    a: NDArray[np.float32]  # rank x in
+    b: NDArray[np.float32]  # out x rank
     kept_energy: float = 1.0
 
     @property
     def rank(self) -> int:
-        return self.a.shape[0]
+        return int(self.a.shape[0])
 
 
-def concat_factors(parts: list[tuple[float, torch.Tensor, torch.Tensor]]) -> Factors:
+def concat_factors(parts: list[tuple[float, NDArray[np.float32], NDArray[np.float32]]]) -> Factors:
     """Exact Σ c_i B_i A_i as one LoRA of rank Σ r_i: B = [c_1 B_1 ...], A = [A_1; ...].
 
     ``parts`` holds (c_i, A_i, B_i) with c_i = w_i · s_i, so each source keeps its own scale.
     """
-    a = torch.cat([a for _, a, _ in parts], dim=0)
-    b = torch.cat([coef * b for coef, _, b in parts], dim=1)
+    a = np.concatenate([a for _, a, _ in parts], axis=0)
+    b = np.concatenate([np.float32(coef) * b for coef, _, b in parts], axis=1)
     return Factors(a=a, b=b, kept_energy=1.0)
 
 
-def choose_rank(energies: torch.Tensor, total: float, rank: int | None, energy: float | None) -> int:
+def choose_rank(energies: Matrix, total: float, rank: int | None, energy: float | None) -> int:
     """Number of leading singular values to keep.
 
     ``energies`` are the squared singular values in decreasing order, ``total`` the Frobenius energy of
@@ -57,28 +61,28 @@ def choose_rank(energies: torch.Tensor, total: float, rank: int | None, energy: 
     ``rank`` caps the result; ``energy`` asks for the smallest rank holding that fraction of ``total``.
     Never less than 1, because a PEFT module needs r >= 1.
     """
-    available = int(energies.numel())
+    available = int(energies.size)
     cap = available if rank is None else min(rank, available)
     if energy is None:
         return max(1, cap)
     if total <= 0.0:  # a zero delta: any fraction of nothing is kept by one (zero) component
         return 1
-    cumulative = torch.cumsum(energies.to(torch.float64), dim=0)
+    cumulative = np.cumsum(energies.astype(np.float64))
     # a relative slack of 1e-12 so that energy=1.0 does not demand rounding noise
-    reached = (cumulative >= energy * total * (1.0 - 1e-12)).nonzero()
-    needed = int(reached[0].item()) + 1 if reached.numel() else available
+    reached = np.flatnonzero(cumulative >= energy * total * (1.0 - 1e-12))
+    needed = int(reached[0]) + 1 if reached.size else available
     return max(1, min(needed, cap))
 
 
-def _split_sqrt(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_sqrt(u: Matrix, s: Matrix, vh: Matrix) -> tuple[Matrix, Matrix]:
     """B = U sqrt(S), A = sqrt(S) V^T: balanced factors, so neither carries the whole magnitude
     (that keeps fp16/bf16 outputs away from overflow and underflow)."""
-    root = s.sqrt()
+    root = np.sqrt(s)
     return u * root, root[:, None] * vh
 
 
 def rerank_factors(
-    a_cat: torch.Tensor, b_cat: torch.Tensor, *, rank: int | None, energy: float | None
+    a_cat: NDArray[np.float32], b_cat: NDArray[np.float32], *, rank: int | None, energy: float | None
 ) -> Factors:
     """Optimal rank-r approximation of ``b_cat @ a_cat`` without forming it.
 
@@ -87,52 +91,52 @@ def rerank_factors(
     stable: errors of order eps32 · ||B||, below the float32 output's own rounding); the core and its
     SVD in float64, where the singular values and the energy split are decided.
     """
-    q_b, r_b = torch.linalg.qr(b_cat)
-    q_a, r_a = torch.linalg.qr(a_cat.T)
-    u, s, vh = torch.linalg.svd(r_b.double() @ r_a.double().T, full_matrices=False)
+    q_b, r_b = np.linalg.qr(b_cat)
+    q_a, r_a = np.linalg.qr(a_cat.T)
+    u, s, vh = np.linalg.svd(r_b.astype(np.float64) @ r_a.astype(np.float64).T, full_matrices=False)
     energies = s * s
     total = float(energies.sum())
     keep = choose_rank(energies, total, rank, energy)
     kept = float(energies[:keep].sum()) / total if total > 0 else 1.0
     b_small, a_small = _split_sqrt(u[:, :keep], s[:keep], vh[:keep])
-    b = q_b @ b_small.to(q_b.dtype)
-    a = (q_a @ a_small.T.to(q_a.dtype)).T
-    return Factors(a=a.contiguous(), b=b.contiguous(), kept_energy=min(kept, 1.0))
+    b = q_b @ b_small.astype(np.float32)
+    a = (q_a @ a_small.T.astype(np.float32)).T
+    return Factors(a=np.ascontiguousarray(a), b=np.ascontiguousarray(b), kept_energy=min(kept, 1.0))
 
 
-def randomized_svd(
-    matrix: torch.Tensor, q: int, *, seed: int, niter: int = POWER_ITERATIONS
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """torch.svd_lowrank with a fixed seed, leaving the caller's global RNG untouched.
+def randomized_svd(matrix: NDArray[np.float32], q: int, *, seed: int, niter: int = POWER_ITERATIONS
+                   ) -> tuple[Matrix, Matrix, Matrix]:
+    """A rank-``q`` randomized SVD (Halko, Martinsson and Tropp 2011, algorithm 4.4: a Gaussian test
+    matrix from a generator seeded with ``seed``, ``niter`` power iterations re-orthonormalised by QR),
+    so a merge gives byte-identical results for the same inputs. Returns U (m x q), S (q), Vᵀ (q x n)."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    test = rng.standard_normal((matrix.shape[1], q), dtype=np.float32)
+    basis, _ = np.linalg.qr(matrix @ test)
+    for _ in range(niter):
+        basis, _ = np.linalg.qr(matrix.T @ basis)
+        basis, _ = np.linalg.qr(matrix @ basis)
+    u_small, s, vh = np.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return basis @ u_small, s, vh
 
-    torch.svd_lowrank draws its test matrix from the global generator; a merge must give
-    byte-identical results for the same inputs and must not disturb the caller's random state.
-    Returns U (m x q), S (q), V (n x q).
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return torch.svd_lowrank(matrix, q=q, niter=niter)
 
-
-def rerank_dense(matrix: torch.Tensor, *, rank: int, energy: float | None, seed: int) -> Factors:
+def rerank_dense(matrix: Matrix, *, rank: int, energy: float | None, seed: int) -> Factors:
     """Best (exact SVD) or near-best (randomized SVD) rank-``rank`` factors of a dense delta.
 
     With ``energy`` the rank is the smallest one, at most ``rank``, holding that fraction of the
     Frobenius energy. The kept energy is Σ S_r^2 / ||ΔW||_F^2: for the randomized SVD, U S V^T is the
     projection U U^T ΔW, whose residual is exactly ||ΔW||^2 - Σ S^2, so the figure is not optimistic.
     """
-    matrix = matrix.to(torch.float32)
-    total = float(torch.linalg.vector_norm(matrix)) ** 2
+    matrix = matrix.astype(np.float32, copy=False)
+    total = float(np.linalg.norm(matrix)) ** 2
     small_side = min(matrix.shape)
     q = min(rank + OVERSAMPLE, small_side)
     if small_side <= EXACT_SVD_MAX_DIM or 2 * q >= small_side:
-        u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
+        u, s, vh = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
     else:
-        u, s, v = randomized_svd(matrix, q, seed=seed, niter=POWER_ITERATIONS)
-        u, s, vh = u.to(torch.float64), s.to(torch.float64), v.to(torch.float64).T
+        u, s, vh = (x.astype(np.float64) for x in randomized_svd(matrix, q, seed=seed, niter=POWER_ITERATIONS))
     energies = s * s
     keep = choose_rank(energies, total, rank, energy)
     kept = float(energies[:keep].sum()) / total if total > 0 else 1.0
     b, a = _split_sqrt(u[:, :keep], s[:keep], vh[:keep])
-    return Factors(a=a.to(torch.float32).contiguous(), b=b.to(torch.float32).contiguous(),
+    return Factors(a=np.ascontiguousarray(a, dtype=np.float32), b=np.ascontiguousarray(b, dtype=np.float32),
                    kept_energy=min(kept, 1.0))
