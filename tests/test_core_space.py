@@ -15,7 +15,6 @@ import json
 import subprocess
 import sys
 import textwrap
-
 from types import SimpleNamespace
 
 import numpy as np
