@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import struct
 from pathlib import Path
@@ -72,19 +71,15 @@ def stored_bytes(values: Array, dtype: str) -> memoryview:
 class TensorFile:
     """An open safetensors file whose tensors are read as float32 arrays, one at a time.
 
-    The header is parsed and checked once and the file mapped once; use it as a context manager.
+    The header is parsed and checked once and the file kept open; use it as a context manager. Each
+    tensor is read straight into its own buffer, not through a memory map: the pages
+    of a map stay in the process's resident set until it is unmapped, so mapping a large source for a
+    whole merge would count all of it in the merge's peak memory.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.header = read_header(path)
-        self._handle = open(self.header.path, "rb")  # noqa: SIM115 (closed by close())
-        self._map: mmap.mmap | None = None
-        try:
-            if self.header.file_size:
-                self._map = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
-        except BaseException:
-            self._handle.close()
-            raise
+        self._handle = open(self.header.path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
 
     def __enter__(self) -> TensorFile:
         return self
@@ -93,24 +88,30 @@ class TensorFile:
         self.close()
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
         self._handle.close()
 
     def array(self, key: str) -> NDArray[np.float32]:
-        """Tensor ``key`` as a float32 array of its shape, copied out of the file (bfloat16 and
-        float16 exactly, float64 rounded to nearest)."""
+        """Tensor ``key`` as a float32 array of its shape (bfloat16 and float16 exactly, float64 rounded
+        to nearest)."""
         entry = self.header.tensors[key]
         view = _NUMPY_VIEWS.get(entry.dtype)
         if view is None:
             raise InvalidAdapterError(f"{self.header.path}: tensor {key!r} is {entry.dtype}, not a float tensor",
                                       path=str(self.header.path), module=key)
-        if self._map is None or not entry.numel:
-            return np.zeros(entry.shape, dtype=np.float32)
-        raw = np.frombuffer(self._map, dtype=view, count=entry.numel, offset=self.header.data_offset + entry.offsets[0])
-        values = bfloat16_to_float32(raw) if entry.dtype == "BF16" else raw.astype(np.float32)
-        del raw  # no view of the map may outlive this call, or close() could not unmap it
+        raw = np.empty(entry.numel, dtype=view)
+        buffer = memoryview(raw.data).cast("B")
+        self._handle.seek(self.header.data_offset + entry.offsets[0])
+        done = 0
+        while done < buffer.nbytes:  # a read may return less than asked for
+            got = self._handle.readinto(buffer[done:])
+            if not got:
+                raise InvalidAdapterError(f"{self.header.path}: tensor {key!r} is cut short",
+                                          path=str(self.header.path), module=key)
+            done += got
+        if entry.dtype == "BF16":
+            values = bfloat16_to_float32(raw)
+        else:
+            values = raw if entry.dtype == "F32" else raw.astype(np.float32)
         return values.reshape(entry.shape)
 
 
