@@ -221,9 +221,18 @@ def test_core_space_reads_each_module_once_and_forms_no_dense_delta(sources, mon
     from loramgr.adapter import LoraAdapter
     from loramgr.merge.tensorfile import TensorFile
 
+    from loramgr.merge.threads import _openblas
+
     reads: list[tuple[str, str]] = []
     opened: list[str] = []
-    factors, open_weights = LoraAdapter.array_factors, LoraAdapter.open_weights
+    threads: list[int] = []
+    factors, open_weights, merge_module = LoraAdapter.array_factors, LoraAdapter.open_weights, core_space.merge_module
+    blas = _openblas()
+    assert blas is not None  # numpy's wheels bundle OpenBLAS
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        threads.append(blas[0]())
+        return merge_module(*args, **kwargs)
 
     def counting(self, name, weights=None):  # type: ignore[no-untyped-def]
         assert isinstance(weights, TensorFile)  # read from the file the merge opened, not reopened
@@ -240,12 +249,16 @@ def test_core_space_reads_each_module_once_and_forms_no_dense_delta(sources, mon
     monkeypatch.setattr(LoraAdapter, "array_factors", counting)
     monkeypatch.setattr(LoraAdapter, "open_weights", opening)
     monkeypatch.setattr(ModuleJob, "deltas", no_dense)
+    monkeypatch.setattr(core_space, "merge_module", recording)
+    blas[1](2)
     for method in BOTH + CORE_ONLY:
         reads.clear()
         opened.clear()
         loramgr.combine(["a", "b", "c"], method=method, **method_options(method))  # type: ignore[arg-type]
         assert sorted(reads) == sorted(set(reads)) and len(reads) == 3 + 2 + 1, method
         assert sorted(opened) == ["a==1.0.0", "b==1.0.0", "c==1.0.0"], method  # each source file opened once
+    assert threads and set(threads) == {1}  # the small operations of the factored path run on one thread
+    assert blas[0]() == 2  # and the caller's setting is back
 
 
 def test_scale_multiplies_the_merged_delta_in_every_space(sources, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from loramgr.merge import elementwise
+from loramgr.merge.threads import single_threaded
 
 if TYPE_CHECKING:
     import torch
@@ -108,10 +109,11 @@ def magnitude_threshold(deltas: ModuleDeltas, i: int, k: int, generator: np.rand
     high = float(sample[high_index]) if high_index < m else math.inf
     above = 0
     band: list[F32] = []
-    for start, stop in deltas.blocks():
-        magnitude = np.abs(deltas.rows(i, start, stop))
-        above += int((magnitude > high).sum())
-        band.append(magnitude[(magnitude >= low) & (magnitude <= high)])
+    with single_threaded():
+        for start, stop in deltas.blocks():
+            magnitude = np.abs(deltas.rows(i, start, stop))
+            above += int((magnitude > high).sum())
+            band.append(magnitude[(magnitude >= low) & (magnitude <= high)])
     values = np.concatenate(band)
     need = k - above
     if not 1 <= need <= values.size:
@@ -157,12 +159,13 @@ def merge_blocks(
     ``pruned[i]`` is P_i itself or the threshold that defines it from ΔW_i.
     """
     merged = np.empty((deltas.out_features, deltas.in_features), dtype=np.float32)
-    for start, stop in deltas.blocks():
-        blocks = [_block(deltas, pruned, i, start, stop) for i in range(len(deltas))]
-        if majority_sign is None:
-            merged[start:stop] = elementwise.weighted_sum(blocks, weights)
-        else:
-            merged[start:stop] = elementwise.disjoint_merge(blocks, weights, majority_sign)
+    with single_threaded():
+        for start, stop in deltas.blocks():
+            blocks = [_block(deltas, pruned, i, start, stop) for i in range(len(deltas))]
+            if majority_sign is None:
+                merged[start:stop] = elementwise.weighted_sum(blocks, weights)
+            else:
+                merged[start:stop] = elementwise.disjoint_merge(blocks, weights, majority_sign)
     return merged
 
 

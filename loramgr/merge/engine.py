@@ -16,7 +16,7 @@ The maths runs on numpy arrays: no torch (except for DARE's masks in full space,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from loramgr.merge.result import (
     tensor_keys,
 )
 from loramgr.merge.tensorfile import SpillWriter, TensorFile, round_to_dtype
+from loramgr.merge.threads import single_threaded
 
 Progress = Callable[[str, int, int], None]
 
@@ -108,6 +109,7 @@ def merge(
     arrays: dict[str, Array] = {}
     reports: list[ModuleReport] = []
     with ExitStack() as stack:
+        stack.enter_context(single_threaded() if method.factored(options) else nullcontext())
         files = [stack.enter_context(adapter.open_weights()) for adapter in adapters]
         writer = None
         if weights_file is not None:
