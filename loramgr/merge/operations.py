@@ -1,7 +1,7 @@
 """The combine and compress steps: one library function each, called by the CLI and the Python API.
 
 :func:`combine` and :func:`compress` run a whole step in this order: check the options (before any
-source is opened or torch is imported), resolve the sources (a reference in the registry, checked
+source is opened or numpy is imported), resolve the sources (a reference in the registry, checked
 against a recorded digest; or an adapter already open), the plain-LoRA guard, the compatibility
 checks of ``loramgr check``, the merge itself (:mod:`loramgr.merge.engine`), then deliver the result:
 written to a folder, registered with its lineage (parents by digest) and recipe, or handed back in
