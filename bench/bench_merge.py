@@ -213,9 +213,10 @@ def peak_mb():
 folders, output = [Path(f) for f in sys.argv[1:3]], Path(sys.argv[3])
 adapters = [LoraAdapter(read_peft_folder(f), f, label=f.name) for f in folders]
 baseline = peak_mb()
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 combine(adapters, MergeOptions(method="svd", weights=(0.5, 0.5), rank=16), output=output)
-print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_mb(), "after_imports_mb": baseline,
+print(json.dumps({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+                  "peak_rss_mb": peak_mb(), "after_imports_mb": baseline,
                   "torch": "torch" in sys.modules,
                   "output_mb": (output / "adapter_model.safetensors").stat().st_size / 2**20}))
 """
@@ -231,38 +232,42 @@ def checkout_env(checkout: Path, home: Path | None = None) -> dict[str, str]:
 def stream_peak(checkout: Path, folders: list[Path], output: Path) -> dict[str, float]:
     """Part 3 in a fresh process running ``checkout``'s code."""
     done = subprocess.run([sys.executable, "-c", STREAM_CHILD, *map(str, folders), str(output)],
-                          env=checkout_env(checkout), check=True, capture_output=True, text=True)
+                          env=checkout_env(checkout), cwd=output.parent, check=True, capture_output=True, text=True)
     shutil.rmtree(output, ignore_errors=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def wall(command: list[str], env: dict[str, str], repeat: int) -> float:
-    """Median wall time of ``command``, process start to exit."""
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        subprocess.run(command, env=env, check=True, capture_output=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of ``command``, process start to exit."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(command, env=env, cwd=cwd, check=True, capture_output=True)
+    elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def command_times(checkout: Path, folders: dict[int, list[Path]], root: Path, repeat: int) -> dict[str, float]:
-    """Part 4: ``loramgr combine --method svd`` per layer count, and ``python -c pass``, median wall seconds."""
+def medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def command_times(checkout: Path, folders: dict[int, list[Path]], root: Path,
+                  repeat: int) -> dict[str, tuple[float, float]]:
+    """Part 4: ``loramgr combine --method svd`` per layer count, and ``python -c pass``: median wall and
+    CPU seconds."""
     loramgr = [sys.executable, "-c", "from loramgr.cli.main import main; main()"]
-    out = {"python -c pass": wall([sys.executable, "-c", "pass"], dict(os.environ), repeat)}
+    # every child runs in ``root``: ``python -c`` puts its working directory first on sys.path
+    out = {"python -c pass": medians([timed([sys.executable, "-c", "pass"], dict(os.environ), root)
+                                      for _ in range(repeat)])}
     for layers, (a, b) in folders.items():
         home = root / f"home-{checkout.name}-{layers}"
         env = checkout_env(checkout, home)
         for folder, name in ((a, "a"), (b, "b")):
-            subprocess.run([*loramgr, "install", str(folder), "--name", name], env=env, check=True,
+            subprocess.run([*loramgr, "install", str(folder), "--name", name], env=env, cwd=root, check=True,
                            capture_output=True)
-        times = []
-        for i in range(repeat):
-            start = time.perf_counter()
-            subprocess.run([*loramgr, "combine", "a", "b", "--method", "svd", "--rank", "16", "--name", f"m{i}"],
-                           env=env, check=True, capture_output=True)
-            times.append(time.perf_counter() - start)
-        out[f"combine --method svd, {layers} layers"] = statistics.median(times)
+        runs = [timed([*loramgr, "combine", "a", "b", "--method", "svd", "--rank", "16", "--name", f"m{i}"], env, root)
+                for i in range(repeat)]
+        out[f"combine --method svd, {layers} layers"] = medians(runs)
         shutil.rmtree(home, ignore_errors=True)
     return out
 
@@ -283,16 +288,17 @@ def scale_main(args: argparse.Namespace) -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f} at the end\n")
     print(f"svd to rank 16 of two rank-16 adapters, {args.layers} {args.shape}-shaped layers, into a folder:\n")
-    print("| code | merge (s) | peak RSS (MB) | after imports (MB) | output (MB) | torch imported |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| code | merge wall (s) | merge CPU (s) | peak RSS (MB) | after imports (MB) | output (MB) | torch |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for label, run in peaks.items():
-        print(f"| {label} | {run['seconds']:.2f} | {run['peak_rss_mb']:.0f} | {run['after_imports_mb']:.0f} | "
-              f"{run['output_mb']:.0f} | {'yes' if run['torch'] else 'no'} |")
-    print(f"\nwhole commands, median of {args.repeat} (seconds, process start to exit):\n")
+        print(f"| {label} | {run['seconds']:.2f} | {run['cpu_seconds']:.2f} | {run['peak_rss_mb']:.0f} | "
+              f"{run['after_imports_mb']:.0f} | {run['output_mb']:.0f} | {'yes' if run['torch'] else 'no'} |")
+    print(f"\nwhole commands, median of {args.repeat}, process start to exit (wall s / CPU s):\n")
     print("| command | " + " | ".join(checkouts) + " |")
     print("|---|" + "---:|" * len(checkouts))
     for command in next(iter(times.values())):
-        print(f"| {command} | " + " | ".join(f"{times[label][command]:.2f}" for label in checkouts) + " |")
+        cells = [f"{times[label][command][0]:.2f} / {times[label][command][1]:.2f}" for label in checkouts]
+        print(f"| {command} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
