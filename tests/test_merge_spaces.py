@@ -220,7 +220,6 @@ def test_rank_and_energy_truncate_the_core_result_exactly(sources, tmp_path: Pat
 def test_core_space_reads_each_module_once_and_forms_no_dense_delta(sources, monkeypatch) -> None:
     from loramgr.adapter import LoraAdapter
     from loramgr.merge.tensorfile import TensorFile
-
     from loramgr.merge.threads import _openblas
 
     reads: list[tuple[str, str]] = []
