@@ -184,3 +184,30 @@ def test_recorded_report_matches_the_streamed_result(sources) -> None:
     for module, rank in report.items():
         assert stored[f"base_model.model.{module}.lora_A.weight"].shape[0] == rank
         assert stored[f"base_model.model.{module}.lora_B.weight"].shape[1] == rank
+
+
+def test_a_merge_that_fails_half_way_leaves_nothing(sources, tmp_path: Path, monkeypatch) -> None:
+    """The output is written module by module, so a failure after the first module must still leave no
+    folder, no spill or temporary file and no registered version behind."""
+    from loramgr.merge import methods
+    from loramgr.merge.operations import combine
+
+    merge_module, calls = methods.OptimalRank.merge_module, []
+
+    def failing(self, job, options):  # type: ignore[no-untyped-def]
+        calls.append(job.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C half way through would
+        return merge_module(self, job, options)
+
+    monkeypatch.setattr(methods.OptimalRank, "merge_module", failing)
+    options = loramgr.MergeOptions(method="svd", rank=2)
+    with pytest.raises(KeyboardInterrupt):
+        combine(["sql", "style"], options, output=tmp_path / "out")
+    assert calls and not [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        combine(["sql", "style"], options, name="half")
+    registry = Registry.open()
+    assert calls and registry.list_versions("half") == []
+    assert not registry.store.tmp_dir.exists() or not any(registry.store.tmp_dir.iterdir())
