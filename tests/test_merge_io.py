@@ -136,17 +136,25 @@ def test_a_merge_into_a_folder_is_written_module_by_module(sources, tmp_path: Pa
         assert torch.equal(tensor, held.tensors[key])
 
 
-def test_each_reference_is_resolved_once(sources, monkeypatch) -> None:
+def test_each_reference_is_resolved_and_opened_once(sources, monkeypatch) -> None:
+    from loramgr.adapter import LoraAdapter
+
     calls: list[str] = []
-    open_adapter = Registry.open_adapter
+    opened: list[str] = []
+    open_adapter, open_weights = Registry.open_adapter, LoraAdapter.open_weights
 
     def counting(self, reference):  # type: ignore[no-untyped-def]
         calls.append(reference)
         return open_adapter(self, reference)
 
+    def opening(self):  # type: ignore[no-untyped-def]
+        opened.append(self.label)
+        return open_weights(self)
+
     monkeypatch.setattr(Registry, "open_adapter", counting)
+    monkeypatch.setattr(LoraAdapter, "open_weights", opening)
     merged = loramgr.combine(["sql", "style", "sql"], weights=[0.5, 0.3, 0.2], method="linear")
-    assert calls == ["sql", "style"]
+    assert calls == ["sql", "style"] and opened == ["sql==1.0.0", "style==1.0.0"]
     assert [s.ref for s in merged.recipe.sources] == ["sql==1.0.0", "style==1.0.0", "sql==1.0.0"]
 
 

@@ -110,7 +110,11 @@ def merge(
     reports: list[ModuleReport] = []
     with ExitStack() as stack:
         stack.enter_context(single_threaded() if method.factored(options) else nullcontext())
-        files = [stack.enter_context(adapter.open_weights()) for adapter in adapters]
+        opened: dict[Path, TensorFile] = {}  # a file given twice (combine a a) is still opened once
+        for adapter in adapters:
+            if adapter.weights_path not in opened:
+                opened[adapter.weights_path] = stack.enter_context(adapter.open_weights())
+        files = [opened[adapter.weights_path] for adapter in adapters]
         writer = None
         if weights_file is not None:
             writer = SpillWriter(weights_file.with_name(f".{weights_file.name}.spill"), dtype)
