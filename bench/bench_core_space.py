@@ -64,21 +64,20 @@ def random_factors(layers: int, adapters: int, seed: int) -> list[dict[str, tupl
 def core_merge(adapters, weights, method: str, rank: int | None) -> tuple[float, float, dict, list]:
     """Every module through core_space.merge_module; returns wall and CPU seconds, the merged factors
     and the kept energies."""
+    import numpy as np
+
     from loramgr.merge import core_space
     from loramgr.merge.elementwise import module_seed
-    from loramgr.merge.threads import single_threaded
 
     scale = ALPHA / RANK
     merged, energies = {}, []
     start, cpu = time.perf_counter(), time.process_time()
-    with single_threaded():  # as the engine runs its factored path: small operations, one thread
-        for name in adapters[0]:
-            sources = [(f[name][0], f[name][1], scale) for f in adapters]
-            generator = torch.Generator().manual_seed(module_seed(0, name))
-            result = core_space.merge_module(method, sources, weights, density=DENSITY, generator=generator,
-                                             rank=rank)
-            merged[name] = result
-            energies.append(result.kept_energy)
+    for name in adapters[0]:
+        sources = [(f[name][0].numpy(), f[name][1].numpy(), scale) for f in adapters]
+        generator = np.random.Generator(np.random.PCG64(module_seed(0, name)))
+        result = core_space.merge_module(method, sources, weights, density=DENSITY, generator=generator, rank=rank)
+        merged[name] = result
+        energies.append(result.kept_energy)
     return time.perf_counter() - start, time.process_time() - cpu, merged, energies
 
 
@@ -178,7 +177,7 @@ def main() -> None:
 
     rows = []
     two = random_factors(2, 2, seed=1)
-    core_merge(two, (0.5, 0.5), "ties", RANK)  # warm-up: torch's one-time linear-algebra initialisation
+    core_merge(two, (0.5, 0.5), "ties", RANK)  # warm-up: the one-time linear-algebra initialisation
     for method, combination in (("ties", "ties_svd"), ("dare_ties", "dare_ties_svd")):
         ours_s, _, ours, energies = core_merge(two, (0.5, 0.5), method, RANK)
         note(f"core-space {method}, 2 layers: {ours_s:.3f} s")
@@ -187,7 +186,7 @@ def main() -> None:
             continue
         theirs_s, theirs = peft_merge(two, (0.5, 0.5), combination)
         note(f"PEFT {combination}, 2 layers: {theirs_s:.1f} s")
-        ours_dense = {name: f.b @ f.a for name, f in ours.items()}
+        ours_dense = {name: torch.from_numpy(f.b @ f.a) for name, f in ours.items()}
         rows.append((method, combination, ours_s, theirs_s, relative_difference(ours_dense, theirs), min(energies)))
         del theirs, ours_dense
 

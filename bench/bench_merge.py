@@ -8,7 +8,17 @@ down, weights 0.5 / 0.5, float32. Prints a markdown table:
    the resulting ΔW (||ΔW_loramgr - ΔW_peft||_F / ||ΔW_peft||_F over all modules);
 2. all 32 layers, loramgr alone, "svd" to rank 16 in a subprocess: wall time and peak RSS.
 
+``--scale`` runs instead the figures of the torch-free, streamed merge, each for this checkout and, with
+``--before PATH``, for another checkout of loramgr (e.g. the commit before it):
+
+3. peak RSS of the library step ``loramgr.merge.operations.combine(..., output=DIR)`` (svd to rank 16)
+   over ``--layers`` layers of ``--shape`` (7b or 70b) shapes, in a fresh process that imports no torch
+   itself;
+4. whole-command wall time, process start to exit, of ``loramgr combine a b --method svd --rank 16
+   --name m`` for 2 and ``--layers`` 7B layers, against ``python -c pass``, median of ``--repeat``.
+
 Usage: python bench/bench_merge.py [--threads 2] [--skip-peft] [--layers 32]
+       python bench/bench_merge.py --scale [--shape 7b|70b] [--layers 32] [--before /path/to/loramgr]
 The adapter files are written to a temporary folder by the benchmark itself and removed afterwards.
 """
 
@@ -16,8 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,35 +42,44 @@ from safetensors.torch import save_file
 
 HIDDEN, INTERMEDIATE, RANK, ALPHA = 4096, 11008, 16, 32.0
 PREFIX = "base_model.model."
-SHAPES = {  # leaf -> (parent, in_features, out_features)
-    "q_proj": ("self_attn", HIDDEN, HIDDEN),
-    "k_proj": ("self_attn", HIDDEN, HIDDEN),
-    "v_proj": ("self_attn", HIDDEN, HIDDEN),
-    "o_proj": ("self_attn", HIDDEN, HIDDEN),
-    "gate_proj": ("mlp", HIDDEN, INTERMEDIATE),
-    "up_proj": ("mlp", HIDDEN, INTERMEDIATE),
-    "down_proj": ("mlp", INTERMEDIATE, HIDDEN),
-}
 
 
-def module_names(layers: int) -> list[tuple[str, int, int]]:
+def llama_shapes(hidden: int, intermediate: int, kv: int) -> dict[str, tuple[str, int, int]]:
+    """leaf -> (parent, in_features, out_features) of a Llama decoder layer."""
+    return {
+        "q_proj": ("self_attn", hidden, hidden),
+        "k_proj": ("self_attn", hidden, kv),
+        "v_proj": ("self_attn", hidden, kv),
+        "o_proj": ("self_attn", hidden, hidden),
+        "gate_proj": ("mlp", hidden, intermediate),
+        "up_proj": ("mlp", hidden, intermediate),
+        "down_proj": ("mlp", intermediate, hidden),
+    }
+
+
+SHAPES = llama_shapes(HIDDEN, INTERMEDIATE, HIDDEN)  # Llama-2-7B
+SHAPES_BY_MODEL = {"7b": SHAPES, "70b": llama_shapes(8192, 28672, 1024)}  # Llama-2-70B: grouped-query k, v
+
+
+def module_names(layers: int, shapes: dict[str, tuple[str, int, int]] = SHAPES) -> list[tuple[str, int, int]]:
     return [
         (f"model.layers.{i}.{parent}.{leaf}", d_in, d_out)
         for i in range(layers)
-        for leaf, (parent, d_in, d_out) in SHAPES.items()
+        for leaf, (parent, d_in, d_out) in shapes.items()
     ]
 
 
-def write_adapter(folder: Path, layers: int, seed: int, dtype: torch.dtype = torch.float32) -> Path:
+def write_adapter(folder: Path, layers: int, seed: int, dtype: torch.dtype = torch.float32,
+                  shapes: dict[str, tuple[str, int, int]] = SHAPES) -> Path:
     """A PEFT LoRA folder with random factors (B non-zero) for the given number of layers."""
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, d_in, d_out in module_names(layers):
+    for name, d_in, d_out in module_names(layers, shapes):
         tensors[f"{PREFIX}{name}.lora_A.weight"] = (torch.randn(RANK, d_in, generator=gen) / d_in**0.5).to(dtype)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = (torch.randn(d_out, RANK, generator=gen) / RANK**0.5).to(dtype)
     config = {
-        "peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": sorted(SHAPES),
+        "peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": sorted(shapes),
         "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "use_dora": False,
         "base_model_name_or_path": "bench-llama-2-7b-shapes", "revision": None, "bias": "none",
         "task_type": None, "lora_dropout": 0.0, "fan_in_fan_out": False, "modules_to_save": None,
@@ -175,15 +197,126 @@ def child_full(folders: list[str], threads: int) -> None:
     }))
 
 
+STREAM_CHILD = """
+import json, sys, time
+from pathlib import Path
+from loramgr.adapter import LoraAdapter
+from loramgr.formats.peft import read_peft_folder
+from loramgr.merge.operations import combine
+from loramgr.merge.options import MergeOptions
+
+def peak_mb():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+folders, output = [Path(f) for f in sys.argv[1:3]], Path(sys.argv[3])
+adapters = [LoraAdapter(read_peft_folder(f), f, label=f.name) for f in folders]
+baseline = peak_mb()
+start, cpu = time.perf_counter(), time.process_time()
+combine(adapters, MergeOptions(method="svd", weights=(0.5, 0.5), rank=16), output=output)
+print(json.dumps({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+                  "peak_rss_mb": peak_mb(), "after_imports_mb": baseline,
+                  "torch": "torch" in sys.modules,
+                  "output_mb": (output / "adapter_model.safetensors").stat().st_size / 2**20}))
+"""
+
+
+def checkout_env(checkout: Path, home: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    if home is not None:
+        env["LORAMGR_HOME"] = str(home)
+    return env
+
+
+def stream_peak(checkout: Path, folders: list[Path], output: Path) -> dict[str, float]:
+    """Part 3 in a fresh process running ``checkout``'s code."""
+    done = subprocess.run([sys.executable, "-c", STREAM_CHILD, *map(str, folders), str(output)],
+                          env=checkout_env(checkout), cwd=output.parent, check=True, capture_output=True, text=True)
+    shutil.rmtree(output, ignore_errors=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def timed(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of ``command``, process start to exit."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(command, env=env, cwd=cwd, check=True, capture_output=True)
+    elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def command_times(checkout: Path, folders: dict[int, list[Path]], root: Path,
+                  repeat: int) -> dict[str, tuple[float, float]]:
+    """Part 4: ``loramgr combine --method svd`` per layer count, and ``python -c pass``: median wall and
+    CPU seconds."""
+    loramgr = [sys.executable, "-c", "from loramgr.cli.main import main; main()"]
+    # every child runs in ``root``: ``python -c`` puts its working directory first on sys.path
+    out = {"python -c pass": medians([timed([sys.executable, "-c", "pass"], dict(os.environ), root)
+                                      for _ in range(repeat)])}
+    for layers, (a, b) in folders.items():
+        home = root / f"home-{checkout.name}-{layers}"
+        env = checkout_env(checkout, home)
+        for folder, name in ((a, "a"), (b, "b")):
+            subprocess.run([*loramgr, "install", str(folder), "--name", name], env=env, cwd=root, check=True,
+                           capture_output=True)
+        runs = [timed([*loramgr, "combine", "a", "b", "--method", "svd", "--rank", "16", "--name", f"m{i}"], env, root)
+                for i in range(repeat)]
+        out[f"combine --method svd, {layers} layers"] = medians(runs)
+        shutil.rmtree(home, ignore_errors=True)
+    return out
+
+
+def scale_main(args: argparse.Namespace) -> None:
+    here = Path(__file__).resolve().parent.parent
+    checkouts = {"this checkout": here} | ({"before": Path(args.before).resolve()} if args.before else {})
+    shapes = SHAPES_BY_MODEL[args.shape]
+    with tempfile.TemporaryDirectory(prefix="bench-merge-scale-") as tmp:
+        root = Path(tmp)
+        big = [write_adapter(root / f"{args.shape}-{s}", args.layers, seed=s, shapes=shapes) for s in (1, 2)]
+        peaks = {label: stream_peak(path, big, root / "out") for label, path in checkouts.items()}
+        note(f"peaks: {peaks}")
+        for folder in big:
+            shutil.rmtree(folder)
+        folders = {n: [write_adapter(root / f"7b-{n}-{s}", n, seed=s) for s in (1, 2)] for n in (2, args.layers)}
+        times = {label: command_times(path, folders, root, args.repeat) for label, path in checkouts.items()}
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f} at the end\n")
+    print(f"svd to rank 16 of two rank-16 adapters, {args.layers} {args.shape}-shaped layers, into a folder:\n")
+    print("| code | merge wall (s) | merge CPU (s) | peak RSS (MB) | after imports (MB) | output (MB) | torch |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for label, run in peaks.items():
+        print(f"| {label} | {run['seconds']:.2f} | {run['cpu_seconds']:.2f} | {run['peak_rss_mb']:.0f} | "
+              f"{run['after_imports_mb']:.0f} | {run['output_mb']:.0f} | {'yes' if run['torch'] else 'no'} |")
+    print(f"\nwhole commands, median of {args.repeat}, process start to exit (wall s / CPU s):\n")
+    print("| command | " + " | ".join(checkouts) + " |")
+    print("|---|" + "---:|" * len(checkouts))
+    for command in next(iter(times.values())):
+        cells = [f"{times[label][command][0]:.2f} / {times[label][command][1]:.2f}" for label in checkouts]
+        print(f"| {command} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=32, help="layers of the loramgr-only run")
     parser.add_argument("--skip-peft", action="store_true", help="skip the (slow, ~10 min) PEFT runs")
+    parser.add_argument("--scale", action="store_true", help="the streamed-merge figures (parts 3 and 4)")
+    parser.add_argument("--shape", choices=sorted(SHAPES_BY_MODEL), default="7b", help="layer shapes of part 3")
+    parser.add_argument("--before", help="another loramgr checkout to measure parts 3 and 4 against")
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child_full(args.child, args.threads)
+        return
+    if args.scale:
+        scale_main(args)
         return
     torch.set_num_threads(args.threads)
     rows = []

@@ -23,7 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+    from numpy.typing import NDArray
+
+    from .merge.tensorfile import TensorFile
 
 #: adapter types loramgr recognises; only "lora" can be summed and converted freely
 ADAPTER_TYPES = ("lora", "dora", "loha", "lokr", "full", "ia3", "glora", "oft", "boft", "lora_tucker")
@@ -278,6 +282,25 @@ class LoraAdapter:
         if dtype is not None:
             a, b = a.to(dtype), b.to(dtype)
         return a, b
+
+    def open_weights(self) -> TensorFile:
+        """The weights file opened for reading numpy arrays (no torch), as a context manager: what a
+        merge reads each module's factors from, opening each source once."""
+        from .merge.tensorfile import TensorFile
+
+        return TensorFile(self.weights_path)
+
+    def array_factors(
+        self, name: str, weights: TensorFile | None = None
+    ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """(A, B) of one module as 2-D float32 numpy arrays (A: rank x in, B: out x rank), read from
+        ``weights`` (an open :meth:`open_weights`) or, without it, from the file opened for this call."""
+        if weights is None:
+            with self.open_weights() as opened:
+                return self.array_factors(name, opened)
+        spec = self._specs[name]
+        a, b = weights.array(spec.key_a), weights.array(spec.key_b)
+        return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
 
     def delta(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """ΔW = scale · B · A of one module (out x in, convolutions flattened)."""

@@ -5,7 +5,8 @@ m x n matrices, U_B and V_A from full torch.linalg.svd of the stacked factors (w
 the SVD picks), cores U_Bᵀ ΔW_t V_Aᵀ from the dense deltas, TIES and magnitude pruning from PEFT's
 own peft.utils.merge_utils (DARE: the drop written here, then PEFT's sign election and disjoint
 merge), TSV / Iso / KnOTS written out from the papers' reference code, and the merged delta
-reconstructed densely. The library computes from the factors only.
+reconstructed densely. The library computes from the factors only, on numpy arrays; the reference
+is torch, independent of it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import json
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from peft.utils import merge_utils
@@ -92,9 +95,11 @@ def ref_iso_cts(cores, fraction=0.8):
 
 
 def dare_drop(tensors, density, seed):
-    """DARE's drop and rescale, one uniform draw per entry from the per-module generator, in order."""
-    generator = torch.Generator().manual_seed(module_seed(seed, MODULE))
-    return [t * (torch.rand(t.shape, generator=generator) < density) / density for t in tensors]
+    """DARE's drop and rescale, one uniform float32 draw per entry (row-major) from the per-module
+    generator (numpy's PCG64 seeded with module_seed), in order."""
+    generator = np.random.Generator(np.random.PCG64(module_seed(seed, MODULE)))
+    draws = [torch.from_numpy(generator.random(tuple(t.shape), dtype=np.float32)) for t in tensors]
+    return [t * (u < density) / density for t, u in zip(tensors, draws)]
 
 
 def peft_rule(method, tensors, weights, density, seed=None):
@@ -163,10 +168,20 @@ def relative_error(ours, reference):
     return float(torch.linalg.norm(ours - reference) / torch.linalg.norm(reference))
 
 
+def as_arrays(sources):
+    return [(a.numpy(), b.numpy(), scale) for a, b, scale in sources]
+
+
+def merge(method, sources, weights, **kwargs):
+    """core_space.merge_module on the sources as numpy arrays; the factors back as torch tensors."""
+    factors = core_space.merge_module(method, as_arrays(sources), weights, **kwargs)
+    return SimpleNamespace(a=torch.from_numpy(factors.a), b=torch.from_numpy(factors.b), rank=factors.rank,
+                           kept_energy=factors.kept_energy)
+
+
 def library(method, sources, weights, *, density=0.4, scale=1.0, seed=SEED, **kwargs):
-    generator = torch.Generator().manual_seed(module_seed(seed, MODULE))
-    return core_space.merge_module(method, sources, weights, density=density, scale=scale,
-                                   generator=generator, **kwargs)
+    generator = np.random.Generator(np.random.PCG64(module_seed(seed, MODULE)))
+    return merge(method, sources, weights, density=density, scale=scale, generator=generator, **kwargs)
 
 
 CASES = {
@@ -209,9 +224,9 @@ def test_shared_directions_are_dropped_from_the_basis(method):
     sources = random_sources(40, 36, (4, 4, 8), seed=8)
     shared = (sources[1][0], sources[0][1], sources[0][2])
     sources = [sources[0], shared, sources[2]]
-    space = core_space.core_bases(sources, [1.0, 1.0, 1.0])
+    space = core_space.core_bases(as_arrays(sources), [1.0, 1.0, 1.0])
     assert space.cores[0].shape == (12, 16)
-    assert torch.allclose(space.u_b.T @ space.u_b, torch.eye(12, dtype=F64), atol=1e-10)
+    assert np.allclose(space.u_b.T @ space.u_b, np.eye(12), atol=1e-10)
     weights = [0.9, 0.6, -0.7]
     ours = merged_delta(library(method, sources, weights))
     assert relative_error(ours, dense_reference(method, sources, weights)) < 1e-5
@@ -224,10 +239,10 @@ def test_trimming_keeps_what_topk_keeps():
 
     gen = torch.Generator().manual_seed(9)
     tensors = [torch.randn(64, 700, generator=gen), torch.randint(-3, 4, (50, 40), generator=gen).float(),
-               torch.randn(16, 16, generator=gen, dtype=F64), torch.randn(32, 32, generator=gen).bfloat16()]
+               torch.randn(16, 16, generator=gen, dtype=F64), torch.randn(32, 32, generator=gen).bfloat16().float()]
     for tensor in tensors:
         for density in (0.01, 0.3, 0.5, 0.97):
-            kept = magnitude_prune_one(tensor, density)
+            kept = torch.from_numpy(magnitude_prune_one(tensor.numpy(), density))
             k = int(density * tensor.numel())
             assert int((kept != 0).sum()) <= k and torch.equal(kept[kept != 0], tensor[kept != 0])
             flat = tensor.abs().reshape(-1).double()
@@ -240,7 +255,7 @@ def test_trimming_keeps_what_topk_keeps():
 def test_linear_is_the_exact_weighted_sum():
     sources = random_sources(48, 40, (2, 7, 5), seed=3, rslora=(True, False, False))
     weights = [1.5, -0.25, 0.6]
-    merged = core_space.merge_module("linear", sources, weights)
+    merged = merge("linear", sources, weights)
     exact = sum(w * dense_delta(s) for w, s in zip(weights, sources))
     assert merged.rank == 14 and merged.kept_energy == 1.0
     assert relative_error(merged_delta(merged), exact) < 1e-6
@@ -268,9 +283,9 @@ def test_dare_seed_reproduces():
         assert torch.equal(first.a, again.a) and torch.equal(first.b, again.b)
         other_seed = library(method, sources, weights, seed=SEED + 1)
         assert relative_error(merged_delta(other_seed), merged_delta(first)) > 1e-2
-        other_module = core_space.merge_module(
+        other_module = merge(
             method, sources, weights, density=0.4,
-            generator=torch.Generator().manual_seed(module_seed(SEED, MODULE + ".x")))
+            generator=np.random.Generator(np.random.PCG64(module_seed(SEED, MODULE + ".x"))))
         assert relative_error(merged_delta(other_module), merged_delta(first)) > 1e-2
 
 
@@ -306,25 +321,29 @@ def test_core_space_ties_is_not_full_space_ties():
 @pytest.mark.slow
 def test_three_adapters_on_a_32768_square_module_stay_under_1_gib():
     """Every method on a 32768 x 32768 module (a dense delta would be 4 GiB in float32), in a fresh
-    process whose peak RSS (torch included) stays under 1 GiB; linear is checked on a probe vector."""
+    process whose peak RSS stays under 1 GiB; linear is checked on a probe vector."""
     script = textwrap.dedent("""
-        import json, resource, torch
+        import json, resource
+        import numpy as np
         from loramgr.merge import core_space
-        torch.manual_seed(0)
+        rng = np.random.default_rng(0)
         d = 32768
-        sources = [(torch.randn(16, d) / d**0.5, torch.randn(d, 16) / 4, 2.0) for _ in range(3)]
+        f32 = np.float32
+        sources = [((rng.standard_normal((16, d), dtype=f32) / d**0.5).astype(f32),
+                    (rng.standard_normal((d, 16), dtype=f32) / 4).astype(f32), 2.0) for _ in range(3)]
         weights = [0.5, 0.3, 0.2]
-        probe = torch.randn(d, dtype=torch.float64)
-        exact = sum(w * s * (b.double() @ (a.double() @ probe)) for w, (a, b, s) in zip(weights, sources))
+        probe = rng.standard_normal(d)
+        exact = sum(w * s * (b.astype(np.float64) @ (a.astype(np.float64) @ probe))
+                    for w, (a, b, s) in zip(weights, sources))
         ranks = {}
         for method in core_space.METHODS:
             merged = core_space.merge_module(method, sources, weights, density=0.3,
-                                             generator=torch.Generator().manual_seed(1))
-            assert merged.b.shape[0] == d and merged.a.shape[1] == d and bool(merged.b.isfinite().all())
+                                             generator=np.random.default_rng(1))
+            assert merged.b.shape[0] == d and merged.a.shape[1] == d and bool(np.isfinite(merged.b).all())
             ranks[method] = merged.rank
             if method == "linear":
-                got = merged.b.double() @ (merged.a.double() @ probe)
-                linear_error = float((got - exact).norm() / exact.norm())
+                got = merged.b.astype(np.float64) @ (merged.a.astype(np.float64) @ probe)
+                linear_error = float(np.linalg.norm(got - exact) / np.linalg.norm(exact))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(json.dumps({"peak": peak, "ranks": ranks, "linear_error": linear_error}))
     """)

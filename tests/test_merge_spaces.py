@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from factories import write_peft_adapter
@@ -82,10 +83,11 @@ def expected_core_merge(folders: dict[str, Path], module: str, method: str, weig
     present = [(parts, w) for folder, w in zip(folders.values(), weights, strict=True)
                if (parts := source_parts(folder, module)) is not None]
     seed = int(options.pop("seed", 0))  # type: ignore[call-overload]
-    generator = torch.Generator().manual_seed(module_seed(seed, module))
-    factors = core_space.merge_module(method, [p for p, _ in present], [w for _, w in present], generator=generator,
+    generator = np.random.Generator(np.random.PCG64(module_seed(seed, module)))
+    arrays = [(a.numpy(), b.numpy(), s) for (a, b, s), _ in present]
+    factors = core_space.merge_module(method, arrays, [w for _, w in present], generator=generator,
                                       **options)  # type: ignore[arg-type]
-    return factors.b.double() @ factors.a.double()
+    return torch.from_numpy(factors.b).double() @ torch.from_numpy(factors.a).double()
 
 
 @pytest.mark.parametrize("method", BOTH + CORE_ONLY)
@@ -130,13 +132,13 @@ def element_wise_directly(folders: dict[str, Path], method: str, options: MergeO
         present = [(parts, w) for folder, w in zip(folders.values(), options.weights or (), strict=True)
                    if (parts := source_parts(folder, module)) is not None]
         job = ModuleJob(name=module, coefs=[w * p[2] for p, w in present], weights=[w for _, w in present],
-                        scales=[p[2] for p, _ in present], factors=[(p[0], p[1]) for p, _ in present],
+                        scales=[p[2] for p, _ in present], factors=[(p[0].numpy(), p[1].numpy()) for p, _ in present],
                         max_rank=36)
         merged = METHODS[method].merge_dense(job, options)  # type: ignore[attr-defined]
         rank = options.rank or min(sum(job.ranks()), 36)
         factors = rerank_dense(merged, rank=rank, energy=options.energy, seed=module_seed(0, module, "rerank"))
-        out[f"base_model.model.{module}.lora_A.weight"] = factors.a
-        out[f"base_model.model.{module}.lora_B.weight"] = factors.b
+        out[f"base_model.model.{module}.lora_A.weight"] = torch.from_numpy(factors.a)
+        out[f"base_model.model.{module}.lora_B.weight"] = torch.from_numpy(factors.b)
     return out
 
 
@@ -217,30 +219,45 @@ def test_rank_and_energy_truncate_the_core_result_exactly(sources, tmp_path: Pat
 
 def test_core_space_reads_each_module_once_and_forms_no_dense_delta(sources, monkeypatch) -> None:
     from loramgr.adapter import LoraAdapter
+    from loramgr.merge.tensorfile import TensorFile
+    from loramgr.merge.threads import _openblas
 
     reads: list[tuple[str, str]] = []
+    opened: list[str] = []
     threads: list[int] = []
-    factors, merge_module = LoraAdapter.factors, core_space.merge_module
-
-    def counting(self, name, dtype=None):  # type: ignore[no-untyped-def]
-        reads.append((self.label, name))
-        return factors(self, name, dtype)
+    factors, open_weights, merge_module = LoraAdapter.array_factors, LoraAdapter.open_weights, core_space.merge_module
+    blas = _openblas()
+    assert blas is not None  # numpy's wheels bundle OpenBLAS
 
     def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
-        threads.append(torch.get_num_threads())
+        threads.append(blas[0]())
         return merge_module(*args, **kwargs)
+
+    def counting(self, name, weights=None):  # type: ignore[no-untyped-def]
+        assert isinstance(weights, TensorFile)  # read from the file the merge opened, not reopened
+        reads.append((self.label, name))
+        return factors(self, name, weights)
+
+    def opening(self):  # type: ignore[no-untyped-def]
+        opened.append(self.label)
+        return open_weights(self)
 
     def no_dense(self):  # type: ignore[no-untyped-def]
         raise AssertionError("a dense delta was formed")
 
-    monkeypatch.setattr(LoraAdapter, "factors", counting)
-    monkeypatch.setattr(core_space, "merge_module", recording)
+    monkeypatch.setattr(LoraAdapter, "array_factors", counting)
+    monkeypatch.setattr(LoraAdapter, "open_weights", opening)
     monkeypatch.setattr(ModuleJob, "deltas", no_dense)
+    monkeypatch.setattr(core_space, "merge_module", recording)
+    blas[1](2)
     for method in BOTH + CORE_ONLY:
         reads.clear()
+        opened.clear()
         loramgr.combine(["a", "b", "c"], method=method, **method_options(method))  # type: ignore[arg-type]
         assert sorted(reads) == sorted(set(reads)) and len(reads) == 3 + 2 + 1, method
+        assert sorted(opened) == ["a==1.0.0", "b==1.0.0", "c==1.0.0"], method  # each source file opened once
     assert threads and set(threads) == {1}  # the small operations of the factored path run on one thread
+    assert blas[0]() == 2  # and the caller's setting is back
 
 
 def test_scale_multiplies_the_merged_delta_in_every_space(sources, tmp_path: Path) -> None:

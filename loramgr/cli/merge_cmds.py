@@ -165,7 +165,7 @@ def combine(references: tuple[str, ...], weights_text: str | None, name: str | N
 @click.command()
 @click.argument("reference")
 @click.option("--rank", type=int, help="Rank of the result (every module).")
-@click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of the energy.")
+@click.option("--energy", type=float, help="Per module, the least rank keeping this fraction f of ||ΔW||² (sv_fro √f).")
 @click.option("--dtype", help="dtype of the written factors (default: the source's).")
 @click.option("--name", help="Register the result under this name.")
 @click.option("--version", "version", help="Version of the result.")

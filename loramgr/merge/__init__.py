@@ -14,8 +14,11 @@ on dense deltas: full space), ``dense`` (the same, block by block from the facto
 provenance of a result), ``operations`` (the combine and compress steps the CLI and the Python API
 call: sources from the registry, checks, delivery).
 
-The options, the registry of methods and recipes import without torch; the rest is imported on first
-use, so the CLI can check a merge's options before loading torch.
+The maths and the file I/O run on numpy arrays (``tensorfile``: reading sources, writing results
+module by module, bfloat16 by hand); torch is imported only for DARE's masks in full space (PEFT's
+random stream) and for ``MergedAdapter.tensors``. The options, the registry of methods and recipes
+import without numpy; the rest is imported on first use, so the CLI can check a merge's options
+before loading anything heavy.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ __all__ = [
     "METHODS", "MergeMethod", "MergeOptions", "MergedAdapter", "ModuleReport", "Recipe", "combine", "compress",
 ]
 
-# these need torch: imported on first use
+# these need numpy: imported on first use
 _LAZY = {
     "combine": "loramgr.merge.engine",
     "compress": "loramgr.merge.engine",

@@ -1,11 +1,11 @@
 """Merges in the adapters' own space: TIES, DARE, TSV, Iso and KnOTS computed from the LoRA factors.
 
-Pure functions on tensors; no files, no adapters. For one module, source t has factors A_t (r_t x n),
+Pure functions on numpy arrays; no files, no adapters. For one module, source t has factors A_t (r_t x n),
 B_t (m x r_t) and scale s_t, so ΔW_t = s_t B_t A_t; R = Σ r_t. Nothing here allocates an m x n
 matrix: the largest objects are m x R and R x n, and only R x R matrices are decomposed (a tall
 stacked matrix X is reached through its Gram matrix XᵀX, one matrix product). The bases and cores are
 float64 (the factors are upcast; an m x R float64 matrix of a 32768-row module is 12 MB), KnOTS'
-R x n blocks float32; the result is returned in ``dtype``.
+R x n blocks float32; the result is returned in float32.
 
 Core space (Panariello, Marczak et al., NeurIPS 2025, arXiv 2509.17786):
 
@@ -46,15 +46,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+import numpy as np
+from numpy.typing import NDArray
 
 from loramgr.merge import elementwise
 from loramgr.merge.lowrank import Factors, choose_rank
 
 #: null directions: σ² <= RTOL · max(rows, cols) · σ_max² for a Gram matrix's eigenvalues, and
 #: σ <= RTOL · max(rows, cols) · σ_max for singular values of an R x R matrix (rounding level)
-RTOL = torch.finfo(torch.float64).eps
+RTOL = float(np.finfo(np.float64).eps)
 #: Iso-CTS: fraction of the core's dimension given to the common subspace (the paper's default)
 COMMON_SPACE_FRACTION = 0.8
 
@@ -73,7 +75,8 @@ METHODS: dict[str, tuple[bool, bool, bool]] = {
     "knots_dare": (True, True, True),
 }
 
-Source = tuple[torch.Tensor, torch.Tensor, float]  # (A_t, B_t, s_t)
+Matrix = NDArray[Any]
+Source = tuple[Matrix, Matrix, float]  # (A_t, B_t, s_t)
 
 
 @dataclass(frozen=True)
@@ -83,16 +86,17 @@ class Basis:
     X W Σ⁻¹ are X's left singular vectors. Only R x R matrices are decomposed; the m-sized work is
     one matrix product for the Gram matrix and one for whatever is expressed in the basis."""
 
-    q: torch.Tensor  # the stacked matrix X
-    p: torch.Tensor
+    q: Matrix  # the stacked matrix X
+    p: Matrix
 
-    def matrix(self) -> torch.Tensor:
+    def matrix(self) -> Matrix:
         """The m x k basis itself."""
         return self.q @ self.p
 
-    def times(self, small: torch.Tensor) -> torch.Tensor:
+    def times(self, small: Matrix) -> Matrix:
         """basis @ small (small: k x c), without forming the basis."""
-        return self.q @ (self.p @ small)
+        product: Matrix = self.q @ (self.p @ small)
+        return product
 
 
 @dataclass(frozen=True)
@@ -101,30 +105,30 @@ class CoreSpace:
 
     left: Basis  # U_B = left.matrix(), m x p
     right: Basis  # V_Aᵀ = right.matrix(), n x q
-    cores: list[torch.Tensor]  # C_t = (U_Bᵀ s_t B_t)(A_t V_Aᵀ), p x q, unweighted
+    cores: list[Matrix]  # C_t = (U_Bᵀ s_t B_t)(A_t V_Aᵀ), p x q, unweighted
     weights: list[float]
 
     @property
-    def u_b(self) -> torch.Tensor:
+    def u_b(self) -> Matrix:
         return self.left.matrix()
 
     @property
-    def v_a(self) -> torch.Tensor:
+    def v_a(self) -> Matrix:
         return self.right.matrix().T
 
-    def weighted_cores(self) -> list[torch.Tensor]:
+    def weighted_cores(self) -> list[Matrix]:
         """M_t = w_t C_t."""
         return [w * c for w, c in zip(self.weights, self.cores, strict=True)]
 
 
-def _nonnull(s: torch.Tensor, shape: tuple[int, ...]) -> int:
+def _nonnull(s: Matrix, shape: tuple[int, ...]) -> int:
     """How many leading singular values (decreasing) are above the null tolerance."""
-    if s.numel() == 0 or float(s[0]) <= 0.0:
+    if s.size == 0 or float(s[0]) <= 0.0:
         return 0
     return int((s > RTOL * max(shape) * s[0]).sum())
 
 
-def _column_basis(stacked: torch.Tensor) -> tuple[Basis, torch.Tensor]:
+def _column_basis(stacked: Matrix) -> tuple[Basis, Matrix]:
     """The left singular vectors of a tall m x R matrix X with non-null singular value, ordered by
     singular value, signs canonical; also X's columns in that basis, Σ Wᵀ (k x R).
 
@@ -133,38 +137,39 @@ def _column_basis(stacked: torch.Tensor) -> tuple[Basis, torch.Tensor]:
     direction that small changes ΔW by less than float32 rounding). The directions kept are accurate
     to eps · (σ_max / σ)² relative, which is the price of one matrix product instead of a QR."""
     gram = stacked.T @ stacked
-    eigenvalues, vectors = torch.linalg.eigh(gram)
-    eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
-    top = float(eigenvalues[0]) if eigenvalues.numel() else 0.0
+    eigenvalues, vectors = np.linalg.eigh(gram)
+    eigenvalues, vectors = eigenvalues[::-1], vectors[:, ::-1]
+    top = float(eigenvalues[0]) if eigenvalues.size else 0.0
     keep = int((eigenvalues > RTOL * max(stacked.shape) * top).sum()) if top > 0 else 0
-    sigma = eigenvalues[:keep].sqrt()
+    sigma = np.sqrt(eigenvalues[:keep])
     coords = sigma[:, None] * vectors[:, :keep].T  # Σ Wᵀ = basisᵀ X
     signs = _canonical(coords)
     return Basis(q=stacked, p=(vectors[:, :keep] / sigma) * signs), coords * signs[:, None]
 
 
-def _canonical(coordinates: torch.Tensor) -> torch.Tensor:
+def _canonical(coordinates: Matrix) -> Matrix:
     """±1 per basis vector: + when the entry of largest magnitude of its row of ``coordinates`` (the
     stacked matrix seen in that basis, σ_i times a right singular vector) is positive, the first such
     entry on a tie. Stacking the sources in another order permutes the entries of each row, so the
     choice does not depend on the order."""
-    index = coordinates.abs().argmax(dim=1)
-    signs = torch.sign(coordinates.gather(1, index[:, None])).squeeze(1)
+    index = np.abs(coordinates).argmax(axis=1)
+    signs = np.sign(np.take_along_axis(coordinates, index[:, None], axis=1))[:, 0]
     signs[signs == 0] = 1.0
-    return signs
+    chosen: Matrix = signs
+    return chosen
 
 
 def _usable(sources: Sequence[Source], weights: Sequence[float]) -> tuple[list[Source], list[float]]:
     if len(sources) != len(weights):
         raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
-    kept = [(src, w) for src, w in zip(sources, weights) if bool(src[0].any()) and bool(src[1].any())]
+    kept = [(src, w) for src, w in zip(sources, weights) if bool(np.any(src[0])) and bool(np.any(src[1]))]
     return [s for s, _ in kept], [float(w) for _, w in kept]
 
 
-def _stacks(sources: list[Source]) -> tuple[torch.Tensor, torch.Tensor]:
+def _stacks(sources: list[Source]) -> tuple[Matrix, Matrix]:
     """B_stack = [s_1 B_1 ... s_T B_T] (m x R) and A_stackᵀ = [A_1ᵀ ... A_Tᵀ] (n x R), float64."""
-    b_stack = torch.cat([b.to(torch.float64) * scale for _, b, scale in sources], dim=1)
-    a_stack_t = torch.cat([a.to(torch.float64) for a, _, _ in sources], dim=0).T
+    b_stack = np.concatenate([b.astype(np.float64) * scale for _, b, scale in sources], axis=1)
+    a_stack_t = np.concatenate([a.astype(np.float64) for a, _, _ in sources], axis=0).T
     return b_stack, a_stack_t
 
 
@@ -192,37 +197,38 @@ def core_bases(sources: Sequence[Source], weights: Sequence[float]) -> CoreSpace
 # rules on the cores
 
 
-def _polar(x: torch.Tensor) -> torch.Tensor:
+def _polar(x: Matrix) -> Matrix:
     """The orthonormal factor of the polar decomposition (Procrustes: the nearest matrix with
     orthonormal columns), P Qᵀ from X = P S Qᵀ. When X is rank-deficient (tasks sharing a direction)
     that factor is not unique; the partial isometry P_r Q_rᵀ over X's non-null singular values is,
     and is what is used."""
-    p, s, qh = torch.linalg.svd(x, full_matrices=False)
+    p, s, qh = np.linalg.svd(x, full_matrices=False)
     keep = _nonnull(s, tuple(x.shape))
-    return torch.matmul(p[:, :keep], qh[:keep])
+    isometry: Matrix = p[:, :keep] @ qh[:keep]
+    return isometry
 
 
-def _leading(matrix: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _leading(matrix: Matrix, count: int) -> tuple[Matrix, Matrix, Matrix]:
     """The first ``count`` singular triplets of ``matrix`` that are not null."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    u, s, vh = np.linalg.svd(matrix, full_matrices=False)
     keep = min(count, _nonnull(s, tuple(matrix.shape)))
     return u[:, :keep], s[:keep], vh[:keep]
 
 
-def _orthogonalised(us: list[torch.Tensor], ss: list[torch.Tensor], vhs: list[torch.Tensor],
-                    isotropic: bool) -> torch.Tensor:
+def _orthogonalised(us: list[Matrix], ss: list[Matrix], vhs: list[Matrix], isotropic: bool) -> Matrix:
     """U⊥ diag(S) V⊥ᵀ from concatenated triplets, each side orthogonalised by Procrustes."""
-    u = torch.cat(us, dim=1)
-    s = torch.cat(ss)
-    vh = torch.cat(vhs, dim=0)
-    if s.numel() == 0:
-        return torch.zeros(us[0].shape[0], vhs[0].shape[1], dtype=torch.float64)
+    u = np.concatenate(us, axis=1)
+    s = np.concatenate(ss)
+    vh = np.concatenate(vhs, axis=0)
+    if s.size == 0:
+        return np.zeros((us[0].shape[0], vhs[0].shape[1]), dtype=np.float64)
     if isotropic:
-        s = torch.full_like(s, float(s.mean()))
-    return (_polar(u) * s) @ _polar(vh.T).T
+        s = np.full_like(s, float(s.mean()))
+    merged: Matrix = (_polar(u) * s) @ _polar(vh.T).T
+    return merged
 
 
-def tsv(cores: list[torch.Tensor]) -> torch.Tensor:
+def tsv(cores: list[Matrix]) -> Matrix:
     """TSV-M (Gargiulo et al., CVPR 2025): each task keeps its top ⌊d / T⌋ singular triplets
     (d = min of the core's sides), the stacked U's and V's are each replaced by their Procrustes
     orthogonalisation, and ΔW = U⊥ diag(Σ) V⊥ᵀ. Null triplets are not kept: their vectors are
@@ -232,15 +238,15 @@ def tsv(cores: list[torch.Tensor]) -> torch.Tensor:
     return _orthogonalised([t[0] for t in triplets], [t[1] for t in triplets], [t[2] for t in triplets], False)
 
 
-def iso_c(cores: list[torch.Tensor]) -> torch.Tensor:
+def iso_c(cores: list[Matrix]) -> Matrix:
     """Iso-C (Marczak et al., ICML 2025): the SVD of Σ_t M_t with every (non-null) singular value
     replaced by their mean."""
-    total = torch.stack(cores).sum(dim=0)
+    total = np.sum(cores, axis=0)
     u, s, vh = _leading(total, min(total.shape))
     return _orthogonalised([u], [s], [vh], True)
 
 
-def iso_cts(cores: list[torch.Tensor], common_fraction: float = COMMON_SPACE_FRACTION) -> torch.Tensor:
+def iso_cts(cores: list[Matrix], common_fraction: float = COMMON_SPACE_FRACTION) -> Matrix:
     """Iso-CTS (Marczak et al., ICML 2025): the top directions of Σ_t M_t (a ``common_fraction`` of
     d, adjusted so the rest divides evenly among the T tasks) plus, per task, the top directions of
     M_t with the common left subspace projected out; both sides orthogonalised by Procrustes and the
@@ -250,7 +256,7 @@ def iso_cts(cores: list[torch.Tensor], common_fraction: float = COMMON_SPACE_FRA
     task_total = round((d - common) / tasks) * tasks
     common = d - task_total
     per_task = task_total // tasks
-    total = torch.stack(cores).sum(dim=0)
+    total = np.sum(cores, axis=0)
     u_c, s_c, vh_c = _leading(total, common)
     us, ss, vhs = [], [], []
     for core in cores:
@@ -267,25 +273,26 @@ def _density(density: float | None) -> float:
     return float(density)
 
 
-def _generator(generator: torch.Generator | None) -> torch.Generator:
+def _generator(generator: np.random.Generator | None) -> np.random.Generator:
     if generator is None:
         raise ValueError("a seeded generator is required for DARE")
     return generator
 
 
-def drop(tensor: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry with probability ``density`` (uniform draw < density, float32, from
-    ``generator``) and rescale the survivors by 1 / density. The same distribution as merge_utils'
-    torch.bernoulli masks, about 5x cheaper to draw on a KnOTS block, and the same draws whatever the
-    tensor's dtype. (Full space keeps torch.bernoulli, to reproduce PEFT's own masks.)"""
+def drop(tensor: Matrix, density: float, generator: np.random.Generator) -> Matrix:
+    """DARE: keep each entry with probability ``density`` (uniform float32 draw < density, from
+    ``generator``, row-major) and rescale the survivors by 1 / density. The same distribution as
+    merge_utils' torch.bernoulli masks, and the same draws whatever the tensor's dtype. (Full space
+    keeps torch.bernoulli, to reproduce PEFT's own masks.)"""
     if density >= 1.0:
         return tensor
-    keep = torch.rand(tensor.shape, generator=generator) < density
-    return tensor * keep / density
+    keep = generator.random(tensor.shape, dtype=np.float32) < density
+    dropped: Matrix = tensor * keep / tensor.dtype.type(density)
+    return dropped
 
 
-def _elementwise(method: str, tensors: list[torch.Tensor], weights: list[float], density: float | None,
-                 majority_sign: str, generator: torch.Generator | None) -> torch.Tensor:
+def _elementwise(method: str, tensors: list[Matrix], weights: list[float], density: float | None,
+                 majority_sign: str, generator: np.random.Generator | None) -> Matrix:
     """The rules shared with full space, applied to cores or KnOTS blocks (PEFT merge_utils semantics)."""
     if method == "linear":
         return elementwise.weighted_sum(tensors, weights)
@@ -314,13 +321,13 @@ class KnotsSpace:
     """U (m x p) and the per-source blocks Σ V_tᵀ = Uᵀ ΔW_t (p x n) of the concatenation's SVD."""
 
     u: Basis
-    blocks: list[torch.Tensor]
+    blocks: list[Matrix]
     weights: list[float]
 
 
-def _block_diagonal(blocks: list[torch.Tensor]) -> torch.Tensor:
-    """The block-diagonal matrix of ``blocks`` (torch.block_diag, which mypy sees untyped)."""
-    out = blocks[0].new_zeros(sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks))
+def _block_diagonal(blocks: list[Matrix]) -> Matrix:
+    """The block-diagonal matrix of ``blocks``."""
+    out = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)), dtype=blocks[0].dtype)
     row = col = 0
     for block in blocks:
         out[row : row + block.shape[0], col : col + block.shape[1]] = block
@@ -340,9 +347,9 @@ def knots_space(sources: Sequence[Source], weights: Sequence[float]) -> KnotsSpa
         raise ValueError("no source has a non-zero delta on this module")
     b_cat, _ = _stacks(sources)
     left, b_coords = _column_basis(b_cat)
-    r_ts = [torch.linalg.qr(a.to(torch.float64).T)[1] for a, _, _ in sources]
+    r_ts = [np.linalg.qr(a.astype(np.float64).T)[1] for a, _, _ in sources]
     kernel = b_coords @ _block_diagonal([r.T for r in r_ts])
-    p, s, _ = torch.linalg.svd(kernel, full_matrices=False)
+    p, s, _ = np.linalg.svd(kernel, full_matrices=False)
     width = sum(a.shape[1] for a, _, _ in sources)
     p = p[:, : _nonnull(s, (b_cat.shape[0], width))]
     p = p * _canonical(p.T @ kernel)
@@ -352,7 +359,7 @@ def knots_space(sources: Sequence[Source], weights: Sequence[float]) -> KnotsSpa
         stop = start + a.shape[0]
         # Σ V_tᵀ = Uᵀ s_t B_t A_t, k x n: as large as the factors A_t, so float32 like them (the rule
         # makes several passes over these blocks; float64 would double that traffic)
-        blocks.append(coords[:, start:stop].to(torch.float32) @ a.to(torch.float32))
+        blocks.append(coords[:, start:stop].astype(np.float32) @ a.astype(np.float32))
         start = stop
     return KnotsSpace(u=Basis(q=left.q, p=left.p @ p), blocks=blocks, weights=weights)
 
@@ -361,8 +368,8 @@ def knots_space(sources: Sequence[Source], weights: Sequence[float]) -> KnotsSpa
 # the result as LoRA factors
 
 
-def _as_factors(left: Basis, middle: torch.Tensor, right: Basis | None, *, rank: int | None,
-                energy: float | None, dtype: torch.dtype) -> Factors:
+def _as_factors(left: Basis, middle: Matrix, right: Basis | None, *, rank: int | None,
+                energy: float | None) -> Factors:
     """ΔW = left @ middle (@ rightᵀ) as LoRA factors. Without rank/energy: B' = left @ middle,
     A' = rightᵀ (or B' = left, A' = middle when ``right`` is None). With them: the SVD of the small
     ``middle`` gives the exact optimal truncation, since both bases are orthonormal; the kept energy is
@@ -372,18 +379,22 @@ def _as_factors(left: Basis, middle: torch.Tensor, right: Basis | None, *, rank:
             b, a = left.matrix(), middle
         else:
             b, a = left.times(middle), right.matrix().T
-        return Factors(a=a.to(dtype).contiguous(), b=b.to(dtype).contiguous(), kept_energy=1.0)
-    u, s, vh = torch.linalg.svd(middle.to(torch.float64), full_matrices=False)
+        return Factors(a=_float32(a), b=_float32(b), kept_energy=1.0)
+    u, s, vh = np.linalg.svd(middle.astype(np.float64), full_matrices=False)
     energies = s * s
     total = float(energies.sum())
     keep = choose_rank(energies, total, rank, energy)
     kept = float(energies[:keep].sum()) / total if total > 0 else 1.0
-    root = s[:keep].sqrt()
+    root = np.sqrt(s[:keep])
     b = left.times(u[:, :keep] * root)
     a = root[:, None] * vh[:keep]
     if right is not None:
         a = right.times(a.T).T
-    return Factors(a=a.to(dtype).contiguous(), b=b.to(dtype).contiguous(), kept_energy=min(kept, 1.0))
+    return Factors(a=_float32(a), b=_float32(b), kept_energy=min(kept, 1.0))
+
+
+def _float32(matrix: Matrix) -> NDArray[np.float32]:
+    return np.ascontiguousarray(matrix, dtype=np.float32)
 
 
 def merge_module(
@@ -393,11 +404,10 @@ def merge_module(
     *,
     density: float | None = None,
     majority_sign: str = "total",
-    generator: torch.Generator | None = None,
+    generator: np.random.Generator | None = None,
     scale: float = 1.0,
     rank: int | None = None,
     energy: float | None = None,
-    dtype: torch.dtype = torch.float32,
 ) -> Factors:
     """Merge one module's sources in core space (or KnOTS space for ``knots_*``) and return LoRA factors.
 
@@ -411,12 +421,12 @@ def merge_module(
     if sources and not _usable(sources, weights)[0]:
         # every source's delta is zero here (e.g. PEFT's initialisation, B = 0): so is the merge
         a, b, _ = sources[0]
-        return Factors(a=a.new_zeros(1, a.shape[1], dtype=dtype), b=b.new_zeros(b.shape[0], 1, dtype=dtype))
+        return Factors(a=np.zeros((1, a.shape[1]), dtype=np.float32), b=np.zeros((b.shape[0], 1), dtype=np.float32))
     if method.startswith("knots_"):
         space = knots_space(sources, weights)
         rule = "ties" if method == "knots_ties" else "dare_ties"
         merged = _elementwise(rule, space.blocks, space.weights, density, majority_sign, generator)
-        return _as_factors(space.u, scale * merged, None, rank=rank, energy=energy, dtype=dtype)
+        return _as_factors(space.u, scale * merged, None, rank=rank, energy=energy)
     core = core_bases(sources, weights)
     if method == "tsv":
         merged = tsv(core.weighted_cores())
@@ -426,4 +436,4 @@ def merge_module(
         merged = iso_cts(core.weighted_cores())
     else:
         merged = _elementwise(method, core.cores, core.weights, density, majority_sign, generator)
-    return _as_factors(core.left, scale * merged, core.right, rank=rank, energy=energy, dtype=dtype)
+    return _as_factors(core.left, scale * merged, core.right, rank=rank, energy=energy)

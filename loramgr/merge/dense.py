@@ -8,7 +8,7 @@ whole-tensor functions, with one dense tensor (the result) instead of n + 3.
 
 The one global quantity, the magnitude threshold of TIES / magnitude pruning (the k-th largest
 |ΔW_i|), is found exactly without sorting the whole delta: a random sample brackets it, one pass
-counts the entries above the bracket and collects those inside, and ``kthvalue`` runs on that small
+counts the entries above the bracket and collects those inside, and a selection runs on that small
 band. When the bracket misses, or entries tie at the threshold, it falls back to the whole-tensor
 selection, so the kept set is always exactly the k largest (ties broken as in elementwise.py).
 """
@@ -18,11 +18,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
+from numpy.typing import NDArray
 
 from loramgr.merge import elementwise
 from loramgr.merge.threads import single_threaded
+
+if TYPE_CHECKING:
+    import torch
+
+F32 = NDArray[Any]  # float32 arrays
 
 #: entries per row block (4 MiB of float32): small enough for the caches, large enough to amortise dispatch
 BLOCK_ENTRIES = 1 << 20
@@ -33,11 +40,11 @@ SAMPLE_SIZE = 1 << 18
 class ModuleDeltas:
     """The dense deltas ΔW_i = s_i B_i A_i of one module, produced on demand, never all stored."""
 
-    def __init__(self, scales: list[float], factors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.scaled_b = [scale * b for scale, (_, b) in zip(scales, factors, strict=True)]
+    def __init__(self, scales: list[float], factors: list[tuple[F32, F32]]) -> None:
+        self.scaled_b = [np.float32(scale) * b for scale, (_, b) in zip(scales, factors, strict=True)]
         self.a = [a for a, _ in factors]
-        self.out_features = self.scaled_b[0].shape[0]
-        self.in_features = self.a[0].shape[1]
+        self.out_features = int(self.scaled_b[0].shape[0])
+        self.in_features = int(self.a[0].shape[1])
 
     def __len__(self) -> int:
         return len(self.a)
@@ -46,10 +53,10 @@ class ModuleDeltas:
     def numel(self) -> int:
         return self.out_features * self.in_features
 
-    def full(self, i: int) -> torch.Tensor:
+    def full(self, i: int) -> F32:
         return self.scaled_b[i] @ self.a[i]
 
-    def rows(self, i: int, start: int, stop: int) -> torch.Tensor:
+    def rows(self, i: int, start: int, stop: int) -> F32:
         return self.scaled_b[i][start:stop] @ self.a[i]
 
     def blocks(self) -> Iterator[tuple[int, int]]:
@@ -57,10 +64,11 @@ class ModuleDeltas:
         for start in range(0, self.out_features, step):
             yield start, min(start + step, self.out_features)
 
-    def sample_magnitudes(self, i: int, generator: torch.Generator) -> torch.Tensor:
-        index = torch.randint(self.numel, (SAMPLE_SIZE,), generator=generator)
+    def sample_magnitudes(self, i: int, generator: np.random.Generator) -> F32:
+        index = generator.integers(self.numel, size=SAMPLE_SIZE)
         rows, cols = index // self.in_features, index % self.in_features
-        return (self.scaled_b[i][rows] * self.a[i][:, cols].T).sum(dim=1).abs()
+        sample: F32 = np.abs(np.einsum("sr,rs->s", self.scaled_b[i][rows], self.a[i][:, cols]))
+        return sample
 
 
 @dataclass
@@ -74,24 +82,25 @@ class Threshold:
     ties_to_keep: int
     tied: int
 
-    def keep(self, magnitude: torch.Tensor) -> torch.Tensor:
+    def keep(self, magnitude: F32) -> F32:
         """The kept mask of the next block; blocks must come in order (it counts the ties kept)."""
         equal = magnitude == self.value
         if self.tied > self.ties_to_keep:
-            where = equal.reshape(-1).nonzero().squeeze(1)
+            where = np.flatnonzero(equal)
             equal.reshape(-1)[where[self.ties_to_keep :]] = False
-            self.ties_to_keep = max(0, self.ties_to_keep - where.numel())
-            self.tied = max(0, self.tied - where.numel())
-        return (magnitude > self.value) | equal
+            self.ties_to_keep = max(0, self.ties_to_keep - where.size)
+            self.tied = max(0, self.tied - where.size)
+        kept: F32 = (magnitude > self.value) | equal
+        return kept
 
 
-def magnitude_threshold(deltas: ModuleDeltas, i: int, k: int, generator: torch.Generator) -> Threshold | None:
+def magnitude_threshold(deltas: ModuleDeltas, i: int, k: int, generator: np.random.Generator) -> Threshold | None:
     """The k-th largest |ΔW_i| and how many entries equal to it to keep; None: use the full path."""
     n = deltas.numel
     if n <= 4 * SAMPLE_SIZE:
         return None
-    sample, _ = deltas.sample_magnitudes(i, generator).sort()
-    m = sample.numel()
+    sample = np.sort(deltas.sample_magnitudes(i, generator))
+    m = sample.size
     kept_fraction = k / n
     centre = m - kept_fraction * m
     margin = 6.0 * math.sqrt(m * kept_fraction * (1.0 - kept_fraction)) + 64
@@ -99,26 +108,26 @@ def magnitude_threshold(deltas: ModuleDeltas, i: int, k: int, generator: torch.G
     low = float(sample[low_index]) if low_index >= 0 else 0.0
     high = float(sample[high_index]) if high_index < m else math.inf
     above = 0
-    band: list[torch.Tensor] = []
+    band: list[F32] = []
     with single_threaded():
         for start, stop in deltas.blocks():
-            magnitude = deltas.rows(i, start, stop).abs_()
+            magnitude = np.abs(deltas.rows(i, start, stop))
             above += int((magnitude > high).sum())
             band.append(magnitude[(magnitude >= low) & (magnitude <= high)])
-    values = torch.cat(band)
+    values = np.concatenate(band)
     need = k - above
-    if not 1 <= need <= values.numel():
+    if not 1 <= need <= values.size:
         return None  # the sample's bracket missed the threshold (very unlikely): select on the whole delta
-    value = torch.kthvalue(values, values.numel() - need + 1).values
+    value = elementwise.kth_largest(values, need)
     strictly_above = above + int((values > value).sum())
     return Threshold(float(value), ties_to_keep=k - strictly_above, tied=int((values == value).sum()))
 
 
-def pruned_by_magnitude(deltas: ModuleDeltas, density: float, seed: int) -> list[torch.Tensor | Threshold]:
+def pruned_by_magnitude(deltas: ModuleDeltas, density: float, seed: int) -> list[F32 | Threshold]:
     """Per source, its magnitude threshold or, when none was found, its pruned full delta."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = np.random.Generator(np.random.PCG64(seed))
     k = int(density * deltas.numel)
-    out: list[torch.Tensor | Threshold] = []
+    out: list[F32 | Threshold] = []
     for i in range(len(deltas)):
         threshold = magnitude_threshold(deltas, i, k, generator) if 0 < k < deltas.numel else None
         if threshold is None:
@@ -128,32 +137,28 @@ def pruned_by_magnitude(deltas: ModuleDeltas, density: float, seed: int) -> list
     return out
 
 
-def pruned_at_random(
-    deltas: ModuleDeltas, density: float, generator: torch.Generator
-) -> list[torch.Tensor | Threshold]:
+def pruned_at_random(deltas: ModuleDeltas, density: float, generator: torch.Generator) -> list[F32 | Threshold]:
     """DARE's pruned deltas. The drop masks are drawn over each whole delta, in source order, exactly
     as merge_utils draws them, so a seed gives PEFT's masks."""
     return [elementwise.random_prune_one(deltas.full(i), density, generator) for i in range(len(deltas))]
 
 
-def _block(
-    deltas: ModuleDeltas, pruned: list[torch.Tensor | Threshold], i: int, start: int, stop: int
-) -> torch.Tensor:
+def _block(deltas: ModuleDeltas, pruned: list[F32 | Threshold], i: int, start: int, stop: int) -> F32:
     kept = pruned[i]
-    if isinstance(kept, torch.Tensor):
+    if not isinstance(kept, Threshold):
         return kept[start:stop]
     block = deltas.rows(i, start, stop)
-    return block * kept.keep(block.abs())
+    return block * kept.keep(np.abs(block))
 
 
 def merge_blocks(
-    deltas: ModuleDeltas, pruned: list[torch.Tensor | Threshold], weights: list[float], majority_sign: str | None
-) -> torch.Tensor:
+    deltas: ModuleDeltas, pruned: list[F32 | Threshold], weights: list[float], majority_sign: str | None
+) -> F32:
     """Σ w_i P_i (majority_sign None) or TIES' disjoint merge of the P_i, block by block.
 
     ``pruned[i]`` is P_i itself or the threshold that defines it from ΔW_i.
     """
-    merged = torch.empty(deltas.out_features, deltas.in_features)
+    merged = np.empty((deltas.out_features, deltas.in_features), dtype=np.float32)
     with single_threaded():
         for start, stop in deltas.blocks():
             blocks = [_block(deltas, pruned, i, start, stop) for i in range(len(deltas))]
@@ -164,12 +169,12 @@ def merge_blocks(
     return merged
 
 
-def ties(deltas: ModuleDeltas, weights: list[float], density: float, majority_sign: str, seed: int) -> torch.Tensor:
+def ties(deltas: ModuleDeltas, weights: list[float], density: float, majority_sign: str, seed: int) -> F32:
     """elementwise.ties on the module's deltas; ``seed`` only drives the threshold's sample."""
     return merge_blocks(deltas, pruned_by_magnitude(deltas, density, seed), weights, majority_sign)
 
 
-def magnitude_prune(deltas: ModuleDeltas, weights: list[float], density: float, seed: int) -> torch.Tensor:
+def magnitude_prune(deltas: ModuleDeltas, weights: list[float], density: float, seed: int) -> F32:
     """elementwise.magnitude_prune on the module's deltas."""
     return merge_blocks(deltas, pruned_by_magnitude(deltas, density, seed), weights, None)
 

@@ -5,27 +5,33 @@ milliseconds: the options (:meth:`MergeOptions.validate`); the plain-LoRA guard 
 (a LoHa is refused as a LoHa, whatever else would be wrong with it); what the sources must share
 (module names, bias, base model, layout); and whether the merge would only copy its one source.
 
-Streaming: only one module's factors (and, for full-space element-wise methods, its dense deltas) are in memory
-at a time, next to the output built so far; sources are read lazily through LoraAdapter.factors.
+Streaming: each source file is opened once (LoraAdapter.open_weights) and read one module at a time;
+only one module's factors (and, for full-space element-wise methods, its dense deltas) are in memory
+at a time. Given a ``weights_file``, the output goes there module by module as it is produced (a
+spill file beside it, assembled at the end: :class:`~loramgr.merge.tensorfile.SpillWriter`), so the
+peak memory is one module's working set whatever the adapter's size; without one it is kept in memory.
+The maths runs on numpy arrays: no torch (except for DARE's masks in full space, PEFT's torch stream).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
-
-import torch
+from pathlib import Path
 
 from loramgr import __version__
 from loramgr.adapter import LoraAdapter
 from loramgr.errors import IncompatibleError, MergeOptionError, NothingToMergeError, UnsupportedAdapterError
+from loramgr.fileio import write_atomic_with
 from loramgr.formats.lycoris import require_plain_lora
 from loramgr.merge.lowrank import Factors
 from loramgr.merge.methods import MergeMethod, ModuleJob
 from loramgr.merge.options import DTYPES, MergeOptions, compress_options, flag
 from loramgr.merge.recipes import Recipe, RecipeSource
 from loramgr.merge.result import (
+    METADATA,
+    Array,
     MergedAdapter,
     ModuleReport,
     OutputModule,
@@ -33,6 +39,7 @@ from loramgr.merge.result import (
     shape_factors,
     tensor_keys,
 )
+from loramgr.merge.tensorfile import SpillWriter, TensorFile, round_to_dtype
 from loramgr.merge.threads import single_threaded
 
 Progress = Callable[[str, int, int], None]
@@ -77,10 +84,18 @@ def compress(
 
 
 def merge(
-    adapters: Sequence[LoraAdapter], options: MergeOptions, *, operation: str, progress: Progress | None = None
+    adapters: Sequence[LoraAdapter],
+    options: MergeOptions,
+    *,
+    operation: str,
+    progress: Progress | None = None,
+    weights_file: Path | None = None,
 ) -> MergedAdapter:
     """What :func:`combine` and :func:`compress` share; ``operation`` ("combine" or "compress") names
-    the step in errors. The result carries its :class:`~loramgr.merge.recipes.Recipe`."""
+    the step in errors. The result carries its :class:`~loramgr.merge.recipes.Recipe`.
+
+    With ``weights_file`` the tensors are written there (atomically) as they are produced and the
+    result holds none of them; without it they are held in memory."""
     adapters = list(adapters)
     method = options.validate(len(adapters), operation)
     require_plain_loras(adapters, operation)
@@ -89,22 +104,38 @@ def merge(
     refuse_copy(adapters, options, method, operation)
     plan = _plan(adapters, options)
     weights = options.weights or ()
-    dtype = getattr(torch, options.dtype or _source_dtype(adapters))
+    dtype = options.dtype or _source_dtype(adapters)
 
-    tensors: dict[str, torch.Tensor] = {}
+    arrays: dict[str, Array] = {}
     reports: list[ModuleReport] = []
-    with single_threaded() if method.factored(options) else nullcontext():
+    with ExitStack() as stack:
+        stack.enter_context(single_threaded() if method.factored(options) else nullcontext())
+        opened: dict[Path, TensorFile] = {}  # a file given twice (combine a a) is still opened once
+        for adapter in adapters:
+            if adapter.weights_path not in opened:
+                opened[adapter.weights_path] = stack.enter_context(adapter.open_weights())
+        files = [opened[adapter.weights_path] for adapter in adapters]
+        writer = None
+        if weights_file is not None:
+            writer = SpillWriter(weights_file.with_name(f".{weights_file.name}.spill"), dtype)
+            stack.callback(writer.discard)
         for done, planned in enumerate(plan, start=1):
             layout = planned.layout
-            job = _load_job(adapters, weights, planned)
+            job = _load_job(adapters, files, weights, planned)
             factors = method.merge_module(job, options)
-            a, b = shape_factors(factors.a.to(dtype), factors.b.to(dtype), layout)
+            a, b = shape_factors(round_to_dtype(factors.a, dtype), round_to_dtype(factors.b, dtype), layout)
             key_a, key_b = tensor_keys(layout.name, layout.kind)
-            tensors[key_a], tensors[key_b] = a, b
+            if writer is None:
+                arrays[key_a], arrays[key_b] = a, b
+            else:
+                writer.add(key_a, a)
+                writer.add(key_b, b)
             reports.append(_report(adapters, planned, factors))
-            del job, factors
+            del job, factors, a, b
             if progress is not None:
                 progress(layout.name, done, len(plan))
+        if writer is not None and weights_file is not None:
+            write_atomic_with(weights_file, lambda tmp: writer.finish(tmp, METADATA))
 
     first = adapters[0].info
     config = build_config(
@@ -119,7 +150,8 @@ def merge(
         options=options,
         loramgr_version=__version__,
     )
-    return MergedAdapter(config=config, tensors=tensors, modules=reports, recipe=recipe)
+    return MergedAdapter(config=config, arrays=arrays, modules=reports, dtype=dtype, recipe=recipe,
+                         weights_path=weights_file)
 
 
 def require_plain_loras(adapters: Sequence[LoraAdapter], operation: str) -> None:
@@ -247,10 +279,13 @@ def _report(adapters: list[LoraAdapter], planned: PlannedModule, factors: Factor
         in_features=layout.in_features,
         out_features=layout.out_features,
         kind=layout.kind,
+        kernel=layout.kernel,
     )
 
 
-def _load_job(adapters: list[LoraAdapter], weights: tuple[float, ...], planned: PlannedModule) -> ModuleJob:
+def _load_job(
+    adapters: list[LoraAdapter], files: list[TensorFile], weights: tuple[float, ...], planned: PlannedModule
+) -> ModuleJob:
     name = planned.layout.name
     coefs, used_weights, scales, factors = [], [], [], []
     for index in planned.present:
@@ -259,7 +294,7 @@ def _load_job(adapters: list[LoraAdapter], weights: tuple[float, ...], planned: 
         coefs.append(weights[index] * scale)
         used_weights.append(weights[index])
         scales.append(scale)
-        factors.append(adapter.factors(name, torch.float32))
+        factors.append(adapter.array_factors(name, files[index]))
     limit = min(planned.layout.in_features, planned.layout.out_features)
     return ModuleJob(name=name, coefs=coefs, weights=used_weights, scales=scales, factors=factors, max_rank=limit)
 

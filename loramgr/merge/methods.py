@@ -21,8 +21,9 @@ Three kinds of method merge one module:
 
 Either way the engine calls :meth:`MergeMethod.merge_module` once per module and gets factors back.
 
-Importing this module does not import torch (the CLI checks its options before any tensor library
-is loaded); the maths modules are imported inside the methods that run them.
+Importing this module imports neither numpy nor torch (the CLI checks its options before any tensor
+library is loaded); the maths modules, on numpy arrays, are imported inside the methods that run
+them. torch is imported only for DARE in full space, whose masks are torch's random stream (PEFT's).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+    from numpy.typing import NDArray
 
     from loramgr.merge.dense import ModuleDeltas
     from loramgr.merge.lowrank import Factors
@@ -46,7 +49,7 @@ class ModuleJob:
     coefs: list[float]  # w_i · s_i of the sources that have this module, in source order
     weights: list[float]  # w_i of those sources
     scales: list[float]  # s_i of those sources
-    factors: list[tuple[torch.Tensor, torch.Tensor]]  # (A_i, B_i) in float32
+    factors: list[tuple[NDArray[np.float32], NDArray[np.float32]]]  # (A_i, B_i) in float32
     max_rank: int  # min(d_in, d_out): no result can have a higher rank
 
     def deltas(self) -> ModuleDeltas:
@@ -56,13 +59,13 @@ class ModuleJob:
         return ModuleDeltas(self.scales, self.factors)
 
     def ranks(self) -> list[int]:
-        return [a.shape[0] for a, _ in self.factors]
+        return [int(a.shape[0]) for a, _ in self.factors]
 
-    def scaled_parts(self, scale: float) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+    def scaled_parts(self, scale: float) -> list[tuple[float, NDArray[np.float32], NDArray[np.float32]]]:
         """(λ w_i s_i, A_i, B_i) per source, for the factored sums."""
         return [(scale * c, a, b) for c, (a, b) in zip(self.coefs, self.factors, strict=True)]
 
-    def sources(self) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    def sources(self) -> list[tuple[NDArray[np.float32], NDArray[np.float32], float]]:
         """(A_i, B_i, s_i) per source, as core_space takes them (unweighted: the weights act on the cores)."""
         return [(a, b, s) for s, (a, b) in zip(self.scales, self.factors, strict=True)]
 
@@ -165,7 +168,7 @@ class CoreSpaceMethod(MergeMethod):
 
 def merge_in_core_space(rule: str, job: ModuleJob, options: MergeOptions) -> Factors:
     """One module through :func:`loramgr.merge.core_space.merge_module` with ``rule``: DARE's masks
-    from :func:`dare_generator` (as in full space), λ = ``options.scale``, the exact truncation to
+    from :func:`core_generator`, λ = ``options.scale``, the exact truncation to
     ``rank`` / ``energy``. Reads only the job's factors: no dense delta is formed."""
     from loramgr.merge import core_space
 
@@ -175,7 +178,7 @@ def merge_in_core_space(rule: str, job: ModuleJob, options: MergeOptions) -> Fac
         rank = job.max_rank  # ΔW has rank <= min(d_in, d_out), so this truncation is exact
     return core_space.merge_module(
         rule, job.sources(), job.weights, density=options.density, majority_sign=options.majority_sign,
-        generator=dare_generator(options, job.name) if needs_generator else None, scale=options.scale,
+        generator=core_generator(options, job.name) if needs_generator else None, scale=options.scale,
         rank=rank, energy=options.energy,
     )
 
@@ -219,11 +222,11 @@ class Elementwise(MergeMethod):
             return merge_in_core_space(self.name, job, options)
         merged = self.merge_dense(job, options)
         if options.scale != 1.0:
-            merged.mul_(options.scale)
+            merged *= merged.dtype.type(options.scale)
         rank = options.rank or min(self.default_rank(job.ranks()), job.max_rank)
         return rerank_dense(merged, rank=rank, energy=options.energy, seed=module_seed(0, job.name, "rerank"))
 
-    def merge_dense(self, job: ModuleJob, options: MergeOptions) -> torch.Tensor:
+    def merge_dense(self, job: ModuleJob, options: MergeOptions) -> NDArray[np.float32]:
         """The dense merged delta of one module."""
         from loramgr.merge import dense
         from loramgr.merge.elementwise import module_seed
@@ -242,13 +245,25 @@ class Elementwise(MergeMethod):
 
 
 def dare_generator(options: MergeOptions, module: str) -> torch.Generator:
-    """The generator of one module's DARE masks, seeded from (seed, module name)."""
+    """The generator of one module's DARE masks in full space, seeded from (seed, module name): a torch
+    generator, so that the masks are the ones PEFT draws after ``torch.manual_seed`` of that seed."""
     import torch
 
     from loramgr.merge.elementwise import module_seed
 
     seed = options.seed if options.seed is not None else 0
     return torch.Generator().manual_seed(module_seed(seed, module))
+
+
+def core_generator(options: MergeOptions, module: str) -> np.random.Generator:
+    """The generator of one module's DARE masks in core space (numpy's PCG64), seeded from (seed, module
+    name) like :func:`dare_generator`."""
+    import numpy as np
+
+    from loramgr.merge.elementwise import module_seed
+
+    seed = options.seed if options.seed is not None else 0
+    return np.random.Generator(np.random.PCG64(module_seed(seed, module)))
 
 
 METHODS: dict[str, MergeMethod] = {}

@@ -1,12 +1,13 @@
 """The combine and compress steps: one library function each, called by the CLI and the Python API.
 
 :func:`combine` and :func:`compress` run a whole step in this order: check the options (before any
-source is opened or torch is imported), resolve the sources (a reference in the registry, checked
+source is opened or numpy is imported), resolve the sources (a reference in the registry, checked
 against a recorded digest; or an adapter already open), the plain-LoRA guard, the compatibility
 checks of ``loramgr check``, the merge itself (:mod:`loramgr.merge.engine`), then deliver the result:
 written to a folder, registered with its lineage (parents by digest) and recipe, or handed back in
-memory. The recipe reproduces the result bit for bit (``loramgr show REF --recipe``,
-``loramgr combine --recipe``).
+memory. A result that goes to a folder or the registry is written module by module as it is merged
+(into the folder's staging area, or the store's scratch area), never held whole in memory. The
+recipe reproduces the result bit for bit (``loramgr show REF --recipe``, ``loramgr combine --recipe``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from ..formats.extras import refuse_extras
 from ..formats.initmethods import require_plain_deltas
 from .options import MergeOptions, compress_options, flag
 from .recipes import Recipe, RecipeOutput, RecipeSource, load_recipe
+
+#: the weights file of a PEFT folder (loramgr.formats.peft's name, without importing it here)
+WEIGHTS_NAME = "adapter_model.safetensors"
 
 if TYPE_CHECKING:
     from ..compat.basemodel import BaseFingerprint
@@ -135,24 +139,35 @@ def _run(
     require_plain_deltas(adapters, operation)  # PiSSA & co. unconverted, MoE target_parameters
     refuse_extras(adapters, operation)  # saved modules, biases, token rows: no merge method can carry them
     notes = run_checks(adapters, options, bases)
-    merged = merge(adapters, options, operation=operation, progress=progress)
-    result = CombineResult(merged, notes=notes + missing_notes(merged))
     if output is not None:
         with atomic_folder(output) as staging:
+            merged = merge(adapters, options, operation=operation, progress=progress,
+                           weights_file=staging / WEIGHTS_NAME)
             merged.save_pretrained(staging)
-        result.output = Path(output)
-    elif name and registry is not None:  # a name always comes with a registry (opened above)
-        result.installed = register_result(registry, merged, name=name, version=version)
-    return result
+        merged.weights_path = Path(output) / WEIGHTS_NAME
+        return CombineResult(merged, output=Path(output), notes=notes + missing_notes(merged))
+    if name and registry is not None:  # a name always comes with a registry (opened above)
+        with registry.store.scratch() as scratch:
+            folder = scratch / "merged"
+            folder.mkdir()
+            merged = merge(adapters, options, operation=operation, progress=progress,
+                           weights_file=folder / WEIGHTS_NAME)
+            installed = _register_folder(registry, merged, folder, name=name, version=version)
+        merged.weights_path = None  # the scratch folder is gone: the result lives in the registry
+        return CombineResult(merged, installed=installed, notes=notes + missing_notes(merged))
+    merged = merge(adapters, options, operation=operation, progress=progress)
+    return CombineResult(merged, notes=notes + missing_notes(merged))
 
 
 def open_sources(registry: Registry | None, sources: Sequence[Source]) -> tuple[list[LoraAdapter], list[Any]]:
     """Each source as an open adapter, with the base model it was installed for (None where unknown).
 
-    A reference is resolved in ``registry``; a recorded digest must match what it resolves to.
+    A reference is resolved in ``registry`` once, however often it is given (the base is looked up
+    by the exact ``name==version`` it resolved to); a recorded digest must match what it resolves to.
     """
     adapters: list[LoraAdapter] = []
     bases: list[Any] = []
+    opened: dict[str, tuple[LoraAdapter, Any]] = {}
     for source in sources:
         if isinstance(source, LoraAdapter):
             adapters.append(source)
@@ -161,7 +176,11 @@ def open_sources(registry: Registry | None, sources: Sequence[Source]) -> tuple[
         if registry is None:
             raise ValueError(f"{source!r} is a reference, which needs a registry")
         pinned = source if isinstance(source, RecipeSource) else RecipeSource(source, 1.0)
-        adapter = registry.open_adapter(pinned.ref if pinned.ref else str(pinned.digest))
+        reference = pinned.ref if pinned.ref else str(pinned.digest)
+        if reference not in opened:
+            adapter = registry.open_adapter(reference)
+            opened[reference] = adapter, registry.base_of(adapter.label)
+        adapter, base = opened[reference]
         if pinned.digest and adapter.digest != pinned.digest:
             raise IntegrityError(
                 f"{pinned.ref} is now {(adapter.digest or '')[:19]}, but the recipe was made from "
@@ -170,7 +189,7 @@ def open_sources(registry: Registry | None, sources: Sequence[Source]) -> tuple[
                 hint=f"install the recorded version or edit the recipe to use ref = \"{pinned.digest}\"",
             )
         adapters.append(adapter)
-        bases.append(registry.base_of(adapter.label))
+        bases.append(base)
     return adapters, bases
 
 
@@ -220,24 +239,30 @@ def register_result(registry: Registry, merged: MergedAdapter, *, name: str, ver
     The files are written to a scratch folder that holds the store's shared lock, so a ``gc`` running
     meanwhile waits instead of deleting them.
     """
-    from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME, read_peft_folder
+    with registry.store.scratch() as scratch:
+        return _register_folder(registry, merged, scratch / "merged", name=name, version=version)
+
+
+def _register_folder(registry: Registry, merged: MergedAdapter, folder: Path, *, name: str,
+                     version: str | None) -> InstallResult:
+    """Save ``merged`` into ``folder`` (its weights may be there already) and register that folder."""
+    from ..formats.peft import CONFIG_NAME, read_peft_folder
     from ..registry import Parent
 
     recipe = replace(merged.recipe, output=RecipeOutput(name, version))
-    with registry.store.scratch() as scratch:
-        folder = merged.save_pretrained(scratch / "merged")
-        info = read_peft_folder(folder)
-        lineage = []
-        for source in recipe.sources:
-            parent_name, _, parent_version = source.ref.partition("==")
-            lineage.append(Parent(parent_name, parent_version, source.digest or "", source.weight))
-        return registry.add(
-            info,
-            {CONFIG_NAME: folder / CONFIG_NAME, WEIGHTS_NAME: folder / WEIGHTS_NAME},
-            name=name,
-            version=version,
-            source=f"combine:{recipe.method}",
-            parents=lineage,
-            recipe=recipe.to_record()
-            | {"report": [{"module": m.name, "rank": m.rank, "kept_energy": m.kept_energy} for m in merged.modules]},
-        )
+    merged.save_pretrained(folder)
+    info = read_peft_folder(folder)
+    lineage = []
+    for source in recipe.sources:
+        parent_name, _, parent_version = source.ref.partition("==")
+        lineage.append(Parent(parent_name, parent_version, source.digest or "", source.weight))
+    return registry.add(
+        info,
+        {CONFIG_NAME: folder / CONFIG_NAME, WEIGHTS_NAME: folder / WEIGHTS_NAME},
+        name=name,
+        version=version,
+        source=f"combine:{recipe.method}",
+        parents=lineage,
+        recipe=recipe.to_record()
+        | {"report": [{"module": m.name, "rank": m.rank, "kept_energy": m.kept_energy} for m in merged.modules]},
+    )

@@ -8,11 +8,14 @@ gets an entry in ``rank_pattern`` and ``alpha_pattern``, written by
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
+from numpy.typing import NDArray
 
 from loramgr.adapter import AdapterInfo, ModuleSpec
 from loramgr.fileio import write_atomic, write_atomic_with
@@ -20,10 +23,16 @@ from loramgr.formats.peftconfig import lora_config
 from loramgr.formats.peftconfig import pattern_key as pattern_key  # re-exported: merge callers import it from here
 from loramgr.merge.options import MergeOptions
 from loramgr.merge.recipes import Recipe
+from loramgr.merge.tensorfile import write_safetensors
+
+if TYPE_CHECKING:
+    import torch
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+#: the safetensors metadata of a merge result (what PEFT's save_pretrained writes)
+METADATA = {"format": "pt"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,7 @@ class ModuleReport:
     in_features: int = 0
     out_features: int = 0
     kind: str = "linear"
+    kernel: tuple[int, ...] | None = None  # conv: the source's A shape (rank, in, kh, kw)
 
 
 @dataclass(frozen=True)
@@ -51,21 +61,22 @@ class OutputModule:
     kernel: tuple[int, ...] | None
 
 
+Array = NDArray[Any]
+
+
 def tensor_keys(module: str, kind: str) -> tuple[str, str]:
     if kind == "embedding":
         return f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B"
     return f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
 
 
-def shape_factors(
-    a: torch.Tensor, b: torch.Tensor, layout: OutputModule
-) -> tuple[torch.Tensor, torch.Tensor]:
+def shape_factors(a: Array, b: Array, layout: OutputModule) -> tuple[Array, Array]:
     """Give flattened conv factors back their kernel shape (A: r x in x kh x kw, B: out x r x 1 x 1)."""
     if layout.kind == "conv" and layout.kernel:
         rank = a.shape[0]
         a = a.reshape(rank, *layout.kernel[1:])
         b = b.reshape(b.shape[0], rank, *([1] * (len(layout.kernel) - 2)))
-    return a.contiguous(), b.contiguous()
+    return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
 
 def build_config(
@@ -88,13 +99,19 @@ def build_config(
 
 @dataclass
 class MergedAdapter:
-    """A merged (or compressed) adapter held in memory, ready to save as a PEFT folder."""
+    """A merged (or compressed) adapter: held in memory (``arrays``), or already written module by
+    module to the safetensors file ``weights_path`` (a merge into a folder or the registry)."""
 
     config: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
+    #: the tensors by key, each holding exactly the values of ``dtype`` (bfloat16 values in float32
+    #: arrays: numpy has no bfloat16); empty when the merge was written straight to ``weights_path``
+    arrays: dict[str, Array]
     modules: list[ModuleReport]
+    #: the dtype of the tensors: float32, float16, bfloat16 or float64
+    dtype: str
     #: how it was made: its sources by reference and digest, with their weights, and the options
     recipe: Recipe = field(repr=False, compare=False)
+    weights_path: Path | None = None
 
     @property
     def options(self) -> MergeOptions:
@@ -107,9 +124,18 @@ class MergedAdapter:
         return [source.ref for source in self.recipe.sources]
 
     @property
-    def dtype(self) -> str:
-        first = next(iter(self.tensors.values()))
-        return str(first.dtype).removeprefix("torch.")
+    def tensors(self) -> Mapping[str, torch.Tensor]:
+        """The tensors as torch tensors of ``dtype`` (imports torch): the state dict PEFT would load,
+        so a merge result can be applied to a model without being saved. Read from ``weights_path``
+        when the merge was written there."""
+        import torch
+
+        if not self.arrays and self.weights_path is not None:
+            from safetensors.torch import load_file
+
+            return load_file(str(self.weights_path))
+        dtype = getattr(torch, self.dtype)
+        return {key: torch.from_numpy(np.array(array)).to(dtype) for key, array in self.arrays.items()}
 
     @property
     def kept_energy(self) -> float:
@@ -121,7 +147,6 @@ class MergedAdapter:
         specs = []
         for report in self.modules:
             key_a, key_b = tensor_keys(report.name, report.kind)
-            a = self.tensors[key_a]
             specs.append(
                 ModuleSpec(
                     name=report.name,
@@ -133,7 +158,7 @@ class MergedAdapter:
                     key_b=key_b,
                     dtype=self.dtype,
                     kind=report.kind,
-                    kernel=tuple(a.shape) if report.kind == "conv" else None,
+                    kernel=(report.rank, *report.kernel[1:]) if report.kind == "conv" and report.kernel else None,
                 )
             )
         specs.sort(key=lambda s: s.name)
@@ -151,7 +176,7 @@ class MergedAdapter:
             base_model_revision=self.config.get("revision"),
             task_type=self.config.get("task_type"),
             dtypes=[self.dtype],
-            n_params=sum(t.numel() for t in self.tensors.values()),
+            n_params=sum(r.rank * (r.in_features + r.out_features) for r in self.modules),
         )
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -163,18 +188,11 @@ class MergedAdapter:
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {key: self.tensors[key].contiguous() for key in sorted(self.tensors)}
-        save_weights(folder / WEIGHTS_NAME, tensors)
+        weights = folder / WEIGHTS_NAME
+        if self.arrays or self.weights_path is None:
+            write_atomic_with(weights, lambda tmp: write_safetensors(tmp, self.arrays, self.dtype, METADATA))
+        elif self.weights_path.resolve() != weights.resolve():
+            write_atomic_with(weights, lambda tmp: shutil.copyfile(self.weights_path or "", tmp))
         config = json.dumps(self.config, indent=2, sort_keys=True) + "\n"
         write_atomic(folder / CONFIG_NAME, config.encode())
         return folder
-
-
-def save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """The safetensors file of ``tensors`` with fixed metadata, written atomically and streamed:
-    safetensors' ``save_file`` writes each tensor straight from its memory, where ``save`` builds the file
-    in memory twice over (for a rank-64 merge of a 7B adapter, 1.2 GB on top of the 610 MB of tensors).
-    Same bytes as ``save``."""
-    from safetensors.torch import save_file
-
-    write_atomic_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
