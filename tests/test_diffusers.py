@@ -99,3 +99,51 @@ def test_diffusers_to_kohya_keeps_delta_and_back(tmp_path: Path) -> None:
     for spec in info.modules:
         assert torch.allclose(LoraAdapter(back, tmp_path).delta(spec.name, torch.float64),
                               adapter.delta(spec.name, torch.float64), atol=1e-6)
+
+
+def test_unet_lora_saved_by_diffusers_save_lora_adapter_installs_and_fuses_as_diffusers_loads_it(
+    tmp_path: Path,
+) -> None:
+    """diffusers' own ``save_lora_adapter`` writes the UNet's module paths without a component prefix and the
+    config in ``lora_adapter_metadata``: loramgr reads it (ranks and alpha from that config), check finds it fits
+    the UNet, and fuse gives the output diffusers gets from ``load_lora_adapter(path, prefix=None)``."""
+    from factories import run_cli
+    from peft import LoraConfig
+    from zoo import output_of, sample_inputs, tiny_unet
+
+    from loramgr.api import get
+    from loramgr.compat.check import check
+    from loramgr.model.weights import fuse
+
+    unet = tiny_unet()
+    unet.save_pretrained(str(tmp_path / "base"))
+    trained = tiny_unet()
+    trained.add_adapter(LoraConfig(r=2, lora_alpha=6, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                   rank_pattern={"up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q": 4}))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    trained.save_lora_adapter(str(tmp_path / "saved"))
+    path = tmp_path / "saved" / "pytorch_lora_weights.safetensors"
+    assert not any(key.startswith("unet.") for key in load_file(str(path)))
+
+    run_cli("install", str(path), "--name", "unet-style", "--version", "1.0.0")
+    shown = json.loads(run_cli("show", "unet-style==1.0.0", "--json").output)
+    assert (shown["format"], shown["rank"], shown["alpha"]) == ("diffusers", 2, 6.0)
+    assert sorted(shown["target_modules"]) == ["to_k", "to_out.0", "to_q", "to_v"]
+    ranks = {m["name"]: (m["rank"], m["alpha"]) for m in shown["modules"]}
+    assert ranks["up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q"] == (4, 6.0)
+    assert ranks["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] == (2, 6.0)
+    assert check(["unet-style==1.0.0"], base=tmp_path / "base").ok
+
+    inputs = sample_inputs("unet", unet)
+    reference = tiny_unet()
+    # with the weight name given, diffusers reads the config from the metadata (a bare file path loses it)
+    reference.load_lora_adapter(str(path.parent), weight_name=path.name, prefix=None, adapter_name="style")
+    expected = output_of(reference, inputs)
+    assert not torch.allclose(expected, output_of(unet, inputs), atol=1e-3), "the adapter moves the output"
+    fused = tiny_unet()
+    fuse(fused, get("unet-style==1.0.0"))
+    torch.testing.assert_close(output_of(fused, inputs), expected, rtol=1e-5, atol=1e-6)
