@@ -30,6 +30,7 @@ from loramgr.merge.result import (
     ModuleReport,
     OutputModule,
     build_config,
+    for_one_model,
     shape_factors,
     tensor_keys,
 )
@@ -119,7 +120,8 @@ def merge(
         options=options,
         loramgr_version=__version__,
     )
-    return MergedAdapter(config=config, tensors=tensors, modules=reports, recipe=recipe)
+    return for_one_model(MergedAdapter(config=config, tensors=tensors, modules=reports, recipe=recipe),
+                         [a.info for a in adapters])
 
 
 def require_plain_loras(adapters: Sequence[LoraAdapter], operation: str) -> None:

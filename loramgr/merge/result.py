@@ -8,7 +8,7 @@ gets an entry in ``rank_pattern`` and ``alpha_pattern``, written by
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 
 from loramgr.adapter import AdapterInfo, ModuleSpec
 from loramgr.fileio import write_atomic, write_atomic_with
-from loramgr.formats.peftconfig import lora_config
+from loramgr.formats.peftconfig import lora_config, one_model_names
 from loramgr.formats.peftconfig import pattern_key as pattern_key  # re-exported: merge callers import it from here
 from loramgr.merge.options import MergeOptions
 from loramgr.merge.recipes import Recipe
@@ -168,6 +168,27 @@ class MergedAdapter:
         config = json.dumps(self.config, indent=2, sort_keys=True) + "\n"
         write_atomic(folder / CONFIG_NAME, config.encode())
         return folder
+
+
+def for_one_model(merged: MergedAdapter, sources: list[AdapterInfo]) -> MergedAdapter:
+    """``merged`` with its modules named as paths of the one model its PEFT folder is loaded into
+    (:func:`loramgr.formats.peftconfig.one_model_names`: a UNet LoRA read from a diffusers or kohya file
+    loses the ``unet.`` its sources name it under)."""
+    names = one_model_names(sources, [m.name for m in merged.modules])
+    if all(name == path for name, path in names.items()):
+        return merged
+    tensors = dict(merged.tensors)
+    modules = []
+    for report in merged.modules:
+        path = names[report.name]
+        for old, new in zip(tensor_keys(report.name, report.kind), tensor_keys(path, report.kind), strict=True):
+            tensors[new] = tensors.pop(old)
+        modules.append(replace(report, name=path))
+    config = merged.config
+    rebuilt = build_config({m.name: m.rank for m in modules}, base_model=config.get("base_model_name_or_path"),
+                           revision=config.get("revision"), task_type=config.get("task_type"),
+                           fan_in_fan_out=bool(config.get("fan_in_fan_out")))
+    return replace(merged, config=rebuilt, tensors=tensors, modules=modules)
 
 
 def save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
