@@ -184,3 +184,19 @@ def test_lycoris_prefixed_loha_is_recognised_and_refused_for_fuse_by_type(tmp_pa
     assert info.adapter_type == "loha" and all(m.name.startswith("lycoris_") for m in info.modules)
     with pytest.raises(UnsupportedAdapterError, match="fuse is not possible .* LoHa .*LyCORIS library"):
         fuse(tiny_llama(), LoraAdapter(info, tmp_path, weights_path=path))
+
+
+def test_the_fuse_refusal_hint_is_true_the_lycoris_library_loads_the_file(tmp_path: Path) -> None:
+    """The refusal sends a kohya LoHa file to the LyCORIS library (PEFT cannot read kohya files, and diffusers'
+    load_lora_weights has no LoHa): that library's kohya loader takes the very file onto the UNet it names, every
+    tensor in its place."""
+    from lycoris.kohya import create_network_from_weights
+    from test_kohya import TinyUNet
+
+    path = write(tmp_path, "loha")
+    unet = TinyUNet()
+    network, weights = create_network_from_weights(1.0, str(path), None, None, unet, for_inference=True)
+    assert [(lora.lora_name, type(lora).__name__) for lora in network.unet_loras] == [(M, "LohaModule")]
+    network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+    loaded = network.load_state_dict(weights, strict=True)  # every tensor of the file has its place
+    assert not loaded.missing_keys and not loaded.unexpected_keys
