@@ -210,6 +210,18 @@ def test_combined_unet_loras_from_diffusers_and_kohya_files_load_in_peft_onto_th
     for path, delta in expected.items():
         got = weights[path + ".weight"] - base.get_submodule(path).weight
         torch.testing.assert_close(got, delta.reshape(got.shape), rtol=1e-5, atol=1e-6)
+    # compress writes its folder the same way: the kohya-installed adapter at rank 2 (from 4) loads onto the UNet
+    run_cli("compress", "second", "--rank", "2", "--output", str(tmp_path / "compressed"))
+    compressed = PeftModel.from_pretrained(tiny_unet(), str(tmp_path / "compressed")).merge_and_unload()
+    weights = dict(compressed.named_parameters())
+    changed = {n.removesuffix(".weight") for n, p in base.named_parameters() if not torch.equal(p, weights[n])}
+    assert changed == set(deltas(second))
+    for path, delta in deltas(second).items():  # each the best rank-2 approximation of the source's ΔW
+        matrix = delta.reshape(delta.shape[0], -1).double()
+        u, sv, vh = torch.linalg.svd(matrix, full_matrices=False)
+        best = (u[:, :2] * sv[:2]) @ vh[:2]
+        got = (weights[path + ".weight"] - base.get_submodule(path).weight).reshape(best.shape).double()
+        torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-5)
 
 
 def test_a_peft_folder_of_several_pipeline_components_is_refused_and_model_paths_stay(tmp_path: Path) -> None:
