@@ -51,6 +51,7 @@ class ModuleSpec:
     kernel: tuple[int, ...] | None = None  # conv: shape of the unflattened A (rank, in, kh, kw)
     key_alpha: str | None = None  # kohya stores alpha as a tensor
     extra_keys: tuple[str, ...] = ()  # other tensors of this module (e.g. DoRA magnitude)
+    key_bias: str | None = None  # PEFT lora_bias=True: lora_B.bias, the output gains scale · bias
 
     @property
     def scale(self) -> float:
@@ -83,6 +84,8 @@ class ModuleSpec:
         data = asdict(self)
         data["kernel"] = list(self.kernel) if self.kernel else None
         data["extra_keys"] = list(self.extra_keys)
+        if data["key_bias"] is None:  # records stay as they were for adapters without a LoRA bias
+            del data["key_bias"]
         return data
 
     @classmethod
@@ -91,6 +94,37 @@ class ModuleSpec:
         data["kernel"] = tuple(data["kernel"]) if data.get("kernel") else None
         data["extra_keys"] = tuple(data.get("extra_keys") or ())
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class ExtraTensor:
+    """A tensor of a PEFT adapter that is no LoRA factor: it replaces part of the base model's weights.
+
+    ``feature`` is "modules_to_save" (a whole module trained and saved: a classifier, an lm_head),
+    "bias" (a base module's bias trained with ``bias="all"`` / ``"lora_only"``) or "trainable_tokens"
+    (rows ``indices`` of an embedding, PEFT's ``trainable_token_indices``). The model's tensor
+    ``module``.``param`` (module named as in the adapter) takes the value of the file's ``key``, or for
+    trainable tokens its rows ``indices`` do. :mod:`loramgr.formats.extras` reads them.
+    """
+
+    feature: str
+    module: str
+    param: str
+    key: str
+    shape: tuple[int, ...]
+    indices: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["shape"] = list(self.shape)
+        data["indices"] = list(self.indices) if self.indices is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExtraTensor:
+        indices = data.get("indices")
+        return cls(feature=data["feature"], module=data["module"], param=data["param"], key=data["key"],
+                   shape=tuple(data["shape"]), indices=tuple(indices) if indices is not None else None)
 
 
 @dataclass
@@ -116,6 +150,10 @@ class AdapterInfo:
     file_metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__
     card: dict[str, Any] = field(default_factory=dict)  # license, description, tags from README.md
     notes: list[str] = field(default_factory=list)  # disagreements found while reading, shown to the user
+    init_method: str | None = None  # PEFT init_lora_weights naming a method (pissa, olora, eva...): formats/initmethods
+    #: saved modules, trained biases and token rows (PEFT adapters); None for a record stored before
+    #: loramgr read them, whose config then says what the weights may hold
+    extras: list[ExtraTensor] | None = field(default_factory=list)
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -133,6 +171,8 @@ class AdapterInfo:
         record["weights_file"] = self.weights_file
         record["config"] = self.config
         record["modules"] = [m.to_dict() for m in self.modules]
+        if self.extras is not None:
+            record["extras"] = [e.to_dict() for e in self.extras]
         return record
 
     @classmethod
@@ -157,6 +197,8 @@ class AdapterInfo:
             file_metadata=dict(record.get("file_metadata") or {}),
             card=dict(record.get("card") or {}),
             notes=list(record.get("notes") or []),
+            init_method=record.get("init_method"),
+            extras=[ExtraTensor.from_dict(e) for e in record["extras"]] if "extras" in record else None,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -183,6 +225,7 @@ class AdapterInfo:
             "file_metadata": self.file_metadata,
             "card": self.card,
             "notes": self.notes,
+            "init_method": self.init_method,
         }
 
 

@@ -10,6 +10,7 @@ loaded outputs are checked against W + ΔW computed independently (fusing the de
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 import time
 import warnings
@@ -21,6 +22,8 @@ from typing import Any
 from . import paths
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 64, 128, 2, 256
+#: the versions the demo registers, each as 1.0.0
+NAMES = ("sql-skill", "chat-style", "sql-chat", "sql-chat-small", "sql-chat-ties")
 
 
 @dataclass
@@ -28,7 +31,30 @@ class DemoResult:
     home: Path
     exact_max_error: float  # PEFT-loaded combined adapter vs independently fused W + ΔW
     compressed_relative_error: float  # logits of the compressed adapter vs the exact combination
-    seconds: float
+    seconds: float  # the demo's steps, from opening the registry to the last check
+    process_seconds: float | None  # since the process started (imports included); None where unknown
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (from /proc on Linux), or None where that is not known."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def refuse_taken_names(registry: Any) -> None:
+    """Refuse, before anything is written, a registry that already holds a version the demo registers."""
+    from .errors import ConflictError
+
+    taken = sorted({row.name for row in registry.list_versions()} & set(NAMES))
+    if taken:
+        raise ConflictError(
+            f"{registry.root} already holds the demo's adapters ({', '.join(taken)})",
+            hint="run 'loramgr demo' without --home (a new temporary registry), or give a new folder",
+        )
 
 
 def build_model() -> Any:
@@ -93,6 +119,7 @@ def run(home: Path | None = None, echo: Callable[[str], None] = print) -> DemoRe
     start = time.perf_counter()
     home = home or Path(tempfile.mkdtemp(prefix="loramgr-demo-"))
     registry = Registry.open(home, paths.database_url(home))
+    refuse_taken_names(registry)
     echo(f"loramgr demo: registry in {home}")
     model = build_model()
     echo(f"1. built a tiny Llama ({LAYERS} layers, hidden {HIDDEN}): "
@@ -149,5 +176,8 @@ def run(home: Path | None = None, echo: Callable[[str], None] = print) -> DemoRe
          f"{exact_error:.1e}")
     echo(f"7. loaded sql-chat-small too: its effect on the logits is within {relative:.1%} of sql-chat's")
     seconds = time.perf_counter() - start
-    echo(f"done in {seconds:.1f} s. Look around: export LORAMGR_HOME={home}; loramgr list; loramgr show sql-chat")
-    return DemoResult(home, exact_error, relative, seconds)
+    age = process_age()
+    since = f", {age:.1f} s since the process started (most of the rest is importing torch)" if age else ""
+    echo(f"done: the steps took {seconds:.1f} s{since}. "
+         f"Look around: export LORAMGR_HOME={home}; loramgr list; loramgr show sql-chat")
+    return DemoResult(home, exact_error, relative, seconds, age)

@@ -5,6 +5,7 @@
     LoramgrError                    every error a user can act on; the CLI prints ``str(err)``, exit 1
     ├── InvalidAdapterError         an adapter's files are wrong (file, module, what to do)
     │   └── UnsupportedAdapterError an adapter type or feature an operation cannot handle
+    │       └── UnsupportedFeatureError a part besides the LoRA deltas (modules_to_save, biases, token rows)
     ├── InvalidReferenceError       a reference or version string that does not parse
     ├── NotFoundError (KeyError)    a reference, tag or digest that matches nothing
     ├── AmbiguousReferenceError     a digest prefix that matches more than one adapter version
@@ -273,3 +274,13 @@ class InvalidConfigFieldError(InvalidAdapterError):
     def __init__(self, message: str, *, path: str, field: str, hint: str | None = None) -> None:
         self.field = field
         super().__init__(message, path=path, hint=hint or "fix the field, or re-save the adapter with PEFT")
+
+
+class UnsupportedFeatureError(UnsupportedAdapterError):
+    """A part of an adapter besides its low-rank deltas (``feature``: modules_to_save, bias, lora_bias,
+    trainable_tokens) that an operation cannot carry exactly; ``module`` names where it is."""
+
+    def __init__(self, message: str, *, feature: str, module: str, path: str | None = None,
+                 hint: str | None = None) -> None:
+        self.feature = feature
+        super().__init__(message, path=path, module=module, hint=hint)

@@ -7,6 +7,15 @@ the module paths that kohya names need. ``gguf`` writes a llama.cpp LoRA GGUF an
 with that GGUF and a Modelfile (:mod:`loramgr.serve.gguf`); both need the base model's architecture
 (the base linked at install, or ``base``) and run the llama.cpp check first. Every write is atomic
 (:mod:`loramgr.fileio`): an error leaves no destination behind.
+
+Destinations, as ``cp`` treats them: a file format (every one but peft and ollama) given an existing
+folder writes ``<folder>/<name>.<extension>`` inside it; given a new path without an extension it adds the
+format's (``.safetensors``, ``.gguf``). A folder format writes into a new or empty folder. Files get the
+mode of any new file (0644 under umask 022), folders 0755, whatever the format.
+
+kohya and diffusers files are diffusion conventions (kohya's ``lora_unet_`` / ``lora_te_`` names,
+diffusers' pipeline loaders): an adapter made for a transformers task (a PEFT ``task_type``) or for
+GPT-2-style Conv1D layers (``fan_in_fan_out``) is refused in them by name; PEFT and GGUF are its formats.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from .errors import UnknownFormatError
 from .fileio import atomic_folder, require_new_file, require_new_folder
+from .formats.extras import refuse_extras
 
 if TYPE_CHECKING:
     from .compat.basemodel import BaseFingerprint
@@ -27,6 +37,12 @@ if TYPE_CHECKING:
 #: original-names file, an XLabs file (diffusion transformers: Flux, Wan, Qwen-Image); a llama.cpp GGUF
 #: file, an Ollama folder (GGUF + Modelfile) (LLMs). A format that cannot hold an adapter refuses it by name.
 EXPORT_FORMATS = ("peft", "kohya", "diffusers", "comfyui", "xlabs", "gguf", "ollama")
+FOLDER_FORMATS = ("peft", "ollama")
+#: the extension a file format adds to a destination that has none
+EXTENSIONS = {"kohya": ".safetensors", "diffusers": ".safetensors", "comfyui": ".safetensors",
+              "xlabs": ".safetensors", "gguf": ".gguf"}
+#: formats whose key names exist only for diffusion models
+DIFFUSION_ONLY = ("kohya", "diffusers")
 
 
 def export_version(
@@ -38,12 +54,17 @@ def export_version(
     base: str | os.PathLike[str] | BaseFingerprint | None = None,
 ) -> Path:
     """Write version ``reference`` to ``destination`` (a new or empty folder for peft and ollama, a new file
-    otherwise). ``base`` (a registered base's name, a path or a fingerprint) overrides the base linked at
-    install, for the formats that need one (gguf, ollama: the architecture, and Ollama's FROM line)."""
+    otherwise: see :func:`export_destination`); returns the path written. ``base`` (a registered base's
+    name, a path or a fingerprint) overrides the base linked at install, for the formats that need one
+    (gguf, ollama: the architecture, and Ollama's FROM line)."""
     if fmt not in EXPORT_FORMATS:
         raise UnknownFormatError(f"unknown export format {fmt!r}", format=fmt, known=EXPORT_FORMATS)
-    destination = Path(destination)
     details = registry.show(reference)
+    destination = export_destination(destination, fmt, details.name)
+    if fmt in DIFFUSION_ONLY:
+        require_diffusion_adapter(details, fmt)
+    if fmt != "peft":  # the other formats hold LoRA factors only
+        refuse_extras([registry.open_adapter(reference)], f"export to {fmt}")
     if fmt in ("gguf", "ollama"):
         return _export_gguf(registry, details, destination, fmt=fmt, base=base)
     if fmt == "peft":
@@ -57,6 +78,34 @@ def export_version(
 
     fingerprint = open_base(base, registry) if base is not None else registry.base_of(reference)
     return export_converted(registry.open_adapter(reference), destination, fmt=fmt, base=fingerprint)
+
+
+def export_destination(destination: str | os.PathLike[str], fmt: str, name: str) -> Path:
+    """Where a ``fmt`` export of adapter ``name`` to ``destination`` goes: inside an existing folder as
+    ``<name><extension>`` for a file format, with the format's extension added when a new path has none."""
+    path = Path(destination)
+    if fmt in FOLDER_FORMATS:
+        return path
+    extension = EXTENSIONS[fmt]
+    if path.is_dir():
+        return path / f"{name}{extension}"
+    return path if path.suffix else path.with_name(path.name + extension)
+
+
+def require_diffusion_adapter(details: VersionDetails, fmt: str) -> None:
+    """Refuse a kohya / diffusers export of an adapter made for a transformers model (an LLM, a classifier)."""
+    from .errors import UnsupportedAdapterError
+
+    task = details.task_type
+    conv1d = bool(details.config.get("fan_in_fan_out"))
+    if not task and not conv1d:
+        return
+    made_for = f"a {task} model" if task else "Conv1D layers (GPT-2 style, fan_in_fan_out)"
+    raise UnsupportedAdapterError(
+        f"{fmt} files hold LoRAs of diffusion models, and {details.name}=={details.version} is made for {made_for}",
+        adapter_type=details.adapter_type,
+        hint="export it with --format peft (PEFT, vLLM, transformers) or --format gguf (llama.cpp)",
+    )
 
 
 def _copy_stored(registry: Registry, details: VersionDetails, destination: Path) -> Path:

@@ -10,14 +10,16 @@ the Hub half (:mod:`loramgr.hub.install`) fetches into huggingface_hub's cache a
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .adapter import AdapterInfo
-from .errors import IncompatibleError, LoramgrError
+from .errors import IncompatibleError, InvalidAdapterError, InvalidBaseModelError, LoramgrError
 from .registry import InstallResult, Registry, SourceDetails
 from .registry.records import Parent
 from .registry.sources import read_local
@@ -90,6 +92,7 @@ def install_path(
     """
     from .registry.bases import find_base, get_base
 
+    checkpoints = refuse_non_adapter_folder(path)
     explicit = find_base(registry, options.base) if options.base else None
     if options.base and explicit is None:
         get_base(registry, options.base)  # raises the not-found error with its hint
@@ -109,7 +112,8 @@ def install_path(
                     info, base_id = fit_to_base(info, implicit[1], label=str(path)), implicit[0]
                 except LoramgrError as exc:
                     info.notes.append(f"declares base {declared}, which is registered, but does not fit it ({exc})")
-        return registry.add(
+        info = with_largest_rank(info)
+        result = registry.add(
             info,
             local.files,
             name=options.name or local.default_name,
@@ -123,6 +127,92 @@ def install_path(
             expected_digest=expected_digest,
             progress=progress,
         )
+    if checkpoints:
+        result.notes.append(f"{path} also holds training checkpoints ({_names(checkpoints)}): install one with "
+                            f"'loramgr install {checkpoints[-1]}'")
+    return result
+
+
+def with_largest_rank(info: AdapterInfo) -> AdapterInfo:
+    """``info`` with ``rank`` the largest module rank, the number a server's rank limit (vLLM's
+    ``--max-lora-rank``) is compared with; PEFT's declared ``r`` stays in ``info.config``."""
+    largest = max((m.rank for m in info.modules), default=None)
+    return info if largest is None or largest == info.rank else dataclasses.replace(info, rank=largest)
+
+
+#: files that make a folder a whole model (transformers, diffusers) rather than an adapter
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+               "diffusion_pytorch_model.safetensors", "model_index.json")
+
+
+def refuse_non_adapter_folder(path: Path) -> list[Path]:
+    """Refuse a folder that is not an adapter but something users mistake for one: a whole model, or a
+    training run whose adapters are its ``checkpoint-*`` subfolders. Returns the checkpoints found
+    beside an adapter at the folder's top (the adapter is installed, the checkpoints mentioned)."""
+    if not path.is_dir():
+        return []
+    from .formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+
+    checkpoints = training_checkpoints(path)
+    if (path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists() or (path / PICKLE_NAME).exists():
+        return checkpoints
+    if checkpoints:
+        raise InvalidAdapterError(
+            f"{path} is a training run: its adapters are the checkpoints {_names(checkpoints)}", path=str(path),
+            hint=f"install one, e.g. the last: 'loramgr install {checkpoints[-1]}'",
+        )
+    found = [name for name in MODEL_FILES if (path / name).exists()]
+    if found and ((path / "config.json").exists() or "model_index.json" in found):
+        what = " + ".join(["config.json"] * (path / "config.json").exists() + found[:1])
+        raise InvalidAdapterError(
+            f"{path} is a whole model ({what}), not an adapter", path=str(path),
+            hint=f"register it as a base model with 'loramgr base add {path}'",
+        )
+    return []
+
+
+def training_checkpoints(path: Path) -> list[Path]:
+    """``checkpoint-<step>`` subfolders holding a PEFT adapter, in step order (as transformers' Trainer saves)."""
+    from .formats.peft import CONFIG_NAME
+
+    found = [p for p in path.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)
+             and (p / CONFIG_NAME).is_file()]
+    return sorted(found, key=lambda p: int(p.name.rpartition("-")[2]))
+
+
+def refuse_adapter_as_base(path: Path) -> None:
+    """Refuse an adapter (a PEFT folder, an adapter .safetensors file) given where a base model is expected."""
+    from .formats.detect import detect_format
+    from .formats.peft import CONFIG_NAME
+    from .safetensors_io import read_header
+
+    install = path
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        what = f"a LoRA adapter ({CONFIG_NAME})"
+    elif path.is_dir() and training_checkpoints(path):
+        checkpoints = training_checkpoints(path)
+        what = f"a training run whose checkpoints are adapters ({_names(checkpoints)})"
+        install = checkpoints[-1]
+    else:
+        files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+        fmt = None
+        for file in files:
+            try:
+                fmt = detect_format(list(read_header(file).tensors))
+            except LoramgrError:
+                continue  # not a safetensors file loramgr reads: the fingerprint says what is wrong with it
+            if fmt is not None:
+                install = file
+                break
+        if fmt is None:
+            return
+        what = f"a LoRA adapter ({fmt} tensor names)"
+    raise InvalidBaseModelError(f"{path} is {what}, not a base model", path=str(path),
+                                hint=f"install it with 'loramgr install {install}'")
+
+
+def _names(folders: list[Path]) -> str:
+    return ", ".join(p.name for p in folders)
 
 
 def _hub_repository_folder(path: Path) -> Path | None:

@@ -146,8 +146,9 @@ class BlobStore:
                 out.flush()
                 os.fsync(out.fileno())
                 out.seek(0)
-                digest = hashlib.file_digest(out, "sha256")
-            return tmp, "sha256:" + digest.hexdigest(), total
+                hashing = f"hashing {Path(source).name}"
+                digest = _sha256_stream(out, lambda done: progress(hashing, done, total) if progress else None)
+            return tmp, digest, total
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -312,6 +313,18 @@ class BlobStore:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sha256_stream(handle: BinaryIO, report: Callable[[int], object]) -> str:
+    """``sha256:<hex>`` of the rest of ``handle``, reporting the bytes hashed so far after each chunk."""
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(CHUNK))
+    done = 0
+    while n := handle.readinto(buffer):  # type: ignore[attr-defined]
+        digest.update(buffer[:n])
+        done += n
+        report(done)
+    return "sha256:" + digest.hexdigest()
 
 
 def _copy(src: BinaryIO, out: BinaryIO, total: int, report: Callable[[int], object]) -> None:

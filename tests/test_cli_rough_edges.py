@@ -227,3 +227,19 @@ def test_remove_names_the_versions_that_keep_it_in_their_lineage(installed):
     assert "lineage" not in out
     run("remove", "mix")
     assert "lineage" not in run("remove", "chat-helper")  # once the dependent is gone, nothing to say
+
+
+@pytest.mark.slow
+def test_install_draws_byte_bars_on_a_terminal_unless_quiet_or_piped(tmp_path):
+    """A weights file over 64 MiB: its copy into the store and its hashing are drawn on stderr when it is a
+    terminal; -q/--quiet and a pipe draw nothing."""
+    folder = write_peft_adapter(tmp_path / "big", {"model.layers.0.self_attn.q_proj": (4096, 4096, 2100)})
+    assert (folder / "adapter_model.safetensors").stat().st_size > 64 * 1024 * 1024
+    code, drawn = _stderr_on_a_terminal("install", str(folder), "--name", "big", "--version", "1.0.0")
+    assert code == 0 and "storing adapter_model.safetensors" in drawn and "hashing adapter_model" in drawn, drawn
+    assert "MB/s" in drawn or "B/s" in drawn
+    code, drawn = _stderr_on_a_terminal("install", str(folder), "--name", "big", "--version", "2.0.0", "-q")
+    assert code == 0 and drawn == ""
+    piped = CliRunner().invoke(cli, ["install", str(folder), "--name", "big", "--version", "3.0.0"])
+    assert piped.exit_code == 0 and "storing" not in piped.output and "hashing" not in piped.output
+    assert piped.output.startswith("installed big==3.0.0")

@@ -331,7 +331,8 @@ def test_pushing_again_from_a_registry_that_installed_it_is_a_no_op(online: HubS
 
 def test_push_in_kohya_format_uploads_one_file_described_by_its_card(online: HubServer, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    install_local(tmp_path, "ad", "1.0.0", seed=1)
+    folder = write_peft_adapter(tmp_path / "src-ad", MODULES, seed=1, readme=CARD, extra_config={"task_type": None})
+    run("install", str(folder), "--name", "ad", "--version", "1.0.0")  # no task_type: not an LLM's adapter
     dry = run("push", "ad==1.0.0", "--repo", "tester/k", "--format", "kohya", "--dry-run").output
     assert [line.split()[0] for line in dry.split("\n\n", 1)[0].splitlines()[1:]] == ["ad.safetensors", "README.md"]
     run("push", "ad==1.0.0", "--repo", "tester/k", "--format", "kohya")

@@ -105,7 +105,9 @@ def test_install_mistakes_are_the_same_one_line_error(tmp_path: Path) -> None:
 @pytest.fixture
 def stored(tmp_path: Path) -> Path:
     """A plain LoRA (alpha != rank, so a converter that drops alpha is caught) installed as sql==1.0.0."""
-    folder = write_peft_adapter(tmp_path / "sql", MODULES, alpha=12.0, base_model="tiny/base", readme=CARD)
+    # no task_type (a diffusion text encoder's LoRA has none): every export format's writer can take it
+    folder = write_peft_adapter(tmp_path / "sql", MODULES, alpha=12.0, base_model="tiny/base", readme=CARD,
+                                extra_config={"task_type": None})
     loramgr.install(folder, name="sql", version="1.0.0")
     return folder
 
@@ -157,7 +159,7 @@ def test_export_mistakes_are_the_same_one_line_error(stored: Path, tmp_path: Pat
     taken_file = tmp_path / "taken.safetensors"
     taken_file.write_bytes(b"mine")
     cases = [("nope", tmp_path / "out", "peft"), ("sql", taken_folder, "peft"), ("sql", taken_file, "kohya"),
-             ("sql", taken_folder, "diffusers")]
+             ("sql", taken_file, "diffusers")]  # a file format given a folder writes inside it, as cp does
     for reference, destination, fmt in cases:
         from_cli = one_line_error("export", reference, str(destination), "--format", fmt)
         assert from_cli == api_error(lambda r=reference, d=destination, f=fmt: loramgr.export(r, str(d), format=f))

@@ -293,8 +293,10 @@ def test_a_link_inside_the_adapter_folder_is_allowed(tmp_path: Path) -> None:
 @pytest.fixture
 def combined(tmp_path: Path) -> Path:
     """Two sources and a combination of them; returns the recipe file of the combination."""
-    run_cli("install", str(write_peft_adapter(tmp_path / "a", MODULES, seed=1)), "--version", "1.0")
-    run_cli("install", str(write_peft_adapter(tmp_path / "b", MODULES, seed=2)), "--version", "1.0")
+    # no task_type: a LoRA of a diffusion pipeline's text encoder, which kohya files also hold
+    nt = {"task_type": None}
+    run_cli("install", str(write_peft_adapter(tmp_path / "a", MODULES, seed=1, extra_config=nt)), "--version", "1.0")
+    run_cli("install", str(write_peft_adapter(tmp_path / "b", MODULES, seed=2, extra_config=nt)), "--version", "1.0")
     run_cli("combine", "a==1.0", "b==1.0", "--weights", "0.5,0.5", "--name", "mix", "--version", "1.0")
     recipe = tmp_path / "mix.toml"
     recipe.write_text(run_cli("show", "mix", "--recipe").output)

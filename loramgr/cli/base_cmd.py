@@ -1,4 +1,4 @@
-"""``loramgr base add | list | show``: register base models by fingerprint.
+"""``loramgr base add | list | show | remove``: register base models by fingerprint.
 
 ``add`` reads safetensors headers only (seconds, whatever the size); ``--content`` also hashes every
 weight file (reads all bytes). The fingerprint is stored by the registry (``Registry.add_base``) so that
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from .registry_cmds import open_registry
+from .registry_cmds import open_registry, quiet_option
 from .render import echo_json, human_size, progress_bars, table
 
 
@@ -24,13 +24,16 @@ def base() -> None:
 @click.option("--revision", help="Revision or commit the files come from.")
 @click.option("--content", is_flag=True, help="Also sha256 every weight file (reads every byte; slow for big models).")
 @click.option("--json", "as_json", is_flag=True, help="Print the fingerprint as JSON.")
-def add(path: str, name: str | None, revision: str | None, content: bool, as_json: bool) -> None:
+@quiet_option
+def add(path: str, name: str | None, revision: str | None, content: bool, as_json: bool, quiet: bool) -> None:
     """Fingerprint a base model folder or .safetensors file (sharded and diffusers folders too) and register it."""
     from pathlib import Path
 
     from ..compat.basemodel import fingerprint_base_model
+    from ..installer import refuse_adapter_as_base
 
-    with progress_bars() as progress:
+    refuse_adapter_as_base(Path(path))
+    with progress_bars(quiet=quiet) as progress:
         fingerprint = fingerprint_base_model(path, revision=revision, content=content, progress=progress)
     fingerprint.name = name or fingerprint.name or Path(path).resolve().name
     open_registry().add_base(fingerprint)
@@ -85,6 +88,18 @@ def show(name: str, modules: bool, as_json: bool) -> None:
         shapes = module_shapes(fingerprint)
         click.echo(table(["MODULE", "KIND", "SHAPE"], [[m, s.kind, "x".join(map(str, s.shape))]
                                                         for m, s in sorted(shapes.items())]))
+
+
+@base.command(name="remove")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Also when installed versions are linked to it: unlink them.")
+def remove(name: str, force: bool) -> None:
+    """Remove a registered base model. Refused while installed versions are linked to it (they keep
+    their files either way; with --force they lose the link and keep the base name they declare)."""
+    from ..registry.bases import remove_base
+
+    unlinked = remove_base(open_registry(), name, unlink=force)
+    click.echo(f"removed base {name}" + (f"; unlinked {', '.join(unlinked)}" if unlinked else ""))
 
 
 COMMANDS = [base]

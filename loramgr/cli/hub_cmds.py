@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .registry_cmds import open_registry
+from .registry_cmds import open_registry, quiet_option
 from .render import human_size, progress_bars
 
 
@@ -21,8 +21,9 @@ from .render import human_size, progress_bars
 @click.option("--tag", "tags", multiple=True, help="OCI: another tag besides the version (repeatable).")
 @click.option("--insecure", is_flag=True, help="OCI: plain HTTP to a registry that is not on a loopback address.")
 @click.option("--base-artifact", help="OCI: the base model's artifact (oci://...:tag) to link as the subject.")
+@quiet_option
 def push(reference: str, destination: str | None, repo_id: str | None, private: bool, fmt: str, dry_run: bool,
-         tags: tuple[str, ...], insecure: bool, base_artifact: str | None) -> None:
+         tags: tuple[str, ...], insecure: bool, base_artifact: str | None, quiet: bool) -> None:
     """Publish an adapter version to the Hub (--repo, tagged v<version>) or to an OCI registry
     (DESTINATION oci://host/repository, tagged <version>)."""
     from ..hub.publish import prepare_push, run_push
@@ -36,7 +37,7 @@ def push(reference: str, destination: str | None, repo_id: str | None, private: 
         from .oci_cmds import push_to_oci
 
         return push_to_oci(reference, destination, tags=tags, insecure=insecure, dry_run=dry_run,
-                           base_artifact=base_artifact)
+                           base_artifact=base_artifact, quiet=quiet)
     if tags or insecure or base_artifact:
         raise click.UsageError("--tag, --insecure and --base-artifact apply to an oci:// destination")
 
@@ -62,12 +63,13 @@ def push(reference: str, destination: str | None, repo_id: str | None, private: 
               show_default=True, help="The project's adapter list.")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("loramgr.lock"), show_default=True,
               help="Where to write the lock.")
-def lock_cmd(requirements: Path, output: Path) -> None:
+@quiet_option
+def lock_cmd(requirements: Path, output: Path, quiet: bool) -> None:
     """Resolve loramgr.toml to exact versions and digests in loramgr.lock."""
     from ..lockfile import lock, read_requirements, render_lock
 
     reqs = read_requirements(requirements)
-    with progress_bars() as progress:
+    with progress_bars(quiet=quiet) as progress:
         locked = lock(open_registry(), reqs, progress=progress)
     text = render_lock(locked)
     from ..fileio import write_atomic
@@ -81,11 +83,12 @@ def lock_cmd(requirements: Path, output: Path) -> None:
 @click.command(name="sync")
 @click.option("--file", "lock_path", type=click.Path(path_type=Path), default=Path("loramgr.lock"), show_default=True,
               help="The lock to install.")
-def sync_cmd(lock_path: Path) -> None:
+@quiet_option
+def sync_cmd(lock_path: Path, quiet: bool) -> None:
     """Install exactly what loramgr.lock says, verifying every digest (all or nothing)."""
     from ..lockfile import read_lock, sync
 
-    with progress_bars() as progress:
+    with progress_bars(quiet=quiet) as progress:
         report = sync(open_registry(), read_lock(lock_path), progress=progress)
     for ref in report.installed:
         click.echo(f"installed {ref}")

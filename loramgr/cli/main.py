@@ -55,6 +55,7 @@ def _register() -> None:
     from . import (
         base_cmd,
         check_cmd,
+        convert_cmds,
         demo_cmd,
         diffusion_cmds,
         hub_cmds,
@@ -65,7 +66,7 @@ def _register() -> None:
     )
 
     for module in (registry_cmds, merge_cmds, base_cmd, check_cmd, hub_cmds, oci_cmds, serve_cmds, diffusion_cmds,
-                   demo_cmd):
+                   demo_cmd, convert_cmds):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -31,7 +31,7 @@ def list_remote_cmd(repository: str, insecure: bool, as_json: bool) -> None:
 
 
 def push_to_oci(reference: str, destination: str, *, tags: tuple[str, ...], insecure: bool, dry_run: bool,
-                base_artifact: str | None) -> None:
+                base_artifact: str | None, quiet: bool = False) -> None:
     """``loramgr push REF oci://host/repository[:tag]``: plan, then push (or print the plan)."""
     from ..oci.push import plan_push, run_push
 
@@ -46,7 +46,7 @@ def push_to_oci(reference: str, destination: str, *, tags: tuple[str, ...], inse
         click.echo(f"manifest {plan.manifest_digest}\n")
         click.echo(plan.card, nl=False)
         return
-    with progress_bars() as progress:
+    with progress_bars(quiet=quiet) as progress:
         result = run_push(plan, insecure=insecure, progress=progress)
     for line in result.notes:
         click.echo(line)

@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from ..registry import Registry, VersionDetails
 
 
+#: ``-q/--quiet`` of every command that draws byte progress bars (on stderr, on a terminal only)
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="Draw no progress bars (drawn on a terminal only).")
+
+
 def open_registry() -> Registry:
     from ..registry import Registry
 
@@ -28,8 +32,9 @@ def open_registry() -> Registry:
 @click.option("--base", "base", help="Record this registered base model for the adapter.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--recursive", is_flag=True, help="Install every .safetensors file under the folder SOURCE.")
+@quiet_option
 def install(source: str, name: str | None, version: str | None, allow_pickle: bool, base: str | None,
-            as_json: bool, recursive: bool) -> None:
+            as_json: bool, recursive: bool, quiet: bool) -> None:
     """Install an adapter from a PEFT folder, a .safetensors file or hf://owner/repo[@rev][:subfolder]."""
     from ..installer import InstallOptions, install_source
 
@@ -39,7 +44,7 @@ def install(source: str, name: str | None, version: str | None, allow_pickle: bo
         from .diffusion_cmds import install_recursive
 
         return install_recursive(registry, source, options, as_json)
-    with progress_bars() as progress:
+    with progress_bars(quiet=quiet) as progress:
         result = install_source(registry, source, options, progress=progress)
     if as_json:
         echo_json(result.to_dict())
@@ -111,8 +116,10 @@ def show(reference: str, as_json: bool, as_recipe: bool) -> None:
 def render_show(d: VersionDetails) -> str:
     from ..compat.identify import show_lines
 
-    ranks = d.ranks_found
-    rank = str(d.rank) + (f" (found {', '.join(map(str, ranks))})" if ranks and ranks != [d.rank] else "")
+    ranks, declared = d.ranks_found, d.config.get("r")
+    found = [f"found {', '.join(map(str, ranks))}"] if ranks and ranks != [d.rank] else []
+    found += [f"config r {declared}"] if declared is not None and declared != d.rank else []
+    rank = str(d.rank) + (f" ({'; '.join(found)})" if found else "")  # the largest module rank, as list shows
     lines = [
         f"{d.name} {d.version}" + (f"  [{', '.join(d.tags)}]" if d.tags else ""),
         f"  digest        {d.digest}",
@@ -159,12 +166,40 @@ def tag(reference: str, tag_name: str) -> None:
 
 
 @click.command()
-@click.argument("name")
-@click.argument("tag_name", metavar="TAG")
-def untag(name: str, tag_name: str) -> None:
-    """Remove TAG from adapter NAME."""
-    version = open_registry().untag(name, tag_name)
-    click.echo(f"removed tag {tag_name} (was on {version})")
+@click.argument("reference", metavar="NAME[@TAG]")
+@click.argument("tag_name", metavar="[TAG]", required=False)
+def untag(reference: str, tag_name: str | None) -> None:
+    """Remove a tag: 'untag NAME TAG' or 'untag NAME@TAG'. With a version (NAME==VERSION, sha256:...),
+    the tag is removed only if it is on that version."""
+    registry = open_registry()
+    name, tag = untag_target(registry, reference, tag_name)
+    version = registry.untag(name, tag)
+    click.echo(f"removed tag {name}@{tag} (was on {name}=={version})")
+
+
+def untag_target(registry: Registry, reference: str, tag: str | None) -> tuple[str, str]:
+    """(adapter name, tag) from what a user typed after 'untag', refusing forms that name two things."""
+    from ..errors import ConflictError, InvalidReferenceError
+    from ..registry.refs import check_tag, parse_reference
+
+    ref = parse_reference(reference)
+    if ref.kind == "tag":
+        if tag is not None and tag != ref.tag:
+            raise InvalidReferenceError(f"{reference!r} names tag {ref.tag!r} but the command also names {tag!r}",
+                                        reference=reference,
+                                        hint="write 'loramgr untag NAME TAG' or 'loramgr untag NAME@TAG'")
+        tag = ref.tag
+    if tag is None:
+        raise click.UsageError("name the tag to remove: 'loramgr untag NAME TAG' or 'loramgr untag NAME@TAG'")
+    check_tag(tag)
+    if ref.kind in ("name", "tag"):
+        return registry.show(f"{reference.partition('@')[0]}@{tag}").name, tag  # the name as installed
+    picked = registry.show(reference)  # a version reference: the tag must be on the version it picks
+    tagged = registry.show(f"{picked.name}@{tag}")
+    if tagged.version != picked.version:
+        raise ConflictError(f"tag {tag!r} of {picked.name} is on {tagged.version}, not on {picked.version}",
+                            hint=f"'loramgr untag {picked.name} {tag}' removes it from {tagged.version}")
+    return picked.name, tag
 
 
 @click.command()
@@ -177,7 +212,13 @@ def untag(name: str, tag_name: str) -> None:
               help="Base model (a registered name or a checkpoint folder) instead of the one linked at install: "
                    "gguf and ollama need its architecture, kohya names need its module paths.")
 def export(reference: str, destination: str, fmt: str, base: str | None) -> None:
-    """Write a stored adapter version out as a folder (PEFT, Ollama) or file (kohya, diffusers, GGUF)."""
+    """Write a stored adapter version out as a folder (PEFT, Ollama) or file (kohya, diffusers, GGUF).
+
+    A folder format writes into a new or empty folder DESTINATION. A file format given an existing folder
+    writes NAME.safetensors (NAME.gguf) inside it, as cp does; a DESTINATION without an extension gets the
+    format's. Files get the mode of any new file (0644 under umask 022). kohya and diffusers are diffusion
+    formats: an LLM adapter is refused in them (use peft or gguf).
+    """
     from ..exporter import export_version
 
     path = export_version(open_registry(), reference, destination, fmt=fmt, base=base)
@@ -213,12 +254,13 @@ def remove(reference: str, all_versions: bool, dry_run: bool) -> None:
 @click.option("--repair", is_flag=True,
               help="Restore missing or corrupt blobs from the files they were installed from or the Hub cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(reference: str | None, repair: bool, as_json: bool) -> None:
+@quiet_option
+def verify(reference: str | None, repair: bool, as_json: bool, quiet: bool) -> None:
     """Re-hash every stored blob (or one version's); exit 1 if any is missing or corrupt (and not repaired)."""
     from ..registry import verify as run_verify
 
     registry = open_registry()
-    with progress_bars() as progress:
+    with progress_bars(quiet=quiet) as progress:
         report = run_verify(registry, reference, progress=progress)
         repaired = None
         if repair and not report.ok:

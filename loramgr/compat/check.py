@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from ..adapter import AdapterInfo, LoraAdapter, ModuleSpec
 from ..errors import InvalidAdapterError
+from ..formats.extras import base_findings
 from .basemodel import BaseFingerprint, ModuleShape, fingerprint_base_model, module_shapes
 from .engines import EngineSpec, Subject, engine_findings, parse_engine, same_name
 from .findings import BASE_MISMATCH_CODES, CODES, Finding
@@ -98,6 +99,7 @@ def _check_against_base(info: AdapterInfo, label: str, base: BaseFingerprint) ->
                 Finding("warning", "rank-above-dims", label, spec.name, f"rank {spec.rank} exceeds min(d_in, d_out) = "
                         f"{min(spec.in_features, spec.out_features)}: the extra rank adds parameters, not capacity")
             )
+    findings += base_findings(info, label, base.tensors)  # saved modules, biases, token rows (formats/extras.py)
     # kohya records the sha256 of the base checkpoint file; a single-file base with content digests can be compared
     declared_hash = (info.config.get("kohya") or {}).get("base_model_hash")
     file_digests = list((base.content_digests or {}).values())

@@ -19,6 +19,9 @@ from typing import Any
 from ..adapter import AdapterInfo, ModuleSpec
 from ..errors import InvalidAdapterError, InvalidConfigFieldError, UnsupportedAdapterError
 from ..safetensors_io import SafetensorsHeader, has_surrogate, read_header
+from .extras import describe_notes, read_extras
+from .initmethods import init_method, init_note
+from .moe import parameter_targets, take_parameter_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -250,6 +253,7 @@ def describe(config: dict[str, Any], header: SafetensorsHeader, weights_file: st
         module = match["module"].removeprefix(PEFT_PREFIX)
         parts.setdefault(module, {})[match["part"]] = (key, entry.shape, entry.torch_dtype)
 
+    parameter_specs = take_parameter_targets(config, parts, path, pattern_value=pattern_value)  # MoE experts
     use_rslora = bool(config.get("use_rslora"))
     use_dora = bool(config.get("use_dora"))
     rank_pattern = config.get("rank_pattern") or {}
@@ -312,20 +316,29 @@ def describe(config: dict[str, Any], header: SafetensorsHeader, weights_file: st
                 extra_keys=extra,
             )
         )
-    if not modules:
+    if not modules and not parameter_specs:
         raise InvalidAdapterError(
             f"{path}: no LoRA tensors (lora_A / lora_B) in the weights file",
             path=path,
             hint="is this a PEFT LoRA adapter?",
         )
 
+    modules, extras, other = read_extras(config, header, modules, other)
     notes, target_list, leaves = _target_notes(config, modules, other)
+    notes += describe_notes(modules, extras)
     if use_dora and not any(m.extra_keys for m in modules):
         notes.append("use_dora is set but no lora_magnitude_vector tensors were found")
+    modules += parameter_specs
+    target_list += parameter_targets(config)
+    leaves = sorted({*leaves, *(m.name.rsplit(".", 1)[-1] for m in parameter_specs)})
+    notes += filter(None, [init_note(init_method(config))])
 
-    return _peft_info(config, header, weights_file, adapter_type="dora" if use_dora else "lora", modules=modules,
+    info = _peft_info(config, header, weights_file, adapter_type="dora" if use_dora else "lora", modules=modules,
                       alpha=float(config["lora_alpha"]), use_rslora=use_rslora, use_dora=use_dora, notes=notes,
                       targets=(target_list, leaves))
+    info.init_method = init_method(config)
+    info.extras = extras
+    return info
 
 
 def _peft_info(config: dict[str, Any], header: SafetensorsHeader, weights_file: str, *, adapter_type: str,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..registry import VersionDetails
 
-#: PEFT task_type -> the Hub's pipeline_tag; kohya / diffusers adapters are text-to-image
+#: PEFT task_type -> the Hub's pipeline_tag; kohya / diffusers adapters without one are text-to-image
 PIPELINE_TAGS = {
     "CAUSAL_LM": "text-generation",
     "SEQ_2_SEQ_LM": "text2text-generation",
@@ -130,27 +130,41 @@ def render_model_card(details: VersionDetails, *, repo_id: str, recipe_toml: str
 
 
 def _pipeline_tag(details: VersionDetails) -> str | None:
-    if details.format in ("kohya", "diffusers"):
-        return "text-to-image"
-    return PIPELINE_TAGS.get(str(details.task_type or "").upper())
+    """The task the adapter was made for decides, whatever the file format uploaded."""
+    if details.task_type:
+        return PIPELINE_TAGS.get(str(details.task_type).upper())
+    return "text-to-image" if _for_diffusion(details) else None
+
+
+def _for_diffusion(details: VersionDetails) -> bool:
+    """A kohya / diffusers file of an adapter not made for a transformers task (no task_type, no Conv1D)."""
+    return (details.format in ("kohya", "diffusers") and not details.task_type
+            and not details.config.get("fan_in_fan_out"))
 
 
 def _shape_table(details: VersionDetails) -> list[str]:
-    """One row per target module: its rank and alpha after rank_pattern / alpha_pattern."""
-    targets = details.target_modules_found or details.target_modules or []
-    rank, alpha = details.rank, details.alpha
+    """One row per target module name: the ranks and alphas its modules have in the weights (after
+    rank_pattern / alpha_pattern), so the largest rank a server must allow is on the card."""
     lines = ["## Shape", ""]
     facts = [f"type: {details.adapter_type}", f"format: {details.format}"]
     if details.n_params:
         facts.append(f"{details.n_params:,} parameters")
+    if details.rank is not None:
+        facts.append(f"largest rank {details.rank}")
     if details.use_rslora:
         facts.append("rsLoRA scaling")
     lines += [", ".join(facts), "", "| target module | rank | alpha |", "|---|---|---|"]
-    for module in targets or ["(all)"]:
-        lines.append(f"| `{module}` | {details.rank_pattern.get(module, rank)} | "
-                     f"{details.alpha_pattern.get(module, alpha)} |")
-    if sorted(details.ranks_found) not in ([], [rank]):
-        lines += ["", f"Ranks found in the weights: {', '.join(map(str, details.ranks_found))}."]
+    by_leaf: dict[str, tuple[set[Any], set[Any]]] = {}  # int / float (None where the config has none)
+    for module in details.modules:
+        ranks, alphas = by_leaf.setdefault(module.name.rsplit(".", 1)[-1], (set(), set()))
+        ranks.add(module.rank)
+        alphas.add(module.alpha)
+    if not details.modules:  # no module list: what the config declares, per target
+        rank, alpha = details.config.get("r", details.rank), details.alpha
+        for target in details.target_modules_found or details.target_modules or ["(all)"]:
+            by_leaf[target] = ({details.rank_pattern.get(target, rank)}, {details.alpha_pattern.get(target, alpha)})
+    for leaf, (ranks, alphas) in sorted(by_leaf.items()):
+        lines.append(f"| `{leaf}` | {', '.join(map(str, sorted(ranks)))} | {', '.join(map(str, sorted(alphas)))} |")
     return [*lines, ""]
 
 
@@ -164,7 +178,7 @@ def _lineage_lines(details: VersionDetails) -> list[str]:
 def _usage(details: VersionDetails, *, repo_id: str, tag: str, base_model: str | None) -> list[str]:
     base = base_model or "<base model>"
     lines = ["## Use it", ""]
-    if details.format in ("kohya", "diffusers"):
+    if _for_diffusion(details):
         lines += [
             "With diffusers:",
             "",

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from ..adapter import LoraAdapter
 from ..errors import IntegrityError, MergeError, MergeOptionError
 from ..fileio import atomic_folder, require_new_folder
+from ..formats.extras import refuse_extras
+from ..formats.initmethods import require_plain_deltas
 from .options import MergeOptions, compress_options, flag
 from .recipes import Recipe, RecipeOutput, RecipeSource, load_recipe
 
@@ -130,6 +132,8 @@ def _run(
         registry = Registry.open()
     adapters, bases = open_sources(registry, sources)
     require_plain_loras(adapters, operation)
+    require_plain_deltas(adapters, operation)  # PiSSA & co. unconverted, MoE target_parameters
+    refuse_extras(adapters, operation)  # saved modules, biases, token rows: no merge method can carry them
     notes = run_checks(adapters, options, bases)
     merged = merge(adapters, options, operation=operation, progress=progress)
     result = CombineResult(merged, notes=notes + missing_notes(merged))

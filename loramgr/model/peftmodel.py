@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapter import LoraAdapter
 from ..errors import ConflictError, IncompatibleError, MissingDependencyError, NotFoundError
+from ..formats.extras import refuse_extras
+from ..formats.initmethods import require_plain_delta
 from ..formats.lycoris import require_plain_lora
+from ..formats.moe import apply_parameter_targets
 from ..formats.peft import PEFT_PREFIX
 from ..formats.peftconfig import lora_config, module_scales
 from .weights import (
@@ -33,8 +36,6 @@ if TYPE_CHECKING:
     import torch
     from peft import LoraConfig, PeftModel
 
-#: adapter types PEFT implements itself (peft_type LOHA / LOKR): applied through PEFT's own layers
-PEFT_OWN_TYPES = ("loha", "lokr")
 #: what loramgr adds to an adapter's config when reading it, which PEFT's config does not take
 LORAMGR_CONFIG_KEYS = ("base_identity",)
 PEFT_INSTALL = "pip install 'loramgr[peft]'  (or: pip install peft transformers)"
@@ -63,14 +64,16 @@ def apply(model: torch.nn.Module, adapter: AdapterLike, adapter_name: str = "def
     which ``set_adapter(adapter_name)`` activates. The adapter is checked against the model first, so
     a wrong-base adapter fails with every mismatch listed instead of PEFT's first shape error.
 
-    A PEFT folder whose module names match the model as they are is loaded by PEFT from that folder
-    (bit-identical to ``PeftModel.from_pretrained``). Otherwise (names resolved through a wrapper
-    prefix or kohya underscores, or an in-memory adapter such as a merge result) a LoraConfig that
-    targets the resolved paths exactly, with per-module rank and alpha, is built from the adapter's
-    metadata and its factors loaded into it.
+    A PEFT adapter whose module names match the model as they are is loaded by PEFT from its folder, the
+    same way whether it was read from a folder or from the registry (bit-identical to
+    ``PeftModel.from_pretrained``): DoRA, LoHa / LoKr, saved modules, biases and trainable tokens
+    included. Otherwise (names resolved through a wrapper prefix or kohya underscores, or an
+    in-memory adapter such as a merge result) a LoraConfig that targets the resolved paths exactly,
+    with per-module rank and alpha, is built from the adapter's metadata and its factors loaded into
+    it; an adapter with parts besides its LoRA factors is refused there, naming the part.
     """
     require_peft()
-    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+    from peft import get_peft_model, set_peft_model_state_dict
 
     is_peft = _is_peft_model(model)
     if is_peft and adapter_name in model.peft_config:  # type: ignore[operator]
@@ -78,21 +81,17 @@ def apply(model: torch.nn.Module, adapter: AdapterLike, adapter_name: str = "def
             f"the model already has an adapter named {adapter_name!r}",
             hint="pass another adapter_name, or hotswap() to replace its weights",
         )
+    if (loaded := apply_parameter_targets(model, adapter, adapter_name)) is not None:  # MoE: through PEFT
+        return loaded
     base = model.get_base_model() if is_peft else model  # type: ignore[operator]
     lora, mapping = checked_mapping(base, adapter)
+    require_plain_delta(lora.info, "apply", label=lora.label)  # PiSSA & co. unconverted
 
-    folder_config = lora.folder / "adapter_config.json"
-    as_is = all(name == path for name, path in mapping.items())
-    on_disk = not isinstance(lora, InMemoryAdapter) and lora.info.format == "peft" and folder_config.is_file()
-    if on_disk and as_is:
-        if is_peft:
-            model.load_adapter(str(lora.folder), adapter_name=adapter_name)  # type: ignore[operator]
-            return model  # type: ignore[return-value]
-        return PeftModel.from_pretrained(model, str(lora.folder), adapter_name=adapter_name)
-
-    if as_is and lora.info.format == "peft" and lora.info.adapter_type in PEFT_OWN_TYPES:
-        return _load_as_peft_folder(model, lora, adapter_name)
+    as_is = all(name == path for name, path in mapping.items()) and _extras_as_is(base, lora, mapping)
+    if as_is and lora.info.format == "peft" and not isinstance(lora, InMemoryAdapter):
+        return _load_peft_folder(model, lora, adapter_name)
     require_plain_lora(lora.info, "apply", label=lora.label)
+    refuse_extras([lora], "apply with module names other than the model's")
     config, state_dict = _peft_payload(base, lora, mapping)
     if is_peft:
         model.add_adapter(adapter_name, config)  # type: ignore[operator]
@@ -110,10 +109,20 @@ def apply(model: torch.nn.Module, adapter: AdapterLike, adapter_name: str = "def
     return peft_model
 
 
-def _load_as_peft_folder(model: torch.nn.Module, lora: LoraAdapter, adapter_name: str) -> PeftModel:
-    """Load a PEFT LoHa / LoKr adapter stored in the registry the way PeftModel.from_pretrained loads its
-    folder: the folder is put back together (its adapter_config.json as read, a link to the weights blob)
-    and PEFT loads it, so PEFT's own layers compute the Hadamard / Kronecker products."""
+def _extras_as_is(base: torch.nn.Module, lora: LoraAdapter, mapping: dict[str, str]) -> bool:
+    """Whether the adapter's saved modules, biases and token rows name the model's modules as they are."""
+    if not lora.info.extras:
+        return True
+    from .extras import resolve_extras
+
+    paths, _ = resolve_extras(base, lora, mapping)
+    return all(name == path for name, path in paths.items())
+
+
+def _load_peft_folder(model: torch.nn.Module, lora: LoraAdapter, adapter_name: str) -> PeftModel:
+    """Load a PEFT adapter the way PeftModel.from_pretrained loads its folder, for a folder and a registry
+    version alike: the folder is put back together (its adapter_config.json as read, a link to the weights
+    file or blob) and PEFT loads it, so PEFT's own layers compute DoRA, LoHa / LoKr and the rest."""
     import json
     import os
     import tempfile
@@ -221,6 +230,7 @@ def hotswap(peft_model: PeftModel, adapter_name: str, new_adapter: AdapterLike) 
             loaded[path] = module
     lora = as_lora_adapter(new_adapter)
     require_plain_lora(lora.info, "hot-swap", label=lora.label)
+    refuse_extras([lora], "hot-swap")
     lora, mapping = checked_mapping(base, lora)
 
     problems: list[Mismatch] = []

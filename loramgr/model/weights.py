@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from ..adapter import LoraAdapter, ModuleSpec
 from ..compat.names import ModuleIndex
 from ..errors import IncompatibleError, InvalidAdapterError
+from ..formats.initmethods import require_plain_delta
 from ..formats.lycoris import require_plain_lora
 
 if TYPE_CHECKING:
@@ -84,6 +85,8 @@ class InMemoryAdapter(LoraAdapter):
 def as_lora_adapter(adapter: AdapterLike) -> LoraAdapter:
     """Accept a LoraAdapter as is, or wrap an object with a PEFT ``config`` and ``tensors``."""
     if isinstance(adapter, LoraAdapter):
+        if adapter.info.extras is None and adapter.info.format == "peft":
+            return _with_extras(adapter)
         return adapter
     if isinstance(adapter, PeftAdapterLike):
         config = adapter.config
@@ -93,6 +96,20 @@ def as_lora_adapter(adapter: AdapterLike) -> LoraAdapter:
         label = getattr(adapter, "label", None) or f"<{type(adapter).__name__}>"
         return InMemoryAdapter(config, adapter.tensors, label=str(label))
     raise TypeError(f"expected a LoraAdapter or an object with .config and .tensors, got {type(adapter).__name__}")
+
+
+def _with_extras(adapter: LoraAdapter) -> LoraAdapter:
+    """A version recorded before loramgr read saved modules, biases and token rows, described again from its
+    stored config and weights header, so that fuse and apply see every part of it."""
+    from dataclasses import replace
+
+    from ..formats.peft import describe
+    from ..safetensors_io import read_header
+
+    fresh = describe(dict(adapter.info.config), read_header(adapter.weights_path), adapter.info.weights_file)
+    info = replace(adapter.info, modules=fresh.modules, extras=fresh.extras)
+    return LoraAdapter(info, adapter.folder, label=adapter.label, weights_path=adapter.weights_path,
+                       digest=adapter.digest)
 
 
 @dataclass(frozen=True)
@@ -228,6 +245,10 @@ def checked_mapping(model: torch.nn.Module, adapter: AdapterLike) -> tuple[LoraA
         problem = _spec_problem(lora.spec(name), path, layout_of(model.get_submodule(path)))
         if problem:
             problems.append(problem)
+    if lora.info.extras or any(m.key_bias for m in lora.info.modules):
+        from .extras import resolve_extras
+
+        problems += resolve_extras(model, lora, mapping)[1]
     if problems:
         order = {n: i for i, n in enumerate(lora.module_names)}
         problems.sort(key=lambda m: order.get(m.module, 0))
@@ -258,6 +279,10 @@ def fuse(model: torch.nn.Module, adapter: AdapterLike, scale: float = 1.0, *, al
 
     A weight shared by several modules (GPT-2's ``wte`` and ``lm_head``) is refused unless
     ``allow_tied``: fusing would change the other module too, which the adapter never did.
+
+    A PEFT adapter's saved modules (``modules_to_save``), trained biases and trainable token rows
+    replace the model's tensors and its LoRA biases are added, as PEFT's ``merge_and_unload`` does
+    (:mod:`loramgr.model.extras`); the replaced tensors are kept on the model for :func:`unfuse`.
     """
     _add_deltas(model, adapter, scale, "fuse", allow_tied)
 
@@ -266,7 +291,8 @@ def unfuse(model: torch.nn.Module, adapter: AdapterLike, scale: float = 1.0, *, 
     """Subtract ``scale`` · ΔW: the exact inverse of :func:`fuse` up to float rounding.
 
     A float32 model gets its weights back within about 1e-6; in half precision each fuse and unfuse
-    rounds once, so keep a copy of the weights if they must come back bit for bit.
+    rounds once, so keep a copy of the weights if they must come back bit for bit. The tensors that
+    fuse replaced (saved modules, biases, token rows) come back bit for bit.
     """
     _add_deltas(model, adapter, -scale, "unfuse", allow_tied)
 
@@ -295,11 +321,16 @@ def _add_deltas(model: torch.nn.Module, adapter: AdapterLike, factor: float, ope
 
     lora = as_lora_adapter(adapter)
     require_plain_lora(lora.info, operation, label=lora.label)
+    require_plain_delta(lora.info, operation, label=lora.label)  # PiSSA & co. unconverted, MoE target_parameters
     lora, mapping = checked_mapping(model, lora)
     if not math.isfinite(factor):
         raise InvalidAdapterError(f"cannot {operation} with scale {factor}", path=lora.label)
     if not allow_tied:
         _refuse_tied(model, lora, mapping, operation)
+    from .extras import prepare
+
+    # saved modules, trained biases and token rows: checked before any weight changes, written after
+    extras_step = prepare(model, lora, mapping, factor, operation, allow_tied=allow_tied)
     with torch.no_grad():
         for name, path in mapping.items():
             module = base_layer(model.get_submodule(path))
@@ -319,3 +350,5 @@ def _add_deltas(model: torch.nn.Module, adapter: AdapterLike, factor: float, ope
             else:
                 delta = layout.to_weight((b @ a) * scale, weight)
                 weight.copy_((weight.float() + delta).to(weight.dtype))
+    if extras_step is not None:
+        extras_step()

@@ -118,8 +118,10 @@ def run_push(plan: OciPushPlan, *, insecure: bool = False, progress: Progress | 
     for layer in plan.layers:
         source = plan.sources[layer.digest]
         label = f"pushing {layer.path}"
-        if isinstance(source, bytes):
+        if isinstance(source, bytes):  # a small generated file (the model card): reported once sent
             client.upload_bytes(source, layer.digest)
+            if progress is not None:
+                progress(label, done + layer.size, total)
         else:
             def report(n: int, _size: int, base: int = done, label: str = label) -> None:
                 if progress is not None:

@@ -92,3 +92,31 @@ def base_of(registry: Registry, reference: str) -> BaseFingerprint | None:
             return None
         row = session.get(BaseModel, version.base_model_id)
         return BaseFingerprint.from_dict(row.details) if row is not None else None
+
+
+def remove_base(registry: Registry, name: str, *, unlink: bool = False) -> list[str]:
+    """Remove base model ``name``; returns the versions (``name==version``) that were linked to it.
+
+    Refused while installed versions are linked to it (as ``docker rmi`` refuses an image a container
+    uses), unless ``unlink``: those versions then lose the link and keep the base name they declare.
+    """
+    from sqlalchemy import update
+
+    from registry_schema.models import Adapter, AdapterVersion
+
+    get_base(registry, name)  # the not-found error with its hint
+    with registry.session() as session:
+        row = session.scalar(select(BaseModel).where(BaseModel.name == name))
+        if row is None:  # removed meanwhile by another process
+            return []
+        linked = [f"{n}=={v}" for n, v in session.execute(
+            select(Adapter.display_name, AdapterVersion.version).join(AdapterVersion.adapter)
+            .where(AdapterVersion.base_model_id == row.id).order_by(Adapter.display_name, AdapterVersion.id))]
+        if linked and not unlink:
+            shown = ", ".join(linked[:3]) + (f" and {len(linked) - 3} more" if len(linked) > 3 else "")
+            raise ConflictError(f"base model {name!r} is linked to {len(linked)} installed version(s): {shown}",
+                                hint="remove those versions first, or pass --force to unlink them")
+        session.execute(update(AdapterVersion).where(AdapterVersion.base_model_id == row.id)
+                        .values(base_model_id=None))
+        session.delete(row)
+        return linked
