@@ -487,3 +487,30 @@ def test_tied_lm_head_is_checked_with_the_shape_of_the_weight_it_shares(tmp_path
     wrong = write_peft_adapter(tmp_path / "wrong", {"lm_head": (16, 32, 4)})  # a head for another vocabulary
     report = check_adapters([read_peft_folder(wrong)], base=fingerprint)
     assert [f.code for f in errors(report)] == ["shape"]
+
+
+def test_moe_target_parameters_are_checked_against_the_fused_experts_transformers_builds(tmp_path: Path) -> None:
+    """A Mixtral checkpoint keeps one tensor per expert (``experts.0.w1``); the model transformers builds, which PEFT
+    adapts, has fused ``mlp.experts.gate_up_proj`` parameters: check finds them there, and a base with other
+    experts is a shape error, as PEFT refuses it."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from zoo import CASES, make_adapter, tiny_mixtral
+
+    from loramgr.compat.check import check
+
+    case = next(c for c in CASES if c.id == "mixtral-target-parameters")
+    model = tiny_mixtral()
+    model.save_pretrained(str(tmp_path / "base"))
+    folder = make_adapter(case, model, tmp_path / "experts")
+    assert peft_loads(model, folder)
+    assert check([folder], base=tmp_path / "base").ok
+    torch.manual_seed(0)
+    other = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                             num_experts_per_tok=2, max_position_embeddings=32))
+    other.save_pretrained(str(tmp_path / "other"))
+    assert not peft_loads(other, folder)
+    report = check([folder], base=tmp_path / "other")
+    assert {f.code for f in report.errors} == {"shape"}
+    assert {f.module for f in report.errors} == {f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                                                 for p in ("gate_up_proj", "down_proj")}

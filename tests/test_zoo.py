@@ -83,8 +83,15 @@ def peft_ranks(peft_model: torch.nn.Module) -> dict[str, int]:
     """Module path -> rank of every LoRA layer PEFT built (the model's own paths, no PeftModel prefix)."""
     from peft.tuners.lora import LoraLayer
 
-    return {name.removeprefix(PEFT_PREFIX): layer.r["default"]
-            for name, layer in peft_model.named_modules() if isinstance(layer, LoraLayer)}
+    ranks = {}
+    for name, layer in peft_model.named_modules():
+        if isinstance(layer, LoraLayer):
+            path = name.removeprefix(PEFT_PREFIX)
+            parameter = getattr(layer, "parameter_name", None)  # a ParamWrapper (target_parameters): one parameter
+            if parameter:
+                path = path.replace(".base_layer", "") + "." + parameter
+            ranks[path] = layer.r["default"]
+    return ranks
 
 
 def close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
@@ -121,8 +128,8 @@ def test_install_and_show_report_what_peft_says(case_env: tuple[Case, Built, Pat
         return
     shown = json.loads(run_cli("show", f"{case.id}==1.0.0", "--json").output)
     config = LoraConfig.from_pretrained(str(folder))
-    assert shown["rank"] == config.r
-    targets = config.target_modules
+    assert shown["config"]["r"] == config.r
+    targets = config.target_modules or config.target_parameters  # MoE experts: PEFT targets parameters
     if isinstance(targets, str):
         assert shown["target_modules"] == [targets]
     else:
@@ -133,6 +140,7 @@ def test_install_and_show_report_what_peft_says(case_env: tuple[Case, Built, Pat
     for name, rank in theirs.items():
         assert ours.get(name) == rank, f"{name}: PEFT has rank {rank}, show says {ours.get(name)}"
     assert set(ours) >= set(theirs)
+    assert shown["rank"] == max(theirs.values())  # the largest module rank, what a server's rank limit is held to
 
 
 @pytest.mark.parametrize("case_env", zoo_params("check"), indirect=True)

@@ -208,24 +208,4 @@ def make_adapter(case: Case, model: torch.nn.Module, folder: Path, seed: int = 0
 #: (case id, operation) -> what main gets wrong there today (issue 10): apply/fuse give another output than
 #: PEFT without refusing. The zoo runs them as strict xfails: the change that makes one exact (or refuses it in
 #: one line) turns its xfail into a failure until the entry is removed here, so the list only shrinks.
-KNOWN_WRONG: dict[tuple[str, str], str] = {
-    ("llama-modules-to-save", "fuse"): "modules_to_save (the saved lm_head) is not written by fuse",
-    ("llama-trainable-tokens", "fuse"): "trainable_token_indices rows are not written by fuse",
-    ("llama-pissa", "fuse"): "PiSSA: PEFT re-initialises the base on loading; fuse adds B·A to the original base",
-    ("llama-olora", "fuse"): "OLoRA: PEFT re-initialises the base on loading; fuse adds B·A to the original base",
-    ("bert-seq-cls", "fuse"): "modules_to_save (the classifier SEQ_CLS saves) is not written by fuse",
-    ("bert-bias-lora-only", "fuse"): "bias='lora_only': the trained biases are not written by fuse",
-    ("bert-bias-all", "fuse"): "bias='all': the trained biases are not written by fuse",
-    ("bert-lora-bias", "fuse"): "lora_bias: lora_B.bias is not added by fuse",
-    ("vit-classifier", "fuse"): "modules_to_save (the classifier) is not written by fuse",
-    # from the registry apply builds its own LoraConfig, which leaves out what fuse leaves out
-    ("llama-modules-to-save", "apply"): "modules_to_save (the saved lm_head) is not loaded by apply",
-    ("llama-trainable-tokens", "apply"): "trainable_token_indices rows are not loaded by apply",
-    ("llama-pissa", "apply"): "PiSSA: PEFT re-initialises the base on loading; apply does not",
-    ("llama-olora", "apply"): "OLoRA: PEFT re-initialises the base on loading; apply does not",
-    ("bert-seq-cls", "apply"): "KeyError 'base_model.model.classifier.weight' (a traceback, not a refusal)",
-    ("bert-bias-lora-only", "apply"): "bias='lora_only': the trained biases are not loaded by apply",
-    ("bert-bias-all", "apply"): "bias='all': the trained biases are not loaded by apply",
-    ("bert-lora-bias", "apply"): "lora_bias: lora_B.bias is not loaded by apply",
-    ("vit-classifier", "apply"): "modules_to_save (the classifier) is not loaded by apply",
-}
+KNOWN_WRONG: dict[tuple[str, str], str] = {}

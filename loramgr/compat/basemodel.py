@@ -68,6 +68,9 @@ class BaseFingerprint:
     renamed: dict[str, str] = field(default_factory=dict)
     #: module path of the model transformers builds -> the checkpoint module it shares its weight with
     tied: dict[str, str] = field(default_factory=dict)
+    #: parameters of 3 or more dimensions that are no module's weight (fused MoE experts, ``mlp.experts.gate_up_proj``)
+    #: in the model transformers builds -> their shape; what PEFT's ``target_parameters`` adapt
+    parameters: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def content(self) -> str | None:
@@ -254,42 +257,44 @@ def fingerprint_base_model(
 
 def transformers_aliases(
     path: Path, config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int, ...], str]]
-) -> dict[str, dict[str, str]]:
-    """``renamed`` and ``tied``: module paths of the model transformers builds from this checkpoint that its
-    keys do not spell out, each with the checkpoint module it loads.
+) -> dict[str, Any]:
+    """What the model transformers builds from this checkpoint has that the checkpoint's keys do not spell out:
+    ``renamed`` and ``tied`` (module path -> the checkpoint module it loads) and ``parameters`` (shapes).
 
     Two ways a module PEFT wraps has no weight of its own name in the checkpoint: transformers 5 renames
     legacy keys when it loads them (a ViT checkpoint's ``vit.encoder.layer.0.attention.attention.query`` is
     the model's ``vit.layers.0.attention.q_proj``), and a tied weight is saved once (Gemma's ``lm_head`` is
-    ``model.embed_tokens``). Both are read from transformers itself: the model is built on the meta device
-    from config.json (no weights, no memory), each checkpoint key goes through the renamings transformers
-    applies when loading, and modules that share a parameter share a checkpoint module.
+    ``model.embed_tokens``). Fused expert parameters (Mixtral's ``mlp.experts.gate_up_proj``, built from the
+    checkpoint's per-expert ``w1`` / ``w3``), which PEFT's ``target_parameters`` adapt, are recorded with
+    their shapes. All are read from transformers itself: the model is built on the meta device from
+    config.json (no weights, no memory), each checkpoint key goes through the renamings transformers applies
+    when loading, and modules that share a parameter share a checkpoint module.
 
     A renamed checkpoint name is no module of the model, so PEFT cannot load an adapter that names it:
     :func:`module_shapes` replaces it by the model's name. A folder transformers cannot build (no
-    ``architectures``, a class it lacks, custom code, transformers not installed) gets neither: the
+    ``architectures``, a class it lacks, custom code, transformers not installed) gets none of these: the
     checkpoint's own names are all there is to check against.
     """
     architectures = config.get("architectures")
     if not path.is_dir() or not isinstance(architectures, list) or not architectures or "model_type" not in config:
-        return {"renamed": {}, "tied": {}}
+        return {"renamed": {}, "tied": {}, "parameters": {}}
     try:
         import torch
         import transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     except ImportError:
-        return {"renamed": {}, "tied": {}}
+        return {"renamed": {}, "tied": {}, "parameters": {}}
     model_class = getattr(transformers, str(architectures[0]), None)
     if model_class is None or not hasattr(model_class, "config_class"):
-        return {"renamed": {}, "tied": {}}
+        return {"renamed": {}, "tied": {}, "parameters": {}}
     try:
         model_config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         with torch.device("meta"):
             model = model_class(model_config)
         transforms = get_model_conversion_mapping(model)
     except Exception:  # noqa: BLE001 - any config transformers cannot build leaves the checkpoint's names
-        return {"renamed": {}, "tied": {}}
+        return {"renamed": {}, "tied": {}, "parameters": {}}
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     live = dict(model.state_dict(keep_vars=True))
@@ -311,7 +316,8 @@ def transformers_aliases(
             renamed[module] = loaded[key].removesuffix(".weight")
         elif key not in loaded and id(param) in owners:
             tied[module] = owners[id(param)].removesuffix(".weight")
-    return {"renamed": renamed, "tied": tied}
+    parameters = {k: tuple(p.shape) for k, p in live.items() if p.dim() >= 3 and not k.endswith(".weight")}
+    return {"renamed": renamed, "tied": tied, "parameters": parameters}
 
 
 def add_content_digests(
