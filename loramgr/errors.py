@@ -14,11 +14,12 @@
     ├── IntegrityError              a stored blob whose bytes no longer match its digest
     ├── IncompatibleError           adapters that cannot be combined or applied together
     ├── MergeError (ValueError)     bad merge parameters (weights, density, rank)
-    │   ├── MergeOptionError        an option unknown, missing, out of range or unused by the method
+    │   ├── MergeOptionError        an option unknown, missing, out of range or unused by the method (exit 2)
     │   ├── NothingToMergeError     no source, or a result that would only copy its one source
     │   └── MissingRecipeError      a version that was not made by combine or compress
     ├── InvalidRecipeError (ValueError) a recipe file that is missing, not TOML or incomplete
     ├── RegistryError               the database cannot be opened or is from a newer loramgr
+    ├── SettingError                an environment setting (LORAMGR_HOME, LORAMGR_DATABASE_URL) that cannot work
     ├── HubError                    a Hub repository, revision or download problem
     ├── OciError                    an OCI registry, repository, tag, credential or transfer problem
     ├── ServerError                 a serving engine that refused a load or unload, or cannot be reached
@@ -31,14 +32,22 @@
     └── StoreWriteError             the blob store could not be written (disk full, no permission)
 
 Each error carries the facts as fields and a ``hint`` saying what to do; ``str(err)`` is one line
-that ends with the hint, ready for a terminal.
+that ends with the hint, ready for a terminal, and :meth:`LoramgrError.to_dict` is the same for a
+program (what ``loramgr --json`` prints on a failure).
 """
 
 from __future__ import annotations
 
+import math
+from pathlib import PurePath
+from typing import Any
+
 
 class LoramgrError(Exception):
     """Base class of every error loramgr raises for something the user can fix."""
+
+    #: the CLI's exit status for this error: 1, or 2 for a usage error (as click's own)
+    exit_code = 1
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         self.message = message
@@ -49,6 +58,27 @@ class LoramgrError(Exception):
         if self.hint:
             return f"{self.message}: {self.hint}"
         return self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"error": message, "hint": hint, "type": class name, <each fact field>}``, JSON-able."""
+        facts = {key: _jsonable(value) for key, value in vars(self).items()
+                 if key not in ("message", "hint") and not key.startswith("_")}
+        return {"error": self.message, "hint": self.hint, "type": type(self).__name__, **facts}
+
+
+def _jsonable(value: Any) -> Any:
+    """A fact as JSON can hold it: containers kept; paths, NaN, infinities and anything else as text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, PurePath):
+        return str(value)
+    return str(value)
 
 
 class InvalidAdapterError(LoramgrError):
@@ -133,6 +163,16 @@ class RegistryError(LoramgrError):
         super().__init__(message, hint=hint)
 
 
+class SettingError(LoramgrError):
+    """An environment setting that cannot work as given: ``setting`` names it (``LORAMGR_HOME``,
+    ``LORAMGR_DATABASE_URL``), ``value`` is what it holds (a database URL without its password)."""
+
+    def __init__(self, message: str, *, setting: str, value: str, hint: str | None = None) -> None:
+        self.setting = setting
+        self.value = value
+        super().__init__(message, hint=hint)
+
+
 class HubError(LoramgrError):
     """A Hugging Face Hub repository, revision, authentication or download problem."""
 
@@ -214,8 +254,11 @@ class MergeOptionError(MergeError):
     """A merge option that is unknown, missing, out of range, or not used by the chosen method.
 
     ``option`` is the option's name (a :class:`~loramgr.merge.MergeOptions` field such as
-    ``density``, or ``name``); the message spells it as the CLI flag (``--density``).
+    ``density``, or ``name``); the message spells it as the CLI flag (``--density``). On the command
+    line it is a usage error, so it exits 2 like click's own.
     """
+
+    exit_code = 2
 
     def __init__(self, message: str, *, option: str, value: object = None, hint: str | None = None) -> None:
         self.option = option

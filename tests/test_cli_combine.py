@@ -100,16 +100,17 @@ def test_compress_by_energy_gives_per_module_ranks(tmp_path: Path) -> None:
 
 
 def test_bad_parameters_are_one_line_errors(sources) -> None:
+    # a wrong option value is a usage error: exit 2, as click's own (a rank too large for the adapters too)
     for args, fragment in [
         (("--method", "ties", "--density", "1.5"), "density 1.5 is outside (0, 1]"),
         (("--method", "svd", "--rank", "100"), "rank 100 exceeds min(d_in, d_out) = 16"),
         (("--method", "mean"), "mean"),
         (("--weights", "nan,1"), "non-finite"),
     ]:
-        out = run("combine", "sql", "style", *args, "--name", "x", code=1)
+        out = run("combine", "sql", "style", *args, "--name", "x", code=2)
         assert out.startswith("Error: ") and fragment in out and out.count("\n") == 1, out
     assert "2 adapter(s)" in run("combine", "sql", "style", "--weights", "1", "--name", "x", code=2)
-    assert "needs a --name" in run("combine", "sql", "style", code=1)
+    assert "needs a --name" in run("combine", "sql", "style", code=2)
     assert Registry.open().list_versions("x") == []
 
 

@@ -178,7 +178,7 @@ def test_method_names_are_case_insensitive(installed):
     registry = Registry.open()
     assert registry.show("upper").digest == registry.show("lower").digest
     assert "is not a merge method" in run("combine", "sql-assistant", "chat-helper", "--method", "SLERP",
-                                          "--name", "x", code=1)
+                                          "--name", "x", code=2)
 
 
 def _stderr_on_a_terminal(*args: str) -> tuple[int, str]:

@@ -286,13 +286,13 @@ BAD = [
 
 @pytest.mark.parametrize(("args", "fragment"), BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_combinations_are_one_line_errors(sources, args: list[str], fragment: str) -> None:
-    out = run("combine", "a", "b", *args, "--name", "x", code=1)
+    out = run("combine", "a", "b", *args, "--name", "x", code=2)
     assert out.startswith("Error: ") and fragment in out and out.count("\n") == 1, out
     assert Registry.open().list_versions("x") == []
 
 
 def test_python_refuses_with_the_cli_message_and_the_cli_usage_errors_exit_2(sources) -> None:
-    out = run("combine", "a", "b", "--method", "tsv", "--space", "full", "--name", "x", code=1)
+    out = run("combine", "a", "b", "--method", "tsv", "--space", "full", "--name", "x", code=2)
     with pytest.raises(MergeOptionError) as caught:
         loramgr.combine(["a", "b"], method="tsv", space="full")
     assert out == f"Error: {caught.value}\n" and caught.value.option == "space"

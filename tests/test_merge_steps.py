@@ -87,9 +87,9 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize(("args", "call", "fragment"), BAD_INPUT, ids=[" ".join(a) for a, _, _ in BAD_INPUT])
 def test_cli_and_python_refuse_bad_input_with_the_same_error(sources, args, call, fragment: str) -> None:
-    out = run(*args, "--name", "x", code=1)
     with pytest.raises(MergeError) as caught:
         call()
+    out = run(*args, "--name", "x", code=caught.value.exit_code)
     assert out == f"Error: {caught.value}\n"
     assert fragment in out
     assert Registry.open().list_versions("x") == []
@@ -97,7 +97,7 @@ def test_cli_and_python_refuse_bad_input_with_the_same_error(sources, args, call
 
 def test_compress_without_rank_or_energy_is_one_error_everywhere(sources) -> None:
     """The CLI, the Python API and the merge library on an open adapter: one check, one message."""
-    messages = {run("compress", "sql", "--name", "x", code=1).removeprefix("Error: ").strip()}
+    messages = {run("compress", "sql", "--name", "x", code=2).removeprefix("Error: ").strip()}
     for call in (lambda: loramgr.compress("sql"), lambda: compress_open_adapter(loramgr.get("sql"))):
         with pytest.raises(MergeOptionError) as caught:
             call()
@@ -117,7 +117,7 @@ def test_option_errors_come_before_torch_is_imported(sources) -> None:
     for args in (["combine", "sql", "style", "--method", "ties", "--density", "1.5", "--name", "x"],
                  ["compress", "sql", "--name", "x"]):
         done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
-        assert "exit 1" in done.stdout and "torch imported: False" in done.stdout, (done.stdout, done.stderr)
+        assert "exit 2" in done.stdout and "torch imported: False" in done.stdout, (done.stdout, done.stderr)
         assert done.stderr.startswith("Error: ") and done.stderr.count("\n") == 1, done.stderr
 
 
@@ -227,7 +227,7 @@ def test_adding_a_method_is_one_registered_entry(sources, tmp_path: Path, monkey
     assert option_help("method").endswith("knots_dare or mean")
     run("combine", "sql", "style", "--method", "mean", "--output", str(tmp_path / "mean"))
     assert torch.allclose(dense(tmp_path / "mean", Q), (dense(a, Q) + dense(b, Q)) / 2, atol=1e-6)
-    out = run("combine", "sql", "style", "--method", "mean", "--density", "0.5", "--name", "x", code=1)
+    out = run("combine", "sql", "style", "--method", "mean", "--density", "0.5", "--name", "x", code=2)
     assert "method mean does not use --density" in out
     assert "use a method that does: ties, dare_linear, dare_ties, magnitude_prune, knots_ties, knots_dare" in out
     run("combine", "sql", "style", "--method", "mean", "--name", "avg")

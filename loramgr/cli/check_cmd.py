@@ -10,7 +10,7 @@ import dataclasses
 
 import click
 
-from .render import echo_json
+from .render import echo_finding, echo_json
 
 
 @click.command(name="check")
@@ -32,7 +32,7 @@ def check(adapters: tuple[str, ...], base: str | None, engine: str | None, value
         echo_json([dataclasses.asdict(f) for f in report.findings])
     else:
         for finding in report.findings:
-            click.echo(str(finding))
+            echo_finding(finding.severity, str(finding).removeprefix(f"{finding.severity}: "))
         n_errors = len(report.errors)
         verdict = f"{n_errors} error(s)" if n_errors else "ok"
         engine_note = f", engine {report.engine}" if report.engine else ""

@@ -13,11 +13,12 @@ if TYPE_CHECKING:
     from ..registry import Registry
 
 
-def install_recursive(registry: Registry, folder: str, options: InstallOptions, as_json: bool) -> None:
+def install_recursive(registry: Registry, folder: str, options: InstallOptions, as_json: bool, *,
+                      quiet: bool = False) -> None:
     """``loramgr install DIR --recursive``: every file under DIR, with progress; unreadable files listed."""
     from ..formats.diffusion.folders import install_tree
 
-    with progress_bars() as progress:
+    with progress_bars(quiet=quiet) as progress:
         result = install_tree(registry, folder, options, progress=progress)
     if as_json:
         echo_json({"installed": [r.to_dict() for r in result.installed],

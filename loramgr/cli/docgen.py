@@ -30,10 +30,15 @@ def render() -> str:
         "",
         "Generated from the commands by `python -m loramgr.cli.docgen > docs/cli.md`; do not edit by hand.",
         "",
+        "The global flags go before the command (`loramgr --json list`); every command also takes its own",
+        "`--json`. With `--json`, a failure prints one JSON object on stdout, `{\"error\", \"hint\", \"type\", ...}`",
+        "with the facts of the error, and exits with the same status as without it: 0 success, 1 a failure",
+        "you can act on, 2 a usage error (an unknown option, a wrong option value).",
+        "",
     ]
-    for path, command in all_commands():
+    for path, command in [("loramgr", cli), *all_commands()]:
         with click.Context(command, info_name=path, max_content_width=100, terminal_width=100,
-                           help_option_names=["-h", "--help"]) as ctx:
+                           help_option_names=["-h", "--help"], show_default=True) as ctx:
             help_text = command.get_help(ctx)
         parts += [f"## `{path}`", "", "```", help_text.rstrip(), "```", ""]
     return "\n".join(parts)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .registry_cmds import open_registry, quiet_option
-from .render import human_size, progress_bars
+from .render import QUIET_FLAG, global_flag, human_size, progress_bars
 
 
 @click.command()
@@ -50,6 +50,10 @@ def push(reference: str, destination: str | None, repo_id: str | None, private: 
             click.echo(f"  README.md  {human_size(len(plan.card.encode()))}\n")
             click.echo(plan.card, nl=False)
             return
+        if quiet or global_flag(QUIET_FLAG):  # huggingface_hub draws its own bars for large uploads
+            from huggingface_hub.utils.tqdm import disable_progress_bars
+
+            disable_progress_bars()
         said: list[str] = []  # push only speaks when the tag already holds these files
         commit = run_push(plan, folder, notify=said.append)
     for line in said:

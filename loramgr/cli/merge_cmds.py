@@ -16,10 +16,10 @@ import click
 
 from ..errors import MergeOptionError
 from ..merge.options import MergeOptions, check_weight_count, option_help
-from .render import progress_bars
+from .render import echo_json, echo_warning, progress_bars
 
 _SKIP = {"weights"}  # given as --weights 0.7,0.3
-_WORDS = {"method", "space"}  # names, not values: --method SVD is --method svd
+_WORDS = {"method", "space", "majority_sign", "dtype"}  # names, not values: --method SVD is --method svd
 
 
 def _lower(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -79,9 +79,25 @@ def parse_weights(text: str | None, count: int) -> tuple[float, ...] | None:
     return weights
 
 
-def _report(result: Any) -> None:
+def result_dict(result: Any) -> dict[str, Any]:
+    """What ``combine --json`` and ``compress --json`` print."""
+    merged = result.merged
+    return {
+        "method": merged.options.method,
+        "space": merged.options.space,
+        "modules": [{"name": m.name, "rank": m.rank, "kept_energy": m.kept_energy} for m in merged.modules],
+        "notes": list(result.notes),
+        "installed": result.installed.to_dict() if result.installed is not None else None,
+        "output": str(result.output) if result.output is not None else None,
+    }
+
+
+def _report(result: Any, as_json: bool) -> None:
     from .render import human_size
 
+    if as_json:
+        echo_json(result_dict(result))
+        return
     merged = result.merged
     exact = all(m.kept_energy >= 1.0 - 1e-9 for m in merged.modules)
     ranks = sorted({m.rank for m in merged.modules})
@@ -101,7 +117,7 @@ def _report(result: Any) -> None:
                    f"{energies[len(energies) // 2]:.2%} (median) of their energy; 'loramgr show NAME --json' "
                    "lists every module")
     for note in result.notes:
-        click.echo(f"  note: {note}")
+        echo_warning(note, label="note")
     if result.installed is not None:
         inst = result.installed
         if inst.created:
@@ -121,8 +137,9 @@ def _report(result: Any) -> None:
 @click.option("--output", type=click.Path(), help="Write a PEFT folder here instead of registering.")
 @click.option("--recipe", "recipe_path", type=click.Path(), help="Take sources and parameters from a TOML recipe.")
 @click.option("-q", "--quiet", is_flag=True, help="Draw no progress bar (drawn on a terminal only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (modules, ranks, version) as JSON.")
 def combine(references: tuple[str, ...], weights_text: str | None, name: str | None, version: str | None,
-            output: str | None, recipe_path: str | None, quiet: bool, **flags: Any) -> None:
+            output: str | None, recipe_path: str | None, quiet: bool, as_json: bool, **flags: Any) -> None:
     """Combine adapters into a new one with a merge method (see --method).
 
     Every method works on each adapter's delta s*B*A; see docs/merge-methods.md.
@@ -142,7 +159,7 @@ def combine(references: tuple[str, ...], weights_text: str | None, name: str | N
             options = options_from_flags(flags, parse_weights(weights_text, len(references)))
             result = combine_step(list(references), options, name=name, version=version, output=output,
                                   progress=progress)
-    _report(result)
+    _report(result, as_json)
 
 
 @click.command()
@@ -154,17 +171,19 @@ def combine(references: tuple[str, ...], weights_text: str | None, name: str | N
 @click.option("--version", "version", help="Version of the result.")
 @click.option("--output", type=click.Path(), help="Write a PEFT folder here instead of registering.")
 @click.option("-q", "--quiet", is_flag=True, help="Draw no progress bar (drawn on a terminal only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (modules, ranks, version) as JSON.")
 def compress(reference: str, rank: int | None, energy: float | None, dtype: str | None, name: str | None,
-             version: str | None, output: str | None, quiet: bool) -> None:
+             version: str | None, output: str | None, quiet: bool, as_json: bool) -> None:
     """Re-rank one adapter to a smaller rank: the optimal approximation, computed from its factors."""
     from ..merge.operations import compress as compress_step
     from ..merge.operations import require_destination
 
+    dtype = dtype.lower() if dtype is not None else None  # a name, as --method: Float16 is float16
     require_destination(name, output)
     with progress_bars(modules="compressing", quiet=quiet) as progress:
         result = compress_step(reference, rank=rank, energy=energy, dtype=dtype, name=name, version=version,
                                output=output, progress=progress)
-    _report(result)
+    _report(result, as_json)
 
 
 COMMANDS = [combine, compress]

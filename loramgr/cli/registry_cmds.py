@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 import click
 
 from ..exporter import EXPORT_FORMATS
-from .render import echo_json, human_size, progress_bars, table
+from ..merge.options import as_flags
+from .render import echo_json, echo_warning, human_size, progress_bars, table
 
 if TYPE_CHECKING:
     from ..registry import Registry, VersionDetails
@@ -43,7 +44,7 @@ def install(source: str, name: str | None, version: str | None, allow_pickle: bo
     if recursive:
         from .diffusion_cmds import install_recursive
 
-        return install_recursive(registry, source, options, as_json)
+        return install_recursive(registry, source, options, as_json, quiet=quiet)
     with progress_bars(quiet=quiet) as progress:
         result = install_source(registry, source, options, progress=progress)
     if as_json:
@@ -55,7 +56,7 @@ def install(source: str, name: str | None, version: str | None, allow_pickle: bo
         click.echo(f"already installed as {result.ref} ({result.digest[:19]}); nothing new stored")
     for note in result.notes:
         if note != "already installed":
-            click.echo(f"  note: {note}")
+            echo_warning(note, label="note")
 
 
 @click.command(name="list")
@@ -145,7 +146,7 @@ def render_show(d: VersionDetails) -> str:
         params = {k: v for k, v in (recipe.get("options") or {}).items()
                   if v not in (None, False) and k not in ("method", "weights")
                   and not (k == "majority_sign" and "ties" not in method)}
-        lines.append(f"  made by       {method}" + (f" {params}" if params else ""))
+        lines.append(f"  made by       {method}" + (f" {as_flags(params)}" if params else ""))
         for p in d.parents:
             lines.append(f"    {p.weight:+g} x {p.name}=={p.version}  {p.digest[:19]}")
     for note in d.notes:

@@ -1,8 +1,14 @@
-"""Terminal rendering shared by the commands: sizes, tables, progress bars."""
+"""Terminal rendering shared by the commands: sizes, tables, JSON, errors and warnings, progress bars.
+
+The global flags ``loramgr --json`` and ``loramgr -q`` are kept in the click context's ``meta`` (shared
+by every command's context) and read here, so a command needs no parameter for them. Colour marks
+errors (red) and warnings (yellow) only, only on a terminal, and never when NO_COLOR is set.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,21 +33,66 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+JSON_FLAG = "loramgr.json"
+QUIET_FLAG = "loramgr.quiet"
+
+
+def global_flag(key: str) -> bool:
+    """Whether a global flag (:data:`JSON_FLAG`, :data:`QUIET_FLAG`) was given to this run."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(key))
+
+
 def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def colour(stream: Any) -> bool:
+    """Colour on ``stream``: a terminal, and NO_COLOR unset or empty (https://no-color.org)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def echo_error(message: str) -> None:
+    """``Error: message`` on stderr, the ``Error:`` in red on a terminal."""
+    stream = sys.stderr
+    click.echo(f"{click.style('Error:', fg='red', bold=True)} {message}", file=stream, color=colour(stream))
+
+
+def echo_warning(message: str, *, label: str = "warning") -> None:
+    """``  label: message`` on stdout, the label in yellow on a terminal; silent with ``loramgr -q``."""
+    if global_flag(QUIET_FLAG):
+        return
+    stream = sys.stdout
+    click.echo(f"  {click.style(label + ':', fg='yellow')} {message}", file=stream, color=colour(stream))
+
+
+#: the colour of a finding's severity (``check``): errors red, warnings yellow, the rest plain
+SEVERITY_COLOURS = {"error": "red", "warning": "yellow"}
+
+
+def echo_finding(severity: str, message: str) -> None:
+    """``severity: message`` on stdout (a ``check`` finding), the severity coloured on a terminal."""
+    stream = sys.stdout
+    fg = SEVERITY_COLOURS.get(severity)
+    label = click.style(f"{severity}:", fg=fg) if fg else f"{severity}:"
+    click.echo(f"{label} {message}", file=stream, color=colour(stream))
 
 
 @contextmanager
 def progress_bars(
     *, modules: str | None = None, quiet: bool = False
 ) -> Iterator[Callable[[str, int, int], None] | None]:
-    """A progress callback drawing tqdm bars on stderr, on a terminal only (never with ``quiet``).
+    """A progress callback drawing tqdm bars on stderr, on a terminal only (never with ``quiet`` or
+    ``loramgr -q``).
 
     By default one bar per label counts bytes, for files large enough to wait on. With ``modules``
     (the bar's title, e.g. "merging"), the calls are a merge's ``(module, done, total)``: one bar
     counts modules, names the module just done and shows the time left.
     """
-    if quiet or not sys.stderr.isatty():
+    if quiet or global_flag(QUIET_FLAG) or not sys.stderr.isatty():
         yield None
         return
     from tqdm import tqdm

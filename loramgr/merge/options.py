@@ -33,6 +33,22 @@ def flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
 
+def as_flags(values: dict[str, Any]) -> str:
+    """Options as the command line that gives them: ``{"density": 0.5, "strict": True}`` ->
+    ``--density 0.5 --strict`` (a false switch or a None value is left out, weights joined by commas)."""
+    words: list[str] = []
+    for option, value in values.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            words.append(flag(option))
+        elif isinstance(value, list | tuple):
+            words.append(f"{flag(option)} {','.join(f'{v:g}' if _is_real(v) else str(v) for v in value)}")
+        else:
+            words.append(f"{flag(option)} {value:g}" if _is_real(value) else f"{flag(option)} {value}")
+    return " ".join(words)
+
+
 @dataclass(frozen=True)
 class MergeOptions:
     """How to combine adapters: the method and its parameters (see docs/merge-methods.md).
