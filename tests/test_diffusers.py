@@ -131,7 +131,7 @@ def test_unet_lora_saved_by_diffusers_save_lora_adapter_installs_and_fuses_as_di
 
     run_cli("install", str(path), "--name", "unet-style", "--version", "1.0.0")
     shown = json.loads(run_cli("show", "unet-style==1.0.0", "--json").output)
-    assert (shown["format"], shown["rank"], shown["alpha"]) == ("diffusers", 2, 6.0)
+    assert (shown["format"], shown["rank"], shown["alpha"]) == ("diffusers", 4, 6.0)  # rank: the largest module's
     assert sorted(shown["target_modules"]) == ["to_k", "to_out.0", "to_q", "to_v"]
     ranks = {m["name"]: (m["rank"], m["alpha"]) for m in shown["modules"]}
     assert ranks["up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q"] == (4, 6.0)
