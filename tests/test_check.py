@@ -419,3 +419,98 @@ def test_check_llama_cpp_warns_where_its_converter_scales_wrongly(tmp_path: Path
     saved = read_peft_folder(saved_folder)
     assert [f.code for f in errors(check_adapters([saved], base=llama_base, engine="llama.cpp"))] == [
         "engine-modules-to-save"]
+
+
+def peft_loads(model: torch.nn.Module, folder: Path) -> bool:
+    import copy
+
+    from peft import PeftModel
+
+    try:
+        PeftModel.from_pretrained(copy.deepcopy(model), str(folder))
+    except (ValueError, RuntimeError, KeyError):  # PEFT's own refusals (NoMatchingPeftModuleError is a ValueError)
+        return False
+    return True
+
+
+def legacy_vit_adapter(made: Path, folder: Path) -> Path:
+    """The same adapter under the names transformers 4 gave ViT's modules (the names its checkpoints keep)."""
+    from safetensors.torch import load_file, save_file
+
+    renames = {"layers.": "encoder.layer.", "attention.q_proj": "attention.attention.query",
+               "attention.v_proj": "attention.attention.value"}
+    tensors = {}
+    for key, value in load_file(str(made / "adapter_model.safetensors")).items():
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        tensors[key] = value
+    folder.mkdir()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = json.loads((made / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"target_modules": ["query", "value"]}))
+    return folder
+
+
+@pytest.mark.parametrize("model_name", ["vit", "gemma2", "bert"])
+def test_check_agrees_with_peft_on_checkpoints_transformers_renames_or_ties(tmp_path: Path, model_name: str) -> None:
+    """transformers 5 builds ViT with other module names than its checkpoint keys (it renames them on loading),
+    and saves Gemma 2's tied lm_head only as model.embed_tokens: check goes by the model transformers builds
+    from the checkpoint, so it accepts what PEFT loads into that model and refuses what PEFT refuses."""
+    from zoo import CASES, MODELS, make_adapter
+
+    from loramgr.compat.check import check
+
+    model = MODELS[model_name]()
+    model.save_pretrained(str(tmp_path / "base"))
+    for case in (c for c in CASES if c.model == model_name):
+        folder = make_adapter(case, model, tmp_path / case.name)
+        assert peft_loads(model, folder), case.id
+        report = check([folder], base=tmp_path / "base")
+        assert report.ok, (case.id, [str(f) for f in report.errors])
+    if model_name == "vit":  # names PEFT finds no module for, although the checkpoint has tensors of those names
+        legacy = legacy_vit_adapter(tmp_path / "attention", tmp_path / "legacy")
+        assert not peft_loads(model, legacy)
+        report = check([legacy], base=tmp_path / "base")
+        assert {f.code for f in report.errors} == {"missing-module"} and len(report.errors) == 6
+
+
+def test_tied_lm_head_is_checked_with_the_shape_of_the_weight_it_shares(tmp_path: Path) -> None:
+    from zoo import tiny_gemma2_tied
+
+    from loramgr.compat.basemodel import fingerprint_base_model, module_shapes
+
+    tiny_gemma2_tied().save_pretrained(str(tmp_path / "base"))
+    fingerprint = fingerprint_base_model(tmp_path / "base")
+    assert "lm_head.weight" not in fingerprint.tensors and fingerprint.tied == {"lm_head": "model.embed_tokens"}
+    shapes = module_shapes(fingerprint)
+    assert (shapes["lm_head"].kind, shapes["lm_head"].out_features, shapes["lm_head"].in_features) == ("linear", 64, 16)
+    wrong = write_peft_adapter(tmp_path / "wrong", {"lm_head": (16, 32, 4)})  # a head for another vocabulary
+    report = check_adapters([read_peft_folder(wrong)], base=fingerprint)
+    assert [f.code for f in errors(report)] == ["shape"]
+
+
+def test_moe_target_parameters_are_checked_against_the_fused_experts_transformers_builds(tmp_path: Path) -> None:
+    """A Mixtral checkpoint keeps one tensor per expert (``experts.0.w1``); the model transformers builds, which PEFT
+    adapts, has fused ``mlp.experts.gate_up_proj`` parameters: check finds them there, and a base with other
+    experts is a shape error, as PEFT refuses it."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from zoo import CASES, make_adapter, tiny_mixtral
+
+    from loramgr.compat.check import check
+
+    case = next(c for c in CASES if c.id == "mixtral-target-parameters")
+    model = tiny_mixtral()
+    model.save_pretrained(str(tmp_path / "base"))
+    folder = make_adapter(case, model, tmp_path / "experts")
+    assert peft_loads(model, folder)
+    assert check([folder], base=tmp_path / "base").ok
+    torch.manual_seed(0)
+    other = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                             num_experts_per_tok=2, max_position_embeddings=32))
+    other.save_pretrained(str(tmp_path / "other"))
+    assert not peft_loads(other, folder)
+    report = check([folder], base=tmp_path / "other")
+    assert {f.code for f in report.errors} == {"shape"}
+    assert {f.module for f in report.errors} == {f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                                                 for p in ("gate_up_proj", "down_proj")}

@@ -196,3 +196,90 @@ def test_fuzz_install_and_check(loramgr_home, tmp_path, block):
             assert state(loramgr_home) == before, f"install seed {seed} changed the store"
     # the mutator reaches both outcomes: it is not testing only files that were fine or only hopeless ones
     assert outcomes[0] and outcomes[1], outcomes
+
+
+# ---------------------------------------------------------------------------------------------------
+# diffusion-transformer files (formats/diffusion/read.py) and one model's diffusers save_lora_adapter file
+
+#: convention -> (tensor key of a module without its part suffix, the module's (out, in)), two modules each
+DIFFUSION_MODULES: dict[str, list[tuple[str, tuple[int, int]]]] = {
+    "kohya": [("lora_unet_double_blocks_0_img_attn_qkv", (24, 8)), ("lora_unet_single_blocks_0_linear2", (8, 40))],
+    "comfyui": [("diffusion_model.double_blocks.0.img_attn.qkv", (24, 8)),
+                ("diffusion_model.double_blocks.0.txt_attn.proj", (8, 8))],
+    "wan": [("diffusion_model.blocks.0.self_attn.q", (8, 8)), ("diffusion_model.blocks.0.ffn.0", (32, 8))],
+    "xlabs": [("double_blocks.0.processor.qkv_lora1", (24, 8)), ("single_blocks.0.processor.proj_lora", (8, 40))],
+    "diffusers-flux": [("transformer.transformer_blocks.0.attn.to_q", (8, 8)),
+                       ("transformer.single_transformer_blocks.0.proj_out", (8, 40))],
+    "save_lora_adapter": [("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", (8, 8)),
+                          ("mid_block.attentions.0.proj_in", (16, 16))],
+}
+_DIFFUSION_PARTS = {  # convention -> (A suffix, B suffix, alpha suffix or None)
+    "kohya": (".lora_down.weight", ".lora_up.weight", ".alpha"),
+    "comfyui": (".lora_A.weight", ".lora_B.weight", ".alpha"),
+    "wan": (".lora_down.weight", ".lora_up.weight", ".alpha"),
+    "xlabs": (".down.weight", ".up.weight", None),
+    "diffusers-flux": (".lora_A.weight", ".lora_B.weight", None),
+    "save_lora_adapter": (".lora_A.weight", ".lora_B.weight", None),
+}
+DIFFUSION_METADATA = ["flux-1-dev/lora", "stable-diffusion-3-medium/lora", "wan2.1", "hunyuan-video", "flux1",
+                      "sdxl_base_v1-0", "", "{", "qwen-image"]
+
+
+def write_diffusion(path: Path, convention: str, rng: random.Random) -> None:
+    """A small file in ``convention`` with one mutation of what the diffusion readers look at."""
+    gen = torch.Generator().manual_seed(rng.randrange(1000))
+    a_part, b_part, alpha_part = _DIFFUSION_PARTS[convention]
+    tensors: dict[str, torch.Tensor] = {}
+    for key, (out_features, in_features) in DIFFUSION_MODULES[convention]:
+        tensors[key + a_part] = torch.randn(2, in_features, generator=gen)
+        tensors[key + b_part] = torch.randn(out_features, 2, generator=gen)
+        if alpha_part:
+            tensors[key + alpha_part] = torch.tensor(2.0)
+    metadata = {"format": "pt", "modelspec.architecture": rng.choice(DIFFUSION_METADATA),
+                "ss_base_model_version": rng.choice(DIFFUSION_METADATA)}
+    if convention == "save_lora_adapter":
+        config: Any = {"r": 2, "lora_alpha": 4, "target_modules": ["to_q", "proj_in"]}
+        config[rng.choice(["r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_dora"])] = rng.choice(ODD_VALUES)
+        metadata["lora_adapter_metadata"] = json.dumps(rng.choice([config, rng.choice(ODD_VALUES)]), allow_nan=True)
+    first = DIFFUSION_MODULES[convention][0][0]
+    choice = rng.randrange(8)
+    if choice == 0:  # one factor without its partner
+        del tensors[first + b_part]
+    elif choice == 1 and alpha_part:  # alpha not a scalar, or not finite
+        tensors[first + alpha_part] = rng.choice([torch.ones(2), torch.tensor(float("nan")), torch.tensor(True)])
+    elif choice == 2:  # factors that do not fit
+        tensors[first + b_part] = torch.randn(8, rng.choice([1, 3]))
+    elif choice == 3:  # full-weight deltas and DoRA scales beside the factors, any shape
+        tensors[first + rng.choice([".diff", ".diff_b", ".dora_scale"])] = torch.randn(rng.choice([(3,), (8, 8), ()]))
+    elif choice == 4:  # PEFT's adapter name kept in the keys
+        tensors = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+                   for k, v in tensors.items()}
+    elif choice == 5:  # a module of another family, or of none, mixed in
+        tensors[rng.choice(["lora_unet_blocks_0_self_attn_q", "diffusion_model.img_in", "transformer.x_embedder",
+                            "lora_te1_text_model_encoder_layers_0_mlp_fc1"]) + a_part] = torch.randn(2, 8)
+    elif choice == 6:  # zero-size factors
+        tensors[first + a_part] = torch.zeros(0, tensors[first + a_part].shape[1])
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("block", range(2))
+def test_fuzz_diffusion_files(loramgr_home, tmp_path, block):
+    """The diffusion-transformer conventions (kohya, ComfyUI, Wan, XLabs, diffusers Flux) and diffusers'
+    save_lora_adapter layout, mutated: install and check either succeed or refuse in one line, leaving
+    nothing stored for a refused file."""
+    runner = CliRunner()
+    outcomes = {0: 0, 1: 0}
+    for seed in range(block * 60, (block + 1) * 60):
+        rng = random.Random(10_000 + seed)
+        path = tmp_path / f"diffusion{seed}.safetensors"
+        write_diffusion(path, rng.choice(sorted(DIFFUSION_MODULES)), rng)
+        if rng.random() < 0.2:
+            mutate_header(path, rng)
+        assert_clean(runner.invoke(cli, ["check", str(path)]), f"check seed {seed}")
+        before = state(loramgr_home)
+        result = runner.invoke(cli, ["install", str(path), "--name", f"fuzz{seed}", "--version", "1.0.0"])
+        assert_clean(result, f"install seed {seed}")
+        outcomes[result.exit_code] += 1
+        if result.exit_code != 0:
+            assert state(loramgr_home) == before, f"install seed {seed} changed the store"
+    assert outcomes[0] and outcomes[1], outcomes

@@ -125,3 +125,78 @@ def test_peft_dora_refusal_points_at_peft(tmp_path: Path) -> None:
     folder = peft_adapter_from_model(model, tmp_path / "d", use_dora=True)
     with pytest.raises(UnsupportedAdapterError, match="unfuse is not possible .* DoRA .*PeftModel.from_pretrained"):
         unfuse(model, LoraAdapter(read_peft_folder(folder), folder))
+
+
+def lycoris_library_file(model: torch.nn.Module, path: Path, algo: str = "lora") -> Path:
+    """A file saved by the LyCORIS library itself, wrapping a bare model: keys ``lycoris_<path with _>``."""
+    from lycoris import create_lycoris
+
+    network = create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2.0, algo=algo)
+    network.apply_to()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in network.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+        network.restore()  # unhook: the model is the bare base again
+    network.save_weights(str(path), torch.float32, None)
+    return path
+
+
+def test_lycoris_default_prefix_installs_and_fuses_as_lycoris_merges(tmp_path: Path) -> None:
+    """LyCORIS' default ``lycoris_`` key prefix is read, resolved against the wrapped model, and fused exactly as
+    the LyCORIS library's own merge does."""
+    import copy
+
+    from factories import run_cli, sample_input, tiny_llama
+    from lycoris import create_lycoris_from_weights
+
+    from loramgr.api import get
+    from loramgr.model.weights import fuse
+
+    model = tiny_llama()
+    path = lycoris_library_file(copy.deepcopy(model), tmp_path / "lyco.safetensors")
+    assert all(key.startswith("lycoris_") for key in load_file(str(path)))
+    run_cli("install", str(path), "--name", "ly", "--version", "1.0.0")
+    adapter = get("ly==1.0.0")
+    assert adapter.info.format == "kohya" and len(adapter.info.modules) == len({k.split(".")[0] for k in
+                                                                                 load_file(str(path))})
+    theirs = copy.deepcopy(model)
+    network, _ = create_lycoris_from_weights(1.0, str(path), theirs)
+    network.merge_to(1.0)
+    ours = copy.deepcopy(model)
+    fuse(ours, adapter)
+    changed = 0
+    for (key, mine), (_, reference) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
+        assert torch.allclose(mine, reference, rtol=1e-5, atol=1e-6), key
+        changed += not torch.equal(mine, model.state_dict()[key])
+    assert changed == len(adapter.info.modules)
+    x = sample_input()
+    assert torch.allclose(ours(x).logits, theirs(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lycoris_prefixed_loha_is_recognised_and_refused_for_fuse_by_type(tmp_path: Path) -> None:
+    from factories import tiny_llama
+
+    from loramgr.model.weights import fuse
+
+    path = lycoris_library_file(tiny_llama(), tmp_path / "loha.safetensors", algo="loha")
+    info = read_adapter_file(path)
+    assert info.adapter_type == "loha" and all(m.name.startswith("lycoris_") for m in info.modules)
+    with pytest.raises(UnsupportedAdapterError, match="fuse is not possible .* LoHa .*LyCORIS library"):
+        fuse(tiny_llama(), LoraAdapter(info, tmp_path, weights_path=path))
+
+
+def test_the_fuse_refusal_hint_is_true_the_lycoris_library_loads_the_file(tmp_path: Path) -> None:
+    """The refusal sends a kohya LoHa file to the LyCORIS library (PEFT cannot read kohya files, and diffusers'
+    load_lora_weights has no LoHa): that library's kohya loader takes the very file onto the UNet it names, every
+    tensor in its place."""
+    from lycoris.kohya import create_network_from_weights
+    from test_kohya import TinyUNet
+
+    path = write(tmp_path, "loha")
+    unet = TinyUNet()
+    network, weights = create_network_from_weights(1.0, str(path), None, None, unet, for_inference=True)
+    assert [(lora.lora_name, type(lora).__name__) for lora in network.unet_loras] == [(M, "LohaModule")]
+    network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+    loaded = network.load_state_dict(weights, strict=True)  # every tensor of the file has its place
+    assert not loaded.missing_keys and not loaded.unexpected_keys

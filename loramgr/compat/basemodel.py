@@ -63,6 +63,14 @@ class BaseFingerprint:
     files: dict[str, int] = field(default_factory=dict)  # weight file (relative) -> bytes
     content_digests: dict[str, str] | None = None  # weight file -> "sha256:<hex>", when computed
     source: str | None = None  # the path it was read from
+    #: module path of the model transformers builds -> the checkpoint module whose weight it loads under
+    #: another name (legacy keys transformers renames on loading); see :func:`transformers_aliases`
+    renamed: dict[str, str] = field(default_factory=dict)
+    #: module path of the model transformers builds -> the checkpoint module it shares its weight with
+    tied: dict[str, str] = field(default_factory=dict)
+    #: parameters of 3 or more dimensions that are no module's weight (fused MoE experts, ``mlp.experts.gate_up_proj``)
+    #: in the model transformers builds -> their shape; what PEFT's ``target_parameters`` adapt
+    parameters: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def content(self) -> str | None:
@@ -240,10 +248,76 @@ def fingerprint_base_model(
         sizes={k: config[k] for k in _SIZE_KEYS if isinstance(config.get(k), int)},
         files=files,
         source=str(path.resolve()),
+        **transformers_aliases(path, config, tensors),
     )
     if content:
         add_content_digests(fingerprint, progress=progress)
     return fingerprint
+
+
+def transformers_aliases(
+    path: Path, config: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int, ...], str]]
+) -> dict[str, Any]:
+    """What the model transformers builds from this checkpoint has that the checkpoint's keys do not spell out:
+    ``renamed`` and ``tied`` (module path -> the checkpoint module it loads) and ``parameters`` (shapes).
+
+    Two ways a module PEFT wraps has no weight of its own name in the checkpoint: transformers 5 renames
+    legacy keys when it loads them (a ViT checkpoint's ``vit.encoder.layer.0.attention.attention.query`` is
+    the model's ``vit.layers.0.attention.q_proj``), and a tied weight is saved once (Gemma's ``lm_head`` is
+    ``model.embed_tokens``). Fused expert parameters (Mixtral's ``mlp.experts.gate_up_proj``, built from the
+    checkpoint's per-expert ``w1`` / ``w3``), which PEFT's ``target_parameters`` adapt, are recorded with
+    their shapes. All are read from transformers itself: the model is built on the meta device from
+    config.json (no weights, no memory), each checkpoint key goes through the renamings transformers applies
+    when loading, and modules that share a parameter share a checkpoint module.
+
+    A renamed checkpoint name is no module of the model, so PEFT cannot load an adapter that names it:
+    :func:`module_shapes` replaces it by the model's name. A folder transformers cannot build (no
+    ``architectures``, a class it lacks, custom code, transformers not installed) gets none of these: the
+    checkpoint's own names are all there is to check against.
+    """
+    architectures = config.get("architectures")
+    if not path.is_dir() or not isinstance(architectures, list) or not architectures or "model_type" not in config:
+        return {"renamed": {}, "tied": {}, "parameters": {}}
+    try:
+        import torch
+        import transformers
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return {"renamed": {}, "tied": {}, "parameters": {}}
+    model_class = getattr(transformers, str(architectures[0]), None)
+    if model_class is None or not hasattr(model_class, "config_class"):
+        return {"renamed": {}, "tied": {}, "parameters": {}}
+    try:
+        model_config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with torch.device("meta"):
+            model = model_class(model_config)
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - any config transformers cannot build leaves the checkpoint's names
+        return {"renamed": {}, "tied": {}, "parameters": {}}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    live = dict(model.state_dict(keep_vars=True))
+    loaded: dict[str, str] = {}  # model weight key -> checkpoint weight key
+    for key in tensors:
+        if not key.endswith(".weight"):
+            continue
+        new_key, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, live)
+        if converted is None and new_key in live:  # a converter fuses or splits tensors: no one-to-one module
+            loaded.setdefault(new_key, key)
+    owners: dict[int, str] = {id(param): k for k, param in live.items() if k in loaded}
+    renamed: dict[str, str] = {}
+    tied: dict[str, str] = {}
+    for key, param in live.items():
+        if not key.endswith(".weight") or param.dim() < 2:
+            continue
+        module = key.removesuffix(".weight")
+        if key in loaded and loaded[key] != key:
+            renamed[module] = loaded[key].removesuffix(".weight")
+        elif key not in loaded and id(param) in owners:
+            tied[module] = owners[id(param)].removesuffix(".weight")
+    parameters = {k: tuple(p.shape) for k, p in live.items() if p.dim() >= 3 and not k.endswith(".weight")}
+    return {"renamed": renamed, "tied": tied, "parameters": parameters}
 
 
 def add_content_digests(
@@ -276,6 +350,8 @@ def module_shapes(fingerprint: BaseFingerprint) -> dict[str, ModuleShape]:
 
     2-D weights are Linear (or Embedding, told by the usual embedding names); 3-D and 4-D are
     convolutions, flattened like adapter factors. 1-D weights (norms) take no LoRA and are left out.
+    Modules go by the names transformers gives them: a renamed checkpoint key by its new name, and a tied
+    module (``lm_head``) is there with the shape of the weight it shares.
     """
     shapes: dict[str, ModuleShape] = {}
     for key, (shape, _) in fingerprint.tensors.items():
@@ -291,4 +367,12 @@ def module_shapes(fingerprint: BaseFingerprint) -> dict[str, ModuleShape]:
             for d in shape[1:]:
                 in_features *= d
             shapes[module] = ModuleShape("conv", shape[0], in_features, tuple(shape))
+    for table, replaces in ((fingerprint.renamed, True), (fingerprint.tied, False)):
+        for alias, module in table.items():
+            found = shapes.pop(module, None) if replaces else shapes.get(module)
+            if found is None:
+                continue
+            leaf = alias.rsplit(".", 1)[-1]
+            kind = found.kind if found.kind == "conv" else "embedding" if leaf in _EMBEDDING_LEAVES else "linear"
+            shapes[alias] = ModuleShape(kind, found.out_features, found.in_features, found.shape)
     return shapes

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from ..adapter import AdapterInfo, LoraAdapter, ModuleSpec
 from ..errors import InvalidAdapterError
 from ..formats.extras import base_findings
+from ..formats.moe import KIND as PARAMETER
 from .basemodel import BaseFingerprint, ModuleShape, fingerprint_base_model, module_shapes
 from .engines import EngineSpec, Subject, engine_findings, parse_engine, same_name
 from .findings import BASE_MISMATCH_CODES, CODES, Finding
@@ -75,14 +76,34 @@ def _fits(spec: ModuleSpec, shape: ModuleShape, fan_in_fan_out: bool) -> str | N
     return None
 
 
+def _check_parameters(info: AdapterInfo, label: str, base: BaseFingerprint, where: str) -> list[Finding]:
+    """LoRA on parameters (PEFT ``target_parameters``): each names a parameter of the model transformers
+    builds, experts x out x in (or experts x in x out where the experts module is transposed)."""
+    findings: list[Finding] = []
+    shapes = {**{k: shape for k, (shape, _) in base.tensors.items()}, **base.parameters}
+    for spec in (m for m in info.modules if m.kind == PARAMETER):
+        shape = shapes.get(spec.name)
+        if shape is None:
+            findings.append(Finding("error", "missing-module", label, spec.name, f"no such parameter in {where}"))
+            continue
+        experts = spec.kernel[0] if spec.kernel else 1
+        fits = {(experts, spec.out_features, spec.in_features), (experts, spec.in_features, spec.out_features)}
+        if tuple(shape) not in fits:
+            findings.append(Finding("error", "shape", label, spec.name, f"adapter expects {experts} experts of "
+                                    f"{spec.out_features} x {spec.in_features} but the base has {list(shape)}"))
+    return findings
+
+
 def _check_against_base(info: AdapterInfo, label: str, base: BaseFingerprint) -> list[Finding]:
     findings: list[Finding] = []
     shapes = module_shapes(base)
     size_problem = mismatch(identify_adapter(info), identify_base_shapes(shapes))
     if size_problem:  # another size of the same family: say that, not one shape error per module
         return [Finding("error", "base-structure", label, None, size_problem)]
+    where = f"base {base.name or base.source}"
+    findings += _check_parameters(info, label, base, where)
     mapping, unresolved = ModuleIndex(shapes).resolve(
-        [m.name for m in info.modules], where=f"base {base.name or base.source}"
+        [m.name for m in info.modules if m.kind != PARAMETER], where=where
     )
     for problem in unresolved:
         findings.append(Finding("error", _PROBLEM_CODES[problem.problem], label, problem.module, problem.detail))

@@ -24,11 +24,11 @@ from .peft import refuse_empty_factors
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def detect_format(keys: list[str]) -> str | None:
+def detect_format(keys: list[str], metadata: dict[str, str] | None = None) -> str | None:
     """"kohya", "diffusers", "peft" (PEFT weights without config) or None for unknown keys."""
     if any(k.startswith("base_model.model.") for k in keys):
         return "peft"
-    if looks_like_diffusers(keys):
+    if looks_like_diffusers(keys, metadata):
         return "diffusers"
     named = [k for k in keys if kohya_prefix(k) is not None]
     if named and any(split_key(k) is not None for k in named):
@@ -84,7 +84,7 @@ def _read_known(header: SafetensorsHeader, keys: list[str]) -> AdapterInfo | Non
     convention = detect_convention(keys, dict(header.metadata))
     if convention is not None:
         return read_original(header, *convention)
-    fmt = detect_format(keys)
+    fmt = detect_format(keys, dict(header.metadata))
     if fmt == "kohya":
         return read_kohya(header)
     if fmt == "diffusers":

@@ -5,7 +5,9 @@ Keys are PEFT-style module paths under a pipeline component: ``unet.<path>.lora_
 ``lora.up.weight`` and ``lora_linear_layer.down/up`` forms, with prefixes ``unet.``, ``transformer.``,
 ``text_encoder.``, ``text_encoder_2.``, ``text_encoder_3.``. loramgr keeps the component in the module
 name ("unet.down_blocks.0...") so names are unique across the pipeline and match the module paths of
-a pipeline fingerprint (:mod:`loramgr.compat.basemodel`).
+a pipeline fingerprint (:mod:`loramgr.compat.basemodel`). One model's ``save_lora_adapter`` writes its
+module paths without a component (and its config in the metadata): those names stay bare, and the
+module-name resolver finds them under whichever component of a pipeline has them.
 
 Scale: diffusers stores the PEFT config as JSON in the ``lora_adapter_metadata`` metadata key, either
 unprefixed (``save_lora_adapter`` of one model) or flattened per component ("unet.r",
@@ -45,12 +47,15 @@ _ROLE = {
 }
 
 
-def looks_like_diffusers(keys: list[str]) -> bool:
-    """True when every key starts with a pipeline component and some key is a LoRA factor."""
+def looks_like_diffusers(keys: list[str], metadata: dict[str, str] | None = None) -> bool:
+    """True when every key starts with a pipeline component and some key is a LoRA factor, or when the file is
+    one model's ``save_lora_adapter``: keys without a component, every one a LoRA part, the config in
+    ``lora_adapter_metadata`` (diffusers loads it with ``load_lora_adapter(path, prefix=None)``)."""
     if not keys:
         return False
-    in_component = all(k.partition(".")[0] in COMPONENTS for k in keys)
-    return in_component and any(_KEY.match(k) for k in keys)
+    if all(k.partition(".")[0] in COMPONENTS for k in keys):
+        return any(_KEY.match(k) for k in keys)
+    return bool(metadata and METADATA_KEY in metadata) and all(_KEY.match(k) for k in keys)
 
 
 def component_configs(metadata: dict[str, str], path: str) -> dict[str, dict[str, Any]]:
@@ -120,6 +125,8 @@ def read_diffusers(header: SafetensorsHeader) -> AdapterInfo:
                 module=name,
             )
         component, _, inner = name.partition(".")
+        if component not in COMPONENTS:  # one model's save_lora_adapter: module paths of that model
+            inner = name
         config = configs.get(component) or configs.get("", {})
         use_rslora = bool(config.get("use_rslora"))
         use_rslora_any |= use_rslora

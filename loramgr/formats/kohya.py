@@ -37,6 +37,9 @@ PREFIX_COMPONENTS: dict[str, tuple[str, ...]] = {
     "lora_te2_": ("text_encoder_2",),
     "lora_te3_": ("text_encoder_3",),
     "lora_te_": ("text_encoder",),
+    # LyCORIS' own wrapper (create_lycoris) names the modules of the one model it wraps: a UNet or a
+    # diffusion transformer inside a pipeline, else the bare model itself
+    "lycoris_": ("unet", "transformer"),
 }
 #: pipeline component -> the prefix loramgr writes for it (SDXL-style te1/te2 when both encoders exist)
 COMPONENT_PREFIXES = {

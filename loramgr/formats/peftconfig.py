@@ -11,6 +11,11 @@ full module names, not leaf names: a leaf ("q_proj", or the "0" of ``to_out.0``,
 block ``blocks.0``) would wrap every other module of that name. PEFT matches list entries as suffixes
 too, so a module whose path ends with a target's full name (``vision.layers.0.q_proj`` for
 ``layers.0.q_proj``) is also wrapped, with the default rank and B = 0: it changes nothing.
+
+A PEFT folder describes one model, loaded with ``PeftModel.from_pretrained(model, folder)``: its module
+names are that model's paths. Adapters read from diffusers and kohya files name their modules under a
+pipeline component ("unet.down_blocks.0...", the component a ``lora_unet_`` prefix stands for), which
+:func:`one_model_names` removes (the UNet's own paths lack it).
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..adapter import ModuleSpec
+from ..adapter import AdapterInfo, ModuleSpec
+from ..errors import UnsupportedAdapterError
+from .diffusers import COMPONENTS
+from .kohya import kohya_prefix
 
 
 def pattern_key(module: str) -> str:
@@ -92,3 +100,50 @@ def lora_config(
         "use_dora": False,
         "use_rslora": use_rslora,
     }
+
+
+def pipeline_component(info: AdapterInfo, name: str) -> str | None:
+    """The diffusers pipeline component that module ``name`` of ``info`` is named under, or None.
+
+    Only a component the format put there counts: a diffusers file's ``unet.`` prefix, or the component a
+    kohya prefix stands for. A module path that merely starts with such a word is the model's own
+    (GPT-2's ``transformer.h.0.attn.c_attn``, also as LyCORIS names it on a bare GPT-2).
+    """
+    component, dot, rest = name.partition(".")
+    if not dot or component not in COMPONENTS:
+        return None
+    if info.format == "diffusers":
+        return component
+    original = (info.config.get("kohya_names") or {}).get(name) if info.format == "kohya" else None
+    prefix = kohya_prefix(original) if original else None
+    if original and prefix and original[len(prefix) :] == rest.replace(".", "_"):
+        return component
+    return None
+
+
+def one_model_names(sources: Iterable[AdapterInfo], names: Iterable[str]) -> dict[str, str]:
+    """Each module name (as ``sources`` name it) -> its path in the one model a PEFT folder of them describes.
+
+    Refused in one line when the modules span several pipeline components (a UNet and a text encoder are
+    two models), or when two names become one path (a module named with and without its component).
+    """
+    infos = list(sources)
+    components = {name: next((c for info in infos if (c := pipeline_component(info, name))), None) for name in names}
+    spanned = sorted({c for c in components.values() if c})
+    if len(spanned) > 1:
+        raise UnsupportedAdapterError(
+            f"a PEFT folder holds one model, but these modules span {', '.join(spanned)}",
+            hint="export with --format diffusers, or combine the adapters of one component at a time",
+        )
+    mapped = {name: name.removeprefix(f"{c}.") if c else name for name, c in components.items()}
+    seen: dict[str, str] = {}
+    for name, path in mapped.items():
+        if path in seen:
+            raise UnsupportedAdapterError(
+                f"modules {seen[path]} and {name} are the same module of the {spanned[0]} once written as a PEFT "
+                "folder",
+                hint="combine adapters that name their modules alike (all installed from diffusers or kohya "
+                "files, or all PEFT folders)",
+            )
+        seen[path] = name
+    return mapped

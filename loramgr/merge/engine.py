@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loramgr import __version__
@@ -25,6 +25,7 @@ from loramgr.adapter import LoraAdapter
 from loramgr.errors import IncompatibleError, MergeOptionError, NothingToMergeError, UnsupportedAdapterError
 from loramgr.fileio import write_atomic_with
 from loramgr.formats.lycoris import require_plain_lora
+from loramgr.formats.peftconfig import one_model_names
 from loramgr.merge.lowrank import Factors
 from loramgr.merge.methods import MergeMethod, ModuleJob
 from loramgr.merge.options import DTYPES, MergeOptions, compress_options, flag
@@ -103,6 +104,8 @@ def merge(
     options = options.with_defaults(len(adapters), method)
     refuse_copy(adapters, options, method, operation)
     plan = _plan(adapters, options)
+    # the PEFT folder describes one model: a UNet LoRA read from a diffusers or kohya file loses its "unet."
+    paths = one_model_names([a.info for a in adapters], [p.layout.name for p in plan])
     weights = options.weights or ()
     dtype = options.dtype or _source_dtype(adapters)
 
@@ -124,13 +127,13 @@ def merge(
             job = _load_job(adapters, files, weights, planned)
             factors = method.merge_module(job, options)
             a, b = shape_factors(round_to_dtype(factors.a, dtype), round_to_dtype(factors.b, dtype), layout)
-            key_a, key_b = tensor_keys(layout.name, layout.kind)
+            key_a, key_b = tensor_keys(paths[layout.name], layout.kind)
             if writer is None:
                 arrays[key_a], arrays[key_b] = a, b
             else:
                 writer.add(key_a, a)
                 writer.add(key_b, b)
-            reports.append(_report(adapters, planned, factors))
+            reports.append(replace(_report(adapters, planned, factors), name=paths[layout.name]))
             del job, factors, a, b
             if progress is not None:
                 progress(layout.name, done, len(plan))

@@ -30,6 +30,7 @@ from typing import Any
 from ...adapter import AdapterInfo, ModuleSpec, factors_fit
 from ...errors import InvalidAdapterError
 from ...safetensors_io import SafetensorsHeader
+from ..diffusers import COMPONENTS
 from ..kohya import kohya_summary, read_scalars
 from .families import COMPONENT, FAMILIES, FLUX1, Family, choose, families_of_diffusers, families_of_original
 
@@ -190,9 +191,13 @@ def annotate_diffusers(info: AdapterInfo) -> AdapterInfo:
     """Give a diffusers-convention file its family when all its modules are one family's transformer modules."""
     names = [m.name for m in info.modules]
     prefix = COMPONENT + "."
-    if not names or not all(n.startswith(prefix) for n in names):
+    if names and all(n.startswith(prefix) for n in names):
+        inner = [n.removeprefix(prefix) for n in names]
+    elif names and not any(n.partition(".")[0] in COMPONENTS for n in names):
+        inner = names  # one model's save_lora_adapter: the transformer's own module paths
+    else:
         return info
-    families = families_of_diffusers(n.removeprefix(prefix) for n in names)
+    families = families_of_diffusers(inner)
     if families:
         info.config["namespace"] = "diffusers"
         info.config["convention"] = "diffusers"
