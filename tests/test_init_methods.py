@@ -117,6 +117,16 @@ def test_apply_fuse_and_combine_refuse_it_unconverted(trained, base):
     assert name in one_line_error("compress", "tuned", "--rank", "2", "--name", "small")
 
 
+def test_conversions_refuse_it_unconverted(trained, tmp_path):
+    """GGUF (and the Ollama folder around it) holds plain deltas: an unconverted adapter would load as another model."""
+    run_cli("install", str(trained["trained"]), "--name", "tuned")
+    name = {"pissa": "PiSSA", "olora": "OLoRA"}[trained["method"]]
+    for fmt in ("gguf", "ollama"):
+        error = one_line_error("export", "tuned", str(tmp_path / f"out-{fmt}"), "--format", fmt)
+        assert name in error and "convert-init" in error, error
+    assert not list(tmp_path.glob("out-*"))
+
+
 def test_convert_init_writes_what_peft_writes(trained, tmp_path):
     out = tmp_path / "converted"
     run_cli("convert-init", str(trained["trained"]), "--initial", str(trained["initial"]), "--output", str(out))

@@ -153,6 +153,15 @@ def test_fuse_combine_and_compress_refuse_by_name(qwen, moe_adapter):
     assert "target_parameters" in one_line_error("compress", "moe", "--rank", "1", "--name", "small")
 
 
+def test_conversions_refuse_by_name(moe_adapter, tmp_path):
+    """Every format but PEFT's own holds plain B·A deltas of modules: the expert parameters have none."""
+    run_cli("install", str(moe_adapter), "--name", "moe")
+    for fmt in ("gguf", "ollama"):
+        error = one_line_error("export", "moe", str(tmp_path / f"out-{fmt}"), "--format", fmt)
+        assert "target_parameters" in error, error
+    assert not list(tmp_path.glob("out-*"))
+
+
 def _hand_made(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
     folder.mkdir()
     base = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": []}

@@ -24,7 +24,6 @@ giving another model.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,12 +92,6 @@ def require_plain_delta(info: AdapterInfo, operation: str, *, label: str | None 
 
     require_original_base(info, operation, label=label)
     require_no_parameter_targets(info, operation, label=label)
-
-
-def require_plain_deltas(adapters: Iterable[LoraAdapter], operation: str) -> None:
-    """:func:`require_plain_delta` for each source of a combine or compress."""
-    for adapter in adapters:
-        require_plain_delta(adapter.info, operation, label=adapter.label)
 
 
 def require_original_base(info: AdapterInfo, operation: str, *, label: str | None = None) -> None:

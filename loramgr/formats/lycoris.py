@@ -112,10 +112,16 @@ def require_plain_lora(info: AdapterInfo, operation: str, *, label: str | None =
 
     The one guard every operation that adds, sums or converts deltas runs first. Raises
     UnsupportedAdapterError in one line naming the adapter type and the operation, because treating
-    those adapters as B·A products gives a silently wrong model. ``label`` names the adapter.
+    those adapters as B·A products gives a silently wrong model; a plain LoRA whose factors are not a
+    delta on the original base's weights (an unconverted PiSSA-style init, LoRA on MoE
+    target_parameters) is refused by :func:`loramgr.formats.initmethods.require_plain_delta`, with its
+    fix. ``label`` names the adapter.
     """
     extra = next((k for m in info.modules for k in m.extra_keys), None)
     if info.adapter_type == "lora" and not info.use_dora and extra is None:
+        from .initmethods import require_plain_delta
+
+        require_plain_delta(info, operation, label=label)  # PiSSA & co. unconverted, MoE target_parameters
         return
     kind = "dora" if info.use_dora else info.adapter_type
     name = TYPE_NAMES.get(kind, kind)

@@ -21,7 +21,6 @@ from ..adapter import LoraAdapter
 from ..errors import IntegrityError, MergeError, MergeOptionError
 from ..fileio import atomic_folder, require_new_folder
 from ..formats.extras import refuse_extras
-from ..formats.initmethods import require_plain_deltas
 from .options import MergeOptions, compress_options, flag
 from .recipes import Recipe, RecipeOutput, RecipeSource, load_recipe
 
@@ -135,8 +134,7 @@ def _run(
 
         registry = Registry.open()
     adapters, bases = open_sources(registry, sources)
-    require_plain_loras(adapters, operation)
-    require_plain_deltas(adapters, operation)  # PiSSA & co. unconverted, MoE target_parameters
+    require_plain_loras(adapters, operation)  # also PiSSA & co. unconverted, MoE target_parameters
     refuse_extras(adapters, operation)  # saved modules, biases, token rows: no merge method can carry them
     notes = run_checks(adapters, options, bases)
     if output is not None:

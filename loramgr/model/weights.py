@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from ..adapter import LoraAdapter, ModuleSpec
 from ..compat.names import ModuleIndex
 from ..errors import IncompatibleError, InvalidAdapterError
-from ..formats.initmethods import require_plain_delta
 from ..formats.lycoris import require_plain_lora
 
 if TYPE_CHECKING:
@@ -320,8 +319,7 @@ def _add_deltas(model: torch.nn.Module, adapter: AdapterLike, factor: float, ope
     import torch
 
     lora = as_lora_adapter(adapter)
-    require_plain_lora(lora.info, operation, label=lora.label)
-    require_plain_delta(lora.info, operation, label=lora.label)  # PiSSA & co. unconverted, MoE target_parameters
+    require_plain_lora(lora.info, operation, label=lora.label)  # also PiSSA & co. unconverted, MoE parameters
     lora, mapping = checked_mapping(model, lora)
     if not math.isfinite(factor):
         raise InvalidAdapterError(f"cannot {operation} with scale {factor}", path=lora.label)
