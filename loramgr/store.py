@@ -196,6 +196,41 @@ class BlobStore:
             for blob in sorted(sub.iterdir()):
                 yield BlobInfo("sha256:" + blob.name, blob, blob.stat().st_size)
 
+    def orphans(self, referenced: set[str]) -> list[tuple[str, Path]]:
+        """(digest, path) of every stored blob whose digest is not in ``referenced``, by digest.
+
+        One directory read per blob folder and a set difference: no stat or query per blob."""
+        found: dict[str, str] = {}
+        try:
+            folders = [entry.path for entry in os.scandir(self.blob_dir) if entry.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
+        for folder in folders:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    found["sha256:" + entry.name] = entry.path
+        return [(digest, Path(found[digest])) for digest in sorted(found.keys() - referenced)]
+
+    def delete_many(self, paths: list[Path]) -> None:
+        """Remove blobs and temporary files (see :meth:`delete`), forgetting the blobs' verified stamps."""
+        blobs = {path.name for path in paths if path.parent.parent == self.blob_dir}
+        if blobs and not self.read_only and self.verified_dir.is_dir():
+            with os.scandir(self.verified_dir) as entries:
+                stamps = [entry.path for entry in entries if entry.name in blobs]
+            for stamp in stamps:
+                with contextlib.suppress(OSError):
+                    os.unlink(stamp)
+        for path in paths:
+            if path.parent.parent == self.blob_dir:
+                try:
+                    os.unlink(path)  # removing a read-only file needs only the folder to be writable
+                except FileNotFoundError:
+                    pass
+                except PermissionError:
+                    self.delete(path)
+            else:
+                self.delete(path)
+
     def temp_files(self) -> list[Path]:
         if not self.tmp_dir.is_dir():
             return []

@@ -1,13 +1,15 @@
-"""`loramgr list`'s sqlite3 fast path answers exactly what the SQLAlchemy path answers."""
+"""`loramgr list`'s former fast path is the registry's own list: same rows, same refusals."""
 
 from __future__ import annotations
 
 import os
 
+import pytest
 from factories import write_peft_adapter
 
 import loramgr
 from loramgr import paths
+from loramgr.errors import RegistryError
 from loramgr.registry import Registry
 from loramgr.registry.quicklist import quick_list
 
@@ -37,14 +39,13 @@ def test_quick_list_equals_the_registry(tmp_path) -> None:
     assert [r.version for r in one or []] == ["1.9.0", "1.9.1", "1.10.0"]
 
 
-def test_quick_list_steps_aside_when_it_does_not_apply(tmp_path, monkeypatch) -> None:
-    assert quick_list(paths.home()) is None  # no database yet: the full path creates and migrates it
+def test_quick_list_is_the_registry_of_the_home_and_its_database_url(tmp_path, monkeypatch) -> None:
+    assert quick_list(paths.home()) == []  # a new home: the database is created on the way
     _populate(tmp_path)
-    monkeypatch.setenv("LORAMGR_DATABASE_URL", f"sqlite:///{os.fspath(paths.home() / 'registry.db')}")
-    assert quick_list(paths.home()) is None  # another URL: only SQLAlchemy speaks it
+    other = tmp_path / "other.db"
+    monkeypatch.setenv("LORAMGR_DATABASE_URL", f"sqlite:///{os.fspath(other)}")
+    # a new database beside blobs is refused with the registry's own one-line error, not bypassed
+    with pytest.raises(RegistryError, match="is empty, but"):
+        quick_list(paths.home())
     monkeypatch.delenv("LORAMGR_DATABASE_URL")
-    import sqlite3
-
-    with sqlite3.connect(paths.home() / "registry.db") as connection:
-        connection.execute("UPDATE alembic_version SET version_num = '9999_future'")
-    assert quick_list(paths.home()) is None  # the full path refuses a newer schema with its message
+    assert len(quick_list(paths.home())) == 5

@@ -123,6 +123,23 @@ class InstallResult:
 
 
 @dataclass(frozen=True)
+class StoredVersion:
+    """A stored version as a reference resolves to it: which row it is, without its metadata."""
+
+    id: int
+    adapter_id: int
+    name: str
+    version: str
+    digest: str
+    size: int
+    base_model_id: int | None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}=={self.version}"
+
+
+@dataclass(frozen=True)
 class StoredModule:
     """One adapted module of a stored version, as ``show`` lists it."""
 
