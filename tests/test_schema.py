@@ -173,3 +173,33 @@ def test_in_memory_sqlite_url_creates_no_folder(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["list"])
     assert result.exit_code == 0 and result.output.startswith("no adapters installed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_sqlite_head_script_is_what_the_migrations_produce(loramgr_home):
+    """A new registry is created from registry_schema.sqlite_head, not by running every migration: the two
+    must give the same database (regenerate with ``python -m registry_schema.sqlite_head``)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from registry_schema.sqlite_head import STATEMENTS, render_statements
+
+    assert list(STATEMENTS) == render_statements()
+    Registry.open().close()  # a new home: created from the script
+    engine = make_engine(f"sqlite:///{loramgr_home / 'registry.db'}")
+    assert current_revision(engine) == registry_schema.HEAD_REVISION
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True, "compare_server_default": True})
+        assert compare_metadata(context, Base.metadata) == []
+    engine.dispose()
+
+
+def test_the_column_limits_are_the_models_string_lengths():
+    from sqlalchemy import String
+
+    from loramgr.registry.limits import LIMITS
+
+    lengths = {
+        table.name: {c.name: c.type.length for c in table.columns if isinstance(c.type, String) and c.type.length}
+        for table in Base.metadata.tables.values()
+    }
+    assert LIMITS == lengths

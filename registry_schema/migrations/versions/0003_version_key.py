@@ -28,5 +28,4 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index('ix_versions_adapter_key', table_name='versions')
-    with op.batch_alter_table('versions', schema=None) as batch_op:
-        batch_op.drop_column('version_key')
+    op.drop_column('versions', 'version_key')  # natively, for the same reason as above
