@@ -212,3 +212,12 @@ def test_everyday_commands_on_sqlite_import_no_sqlalchemy(tmp_path, loramgr_home
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert (loramgr_home / "registry.db").is_file()
+
+
+def test_names_are_canonicalised_as_packaging_does():
+    from packaging.utils import canonicalize_name
+
+    from loramgr.registry.refs import check_name
+
+    for name in ["Sql.Assistant_V2", "a--b__c..d", "A", "x-_.Y", "Mixed_Case-Name.v1"]:
+        assert check_name(name) == canonicalize_name(name)
