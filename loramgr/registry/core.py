@@ -222,10 +222,11 @@ class Registry:
 
     def _existing_digest(self, canonical: str, version: Version) -> str | None:
         with self.transaction() as tx:
-            return tx.value(
+            digest: str | None = tx.value(
                 "SELECT v.digest FROM versions v JOIN adapters a ON a.id = v.adapter_id "
                 "WHERE a.name = :name AND v.version_key = :key", name=canonical, key=version_key(version),
             )
+        return digest
 
     def _commit_version(
         self,
@@ -519,6 +520,7 @@ def _newest(tx: Transaction, adapter_id: int) -> int | None:
     """The newest final release of an adapter (the newest version if all are pre-releases), newest first
     through the ``version_key`` index: usually one row read, however many versions there are."""
     offset, first = 0, None
+    version_id: int
     while True:
         page = tx.rows("SELECT id, version FROM versions WHERE adapter_id = :adapter "
                        "ORDER BY version_key DESC LIMIT :limit OFFSET :offset",

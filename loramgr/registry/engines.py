@@ -84,7 +84,7 @@ class _EngineTransaction(Transaction):
 
 def _bind(sql: str, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """``text(sql)`` with JSON and timestamp parameters typed (PostgreSQL casts an untyped one wrongly)."""
-    typed = []
+    typed: list[Any] = []
     values = {}
     for key, value in params.items():
         if isinstance(value, Json):

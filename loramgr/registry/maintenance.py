@@ -38,7 +38,7 @@ def plan_remove(registry: Registry, reference: str, *, all_versions: bool = Fals
                     else list(by_version)
                 rows = [by_version[v] for v in matching]
             else:
-                matching = [None] * count
+                matching = [Version(newest.version)] * count  # only the count matters: one, or refused
             if len(matching) > 1 and not all_versions:
                 raise InvalidReferenceError(
                     f"{reference!r} matches {len(matching)} versions of {newest.name}",

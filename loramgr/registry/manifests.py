@@ -81,7 +81,8 @@ _REGISTRY_ID = """SELECT value FROM registry_meta WHERE "key" = 'registry_id'"""
 
 def database_id(registry: Registry) -> str | None:
     with registry.transaction() as tx:
-        return tx.value(_REGISTRY_ID)
+        value: str | None = tx.value(_REGISTRY_ID)
+    return value
 
 
 def adopt(registry: Registry, registry_id: str | None = None) -> str:
@@ -90,7 +91,7 @@ def adopt(registry: Registry, registry_id: str | None = None) -> str:
 
     with registry.transaction() as tx:
         advisory_lock(tx, "loramgr:registry_meta")
-        value = tx.value(_REGISTRY_ID)
+        value: str | None = tx.value(_REGISTRY_ID)
         if value is None:
             value = registry_id or uuid.uuid4().hex
             tx.execute("""INSERT INTO registry_meta ("key", value) VALUES ('registry_id', :value)""", value=value)
