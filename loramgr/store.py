@@ -196,40 +196,67 @@ class BlobStore:
             for blob in sorted(sub.iterdir()):
                 yield BlobInfo("sha256:" + blob.name, blob, blob.stat().st_size)
 
-    def orphans(self, referenced: set[str]) -> list[tuple[str, Path]]:
-        """(digest, path) of every stored blob whose digest is not in ``referenced``, by digest.
+    def orphans(self, referenced: set[str]) -> list[tuple[str, int, Path | None]]:
+        """(digest, size, path) of every stored blob whose digest is not in ``referenced``, by digest.
 
-        One directory read per blob folder and a set difference: no stat or query per blob."""
-        found: dict[str, str] = {}
+        Each blob folder is read once and only the orphans are stat'ed, relative to an open folder
+        (``fstatat``), as ``find`` does: no query, path walk or Path object per blob. The path is given
+        only for a file that is not where its name says (a stray file): :meth:`delete_blobs` finds the
+        others from their digest."""
+        found: list[tuple[str, int, Path | None]] = []
         try:
-            folders = [entry.path for entry in os.scandir(self.blob_dir) if entry.is_dir(follow_symlinks=False)]
+            folders = sorted(entry.name for entry in os.scandir(self.blob_dir) if entry.is_dir(follow_symlinks=False))
         except FileNotFoundError:
             return []
         for folder in folders:
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    found["sha256:" + entry.name] = entry.path
-        return [(digest, Path(found[digest])) for digest in sorted(found.keys() - referenced)]
+            fd = os.open(self.blob_dir / folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for name in os.listdir(fd):
+                    digest = "sha256:" + name
+                    if digest not in referenced:
+                        try:
+                            size = os.stat(name, dir_fd=fd, follow_symlinks=False).st_size
+                        except FileNotFoundError:
+                            continue
+                        stray = len(name) != 64 or name[:2] != folder
+                        found.append((digest, size, self.blob_dir / folder / name if stray else None))
+            finally:
+                os.close(fd)
+        found.sort()
+        return found
 
-    def delete_many(self, paths: list[Path]) -> None:
-        """Remove blobs and temporary files (see :meth:`delete`), forgetting the blobs' verified stamps."""
-        blobs = {path.name for path in paths if path.parent.parent == self.blob_dir}
-        if blobs and not self.read_only and self.verified_dir.is_dir():
+    def delete_blobs(self, digests: list[str]) -> None:
+        """Remove these blobs and forget their verified stamps: one ``unlinkat`` per blob, as ``find -delete``."""
+        by_folder: dict[str, list[str]] = {}
+        for digest in digests:
+            hexdigest = digest[7:]
+            if not digest.startswith("sha256:") or "/" in hexdigest or hexdigest in ("", ".", ".."):
+                self.path(digest)  # raises the error naming what a digest is
+            by_folder.setdefault(hexdigest[:2], []).append(hexdigest)
+        if not self.read_only and self.verified_dir.is_dir():
+            gone = {name for names in by_folder.values() for name in names}
             with os.scandir(self.verified_dir) as entries:
-                stamps = [entry.path for entry in entries if entry.name in blobs]
+                stamps = [entry.path for entry in entries if entry.name in gone]
             for stamp in stamps:
                 with contextlib.suppress(OSError):
                     os.unlink(stamp)
-        for path in paths:
-            if path.parent.parent == self.blob_dir:
-                try:
-                    os.unlink(path)  # removing a read-only file needs only the folder to be writable
-                except FileNotFoundError:
-                    pass
-                except PermissionError:
-                    self.delete(path)
-            else:
-                self.delete(path)
+        for folder, names in by_folder.items():
+            try:
+                fd = os.open(self.blob_dir / folder, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                continue
+            try:
+                wanted = set(names)
+                # in the folder's own order, as find does: on ext4 that order is the directory's hash order
+                for name in [n for n in os.listdir(fd) if n in wanted]:
+                    try:
+                        os.unlink(name, dir_fd=fd)  # a read-only file goes when its folder is writable
+                    except FileNotFoundError:
+                        pass
+                    except PermissionError:
+                        self.delete(self.blob_dir / folder / name)
+            finally:
+                os.close(fd)
 
     def temp_files(self) -> list[Path]:
         if not self.tmp_dir.is_dir():

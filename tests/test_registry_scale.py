@@ -221,3 +221,21 @@ def test_names_are_canonicalised_as_packaging_does():
 
     for name in ["Sql.Assistant_V2", "a--b__c..d", "A", "x-_.Y", "Mixed_Case-Name.v1"]:
         assert check_name(name) == canonicalize_name(name)
+
+
+def test_gc_collects_a_stray_file_in_a_blob_folder_and_nothing_outside(tmp_path, loramgr_home):
+    registry = Registry.open()
+    loramgr.install(write_peft_adapter(tmp_path / "kept", MODULES, seed=1), name="kept", registry_=registry)
+    stray = loramgr_home / "blobs" / "sha256" / "ab" / "not-a-digest"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_text("left by hand")
+    assert [(i.what, i.label) for i in plan_gc(registry).items] == [("blob", "sha256:not-a-digest")]
+    execute_gc(registry)
+    assert not stray.exists() and verify(registry).ok
+    from loramgr.errors import InvalidReferenceError
+
+    outside = tmp_path / "outside"
+    outside.write_text("not the store's")
+    with pytest.raises(InvalidReferenceError):
+        registry.store.delete_blobs([f"sha256:../../../../{outside}"])
+    assert outside.exists()

@@ -7,7 +7,6 @@ referenced become orphans that gc frees (unless another version still uses them)
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from packaging.version import Version
@@ -90,12 +89,8 @@ def plan_gc(registry: Registry) -> Plan:
     for path, record in iter_manifests(registry.root):
         if record is None or (record.get("name"), record.get("version")) not in versions:
             plan.items.append(PlanItem("manifest", str(path.relative_to(registry.root)), path.stat().st_size, path))
-    for digest, path in registry.store.orphans(referenced):
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            continue
-        plan.items.append(PlanItem("blob", digest, size, path))
+    # a blob item carries no path (but a stray file's): execute_gc deletes blobs by digest, folder by folder
+    plan.items += [PlanItem("blob", digest, size, path) for digest, size, path in registry.store.orphans(referenced)]
     for temp in registry.store.temp_files():
         size = temp.stat().st_size if temp.is_file() else 0
         plan.items.append(PlanItem("temp", temp.name, size, temp))
@@ -106,7 +101,10 @@ def execute_gc(registry: Registry) -> Plan:
     """Plan and delete under the store's exclusive lock, so no install can be mid-way."""
     with registry.store.lock(exclusive=True):
         plan = plan_gc(registry)
-        registry.store.delete_many([item.path for item in plan.items if item.path is not None])
+        registry.store.delete_blobs([item.label for item in plan.items if item.what == "blob" and item.path is None])
+        for item in plan.items:
+            if item.path is not None:
+                registry.store.delete(item.path)
     return plan
 
 
