@@ -30,7 +30,17 @@ from ..errors import (
 )
 from ..store import BlobStore, sha256_file
 from . import refs
-from .database import Json, Transaction, describe_url, home_is_writable, load_json, load_time, lock_names, open_database
+from .database import (
+    Json,
+    Transaction,
+    describe_url,
+    home_is_writable,
+    load_json,
+    load_time,
+    lock_names,
+    open_database,
+    time_to_seconds,
+)
 from .limits import check_row
 from .manifests import write_manifest
 from .records import (
@@ -442,7 +452,7 @@ class Registry:
             VersionRow(
                 name=r[0], version=r[2], digest=r[3], format=r[4], adapter_type=r[5], rank=r[6], alpha=r[7],
                 n_modules=r[8], size=r[9], base_model=r[10], tags=tags.get(r[1], []),
-                installed_at=load_time(r[11]).isoformat(timespec="seconds"),
+                installed_at=time_to_seconds(r[11]),
             )
             for r in rows
         ]
