@@ -30,17 +30,15 @@ def plan_remove(registry: Registry, reference: str, *, all_versions: bool = Fals
         newest = rows[0]
         if parsed.kind in ("name", "specifier"):
             count = tx.value("SELECT COUNT(*) FROM versions WHERE adapter_id = :adapter", adapter=newest.adapter_id)
-            if parsed.specifier is not None or (all_versions and count > 1):
+            if parsed.specifier is not None or all_versions:  # else: the newest is the one, or the name is refused
                 by_version = {Version(r[3]): StoredVersion(*r) for r in tx.rows(
                     SELECT_VERSION + " WHERE v.adapter_id = :adapter", adapter=newest.adapter_id)}
-                matching = list(parsed.specifier.filter(by_version)) if parsed.specifier is not None \
-                    else list(by_version)
+                matching = parsed.specifier.filter(by_version) if parsed.specifier is not None else by_version
                 rows = [by_version[v] for v in matching]
-            else:
-                matching = [Version(newest.version)] * count  # only the count matters: one, or refused
-            if len(matching) > 1 and not all_versions:
+                count = len(rows)
+            if count > 1 and not all_versions:
                 raise InvalidReferenceError(
-                    f"{reference!r} matches {len(matching)} versions of {newest.name}",
+                    f"{reference!r} matches {count} versions of {newest.name}",
                     reference=reference,
                     hint="name one version (name==1.0.0, name@tag) or pass --all to remove every one of them",
                 )
