@@ -239,3 +239,12 @@ def test_gc_collects_a_stray_file_in_a_blob_folder_and_nothing_outside(tmp_path,
     with pytest.raises(InvalidReferenceError):
         registry.store.delete_blobs([f"sha256:../../../../{outside}"])
     assert outside.exists()
+
+
+def test_a_listed_row_as_json_has_every_field():
+    from dataclasses import asdict, fields
+
+    from loramgr.registry import VersionRow
+
+    row = VersionRow(**{f.name: f.name for f in fields(VersionRow)} | {"tags": ["stable"], "rank": 4})
+    assert row.to_dict() == asdict(row)

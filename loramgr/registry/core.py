@@ -274,8 +274,10 @@ class Registry:
                     hint="a version is immutable: install these files under a new --version",
                 )
         else:
-            same = tx.value("SELECT version FROM versions WHERE adapter_id = :adapter AND digest = :digest "
-                            "ORDER BY id LIMIT 1", adapter=adapter_id, digest=digest)
+            # by digest, whose index finds the few versions with these bytes; by name first would scan them all
+            same = next((version for adapter, version in tx.rows(
+                "SELECT adapter_id, version FROM versions WHERE digest = :digest ORDER BY id", digest=digest,
+            ) if adapter == adapter_id), None)
             if same is not None:
                 return InstallResult(canonical, same, digest, False, size, ["already installed"])
             top = tx.value("SELECT version FROM versions WHERE adapter_id = :adapter ORDER BY version_key DESC LIMIT 1",

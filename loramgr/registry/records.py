@@ -224,7 +224,11 @@ class VersionRow:
     installed_at: str
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # asdict would copy every field recursively: ten times slower for the 100,000 rows of a big list
+        return {"name": self.name, "version": self.version, "digest": self.digest, "format": self.format,
+                "adapter_type": self.adapter_type, "rank": self.rank, "alpha": self.alpha,
+                "n_modules": self.n_modules, "size": self.size, "base_model": self.base_model,
+                "tags": list(self.tags), "installed_at": self.installed_at}
 
 
 @dataclass
