@@ -398,3 +398,16 @@ def home_is_writable(root: Path, url: str) -> bool:
         return False
     path = sqlite_path(url)
     return path is None or not path.exists() or os.access(path, os.W_OK)
+
+
+_ENGINE_HELPERS = ("make_engine", "current_revision", "current_revisions", "known_revisions", "upgrade")
+
+
+def __getattr__(name: str) -> Any:
+    """The SQLAlchemy helpers live in :mod:`loramgr.registry.engines`; importing them from here still works
+    (and imports SQLAlchemy only then)."""
+    if name in _ENGINE_HELPERS:
+        from . import engines
+
+        return getattr(engines, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
