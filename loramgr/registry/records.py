@@ -231,7 +231,7 @@ class VersionRow:
                 "tags": list(self.tags), "installed_at": self.installed_at}
 
 
-@dataclass
+@dataclass(slots=True)
 class PlanItem:
     what: str  # "version" | "blob" | "manifest" | "temp"
     label: str
