@@ -36,7 +36,7 @@ def _script_head() -> str:
 
 def test_head_revision_constant_is_the_script_directory_head():
     assert _script_head() == registry_schema.HEAD_REVISION
-    assert registry_schema.KNOWN_REVISIONS == known_revisions()
+    assert known_revisions() == registry_schema.KNOWN_REVISIONS
 
 
 def test_migrations_produce_exactly_the_models_schema(tmp_path):
@@ -202,4 +202,4 @@ def test_the_column_limits_are_the_models_string_lengths():
         table.name: {c.name: c.type.length for c in table.columns if isinstance(c.type, String) and c.type.length}
         for table in Base.metadata.tables.values()
     }
-    assert LIMITS == lengths
+    assert lengths == LIMITS
