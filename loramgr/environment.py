@@ -101,7 +101,8 @@ def _revision_of(url: str) -> str | None | tuple[None, str]:
     try:
         engine = make_engine(url, read_only=True)
         try:
-            return current_revision(engine)
+            revision: str | None = current_revision(engine)
+            return revision
         finally:
             engine.dispose()
     except SQLAlchemyError as exc:
@@ -113,4 +114,5 @@ def _revision_of(url: str) -> str | None | tuple[None, str]:
 def _known_revisions() -> set[str]:
     from .registry.database import known_revisions
 
-    return known_revisions()
+    known: set[str] = known_revisions()
+    return known

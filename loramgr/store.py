@@ -197,6 +197,73 @@ class BlobStore:
             for blob in sorted(sub.iterdir()):
                 yield BlobInfo("sha256:" + blob.name, blob, blob.stat().st_size)
 
+    def orphans(self, referenced: set[str]) -> list[tuple[str, int, Path | None]]:
+        """(digest, size, path) of every stored blob whose digest is not in ``referenced``, by digest.
+
+        Each blob folder is read once and only the orphans are stat'ed, relative to an open folder
+        (``fstatat``), as ``find`` does: no query, path walk or Path object per blob. The path is given
+        only for a file that is not where its name says (a stray file): :meth:`delete_blobs` finds the
+        others from their digest."""
+        found: list[tuple[str, int, Path | None]] = []
+        try:
+            folders = sorted(entry.name for entry in os.scandir(self.blob_dir) if entry.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+        for folder in folders:
+            fd = os.open(self.blob_dir / folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for name in os.listdir(fd):
+                    digest = "sha256:" + name
+                    if digest not in referenced:
+                        try:
+                            size = os.stat(name, dir_fd=fd, follow_symlinks=False).st_size
+                        except FileNotFoundError:
+                            continue
+                        stray = len(name) != 64 or name[:2] != folder
+                        found.append((digest, size, self.blob_dir / folder / name if stray else None))
+            finally:
+                os.close(fd)
+        found.sort()
+        return found
+
+    def delete_blobs(self, digests: list[str]) -> None:
+        """Remove these blobs and forget their verified stamps: one ``unlinkat`` per blob, as ``find -delete``."""
+        by_folder: dict[str, list[str]] = {}
+        for digest in digests:
+            hexdigest = digest[7:]
+            if not digest.startswith("sha256:") or "/" in hexdigest or hexdigest in ("", ".", ".."):
+                self.path(digest)  # raises the error naming what a digest is
+            by_folder.setdefault(hexdigest[:2], []).append(hexdigest)
+        if not self.read_only and self.verified_dir.is_dir():
+            gone = {name for names in by_folder.values() for name in names}
+            with os.scandir(self.verified_dir) as entries:
+                stamps = [entry.path for entry in entries if entry.name in gone]
+            for stamp in stamps:
+                with contextlib.suppress(OSError):
+                    os.unlink(stamp)
+        from concurrent.futures import ThreadPoolExecutor
+
+        # folders in parallel: unlink waits in the kernel (the GIL is released), one folder's lock at a time
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            list(pool.map(self._unlink_in, by_folder.items()))
+
+    def _unlink_in(self, folder_names: tuple[str, list[str]]) -> None:
+        folder, names = folder_names
+        try:
+            fd = os.open(self.blob_dir / folder, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return
+        try:
+            for name in names:
+                try:
+                    os.unlink(name, dir_fd=fd)  # a read-only file goes when its folder is writable
+                except FileNotFoundError:
+                    pass
+                except PermissionError:
+                    self.delete(self.blob_dir / folder / name)
+        finally:
+            os.close(fd)
+
     def temp_files(self) -> list[Path]:
         if not self.tmp_dir.is_dir():
             return []

@@ -60,11 +60,16 @@ class BaseModel(Base):
 
 class AdapterVersion(Base):
     __tablename__ = "versions"
-    __table_args__ = (UniqueConstraint("adapter_id", "version", name="uq_versions_adapter_version"),)
+    __table_args__ = (
+        UniqueConstraint("adapter_id", "version", name="uq_versions_adapter_version"),
+        Index("ix_versions_adapter_key", "adapter_id", "version_key"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), index=True)
     version: Mapped[str] = mapped_column(String(100))  # normalised PEP 440
+    # sorts as the versions do (registry_schema.version_key); NULL only on a row no loramgr wrote
+    version_key: Mapped[str | None] = mapped_column(String(400))
     digest: Mapped[str] = mapped_column(String(80), index=True)  # sha256 of the manifest
     format: Mapped[str] = mapped_column(String(40))
     adapter_type: Mapped[str] = mapped_column(String(40))

@@ -404,3 +404,21 @@ def test_a_merge_that_would_only_copy_its_source_is_refused_and_registers_nothin
     # a rank below the largest module rank changes the adapter: that is a compression
     run("compress", "mixed", "--rank", "4", "--name", "small")
     assert json.loads(run("show", "small", "--json"))["ranks_found"] == [4]
+
+
+def test_gc_names_the_first_files_and_counts_the_rest(tmp_path):
+    """100,000 orphans must not print 100,000 lines: the first GC_SHOWN, a count, and --verbose for all."""
+    from loramgr.cli.registry_cmds import GC_SHOWN
+
+    for i in range(GC_SHOWN):
+        folder = write_peft_adapter(tmp_path / f"ad{i}", {Q_PROJ: (8, 8, 2)}, seed=i)
+        run("install", str(folder), "--name", f"ad{i}")
+        run("remove", f"ad{i}")
+    dry = run("gc", "--dry-run").splitlines()
+    total = int(dry[-1].split(" in ")[1].split()[0])
+    assert total > GC_SHOWN and len(dry) == GC_SHOWN + 2
+    assert all(line.startswith("would free blob sha256:") for line in dry[:GC_SHOWN])
+    assert dry[-2] == f"... and {total - GC_SHOWN} more (--verbose names them all)"
+    everything = run("gc", "--verbose").splitlines()
+    assert len(everything) == total + 1 and everything[-1].startswith("freed ")
+    assert run("gc").splitlines() == ["freed 0 B in 0 file(s)"]

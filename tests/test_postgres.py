@@ -43,7 +43,7 @@ def test_migrations_give_exactly_the_models_schema_on_postgres(on_postgres: str)
     from registry_schema.models import Base
 
     registry = Registry.open()
-    with registry.engine.connect() as connection:
+    with registry.db.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
         assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == HEAD_REVISION
 

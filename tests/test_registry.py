@@ -257,13 +257,9 @@ def test_digest_prefix_resolution(registry, versions):
 
 def test_ambiguous_digest_prefix(registry, versions, tmp_path):
     # two versions whose digests share their first 12 hex digits
-    from sqlalchemy import update
-
-    from registry_schema.models import AdapterVersion
-
     twin = versions["1.0.0"][:19] + "f" * 52
-    with registry.session() as session:
-        session.execute(update(AdapterVersion).where(AdapterVersion.version == "1.1.0").values(digest=twin))
+    with registry.transaction() as tx:
+        tx.execute("UPDATE versions SET digest = :twin WHERE version = '1.1.0'", twin=twin)
     with pytest.raises(AmbiguousReferenceError, match="matches 2 versions") as err:
         registry.resolve(twin[:19])
     assert err.value.candidates == ["ref==1.0.0", "ref==1.1.0"]

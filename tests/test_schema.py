@@ -17,7 +17,7 @@ import registry_schema
 from loramgr.cli.main import cli
 from loramgr.errors import RegistryError
 from loramgr.registry import Registry
-from loramgr.registry.database import current_revision, known_revisions, make_engine, upgrade
+from loramgr.registry.engines import alembic_config, current_revision, known_revisions, make_engine, upgrade
 from registry_schema.models import Base
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def _script_head() -> str:
 
 def test_head_revision_constant_is_the_script_directory_head():
     assert _script_head() == registry_schema.HEAD_REVISION
-    assert registry_schema.HEAD_REVISION in known_revisions()
+    assert known_revisions() == registry_schema.KNOWN_REVISIONS
 
 
 def test_migrations_produce_exactly_the_models_schema(tmp_path):
@@ -76,11 +76,9 @@ def test_compare_metadata_would_notice_a_drift(tmp_path):
 def test_downgrade_to_base_and_upgrade_again(tmp_path):
     from alembic import command
 
-    from loramgr.registry.database import _alembic_config
-
     engine = make_engine(f"sqlite:///{tmp_path / 'cycle.db'}")
     upgrade(engine)
-    config = _alembic_config()
+    config = alembic_config()
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.downgrade(config, "base")
@@ -175,3 +173,33 @@ def test_in_memory_sqlite_url_creates_no_folder(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["list"])
     assert result.exit_code == 0 and result.output.startswith("no adapters installed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_sqlite_head_script_is_what_the_migrations_produce(loramgr_home):
+    """A new registry is created from registry_schema.sqlite_head, not by running every migration: the two
+    must give the same database (regenerate with ``python -m registry_schema.sqlite_head``)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from registry_schema.sqlite_head import STATEMENTS, render_statements
+
+    assert list(STATEMENTS) == render_statements()
+    Registry.open().close()  # a new home: created from the script
+    engine = make_engine(f"sqlite:///{loramgr_home / 'registry.db'}")
+    assert current_revision(engine) == registry_schema.HEAD_REVISION
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True, "compare_server_default": True})
+        assert compare_metadata(context, Base.metadata) == []
+    engine.dispose()
+
+
+def test_the_column_limits_are_the_models_string_lengths():
+    from sqlalchemy import String
+
+    from loramgr.registry.limits import LIMITS
+
+    lengths = {
+        table.name: {c.name: c.type.length for c in table.columns if isinstance(c.type, String) and c.type.length}
+        for table in Base.metadata.tables.values()
+    }
+    assert lengths == LIMITS

@@ -66,15 +66,11 @@ def install(source: str, name: str | None, version: str | None, allow_pickle: bo
 @click.option("--base-family", help="Only versions whose shapes say this base family (flux1, wan, sdxl, ...).")
 def list_(name: str | None, as_json: bool, digests: bool, base_family: str | None) -> None:
     """List installed adapter versions (all, or one adapter's)."""
-    from .. import paths
-    from ..registry.quicklist import quick_list
-
-    rows = quick_list(paths.home(), name) if not base_family else None
     if base_family:
         from ..compat.identify import versions_for_family
 
         rows = versions_for_family(open_registry(), base_family, name)
-    if rows is None:
+    else:
         rows = open_registry().list_versions(name)
     if not rows and name and not base_family:
         open_registry().resolve(name)  # the one not-found error, with its did-you-mean
@@ -307,17 +303,25 @@ def doctor(rebuild: bool, as_json: bool) -> None:
                f"{len(report.skipped)} skipped (tags and base models are not rebuilt)")
 
 
+#: the files ``gc`` names one per line before its summary (``--verbose``: all of them)
+GC_SHOWN = 10
+
+
 @click.command()
 @click.option("--dry-run", is_flag=True, help="Print what would be freed and stop.")
-def gc(dry_run: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help=f"Name every file (default: the first {GC_SHOWN}).")
+def gc(dry_run: bool, verbose: bool) -> None:
     """Delete blobs that no version uses and files left by interrupted installs."""
     from ..registry import execute_gc, plan_gc
 
     registry = open_registry()
     plan = plan_gc(registry) if dry_run else execute_gc(registry)
     verb = "would free" if dry_run else "freed"
-    for item in plan.items:
+    shown = plan.items if verbose else plan.items[:GC_SHOWN]
+    for item in shown:
         click.echo(f"{verb} {item.what} {item.label} ({human_size(item.size)})")
+    if len(shown) < len(plan.items):
+        click.echo(f"... and {len(plan.items) - len(shown)} more (--verbose names them all)")
     click.echo(f"{verb} {human_size(plan.freed)} in {len(plan.items)} file(s)")
 
 

@@ -1,7 +1,7 @@
 """The local registry: versioned adapters in a database over a content-addressed blob store.
 
-Names are imported on first use, so a caller that needs only ``records`` or ``quicklist`` (``loramgr
-list``) does not pay for SQLAlchemy.
+Names are imported on first use. The default SQLite registry is queried through the standard
+library's sqlite3 (see ``database``), so no command that only reads or tags imports SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .core import Registry, describe_version
+    from .core import Registry
     from .maintenance import execute_gc, execute_remove, plan_gc, plan_remove, verify
     from .records import (
         HubOrigin,
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
         Plan,
         SourceDetails,
         StoredModule,
+        StoredVersion,
         VerifyReport,
         VersionDetails,
         VersionRow,
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "Registry": "core",
-    "describe_version": "core",
     "execute_gc": "maintenance",
     "execute_remove": "maintenance",
     "plan_gc": "maintenance",
@@ -36,6 +36,7 @@ _LAZY = {
     "InstallResult": "records",
     "SourceDetails": "records",
     "StoredModule": "records",
+    "StoredVersion": "records",
     "VersionDetails": "records",
     "Parent": "records",
     "Plan": "records",
@@ -54,10 +55,10 @@ __all__ = [
     "Registry",
     "SourceDetails",
     "StoredModule",
+    "StoredVersion",
     "VerifyReport",
     "VersionDetails",
     "VersionRow",
-    "describe_version",
     "execute_gc",
     "execute_remove",
     "parse_reference",

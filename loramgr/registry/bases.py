@@ -10,11 +10,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
-
-from registry_schema.models import BaseModel
-
 from ..errors import ConflictError, NotFoundError
+from .database import Json, load_json
 from .limits import check_row, column_limit
 
 if TYPE_CHECKING:
@@ -27,51 +24,53 @@ def add_base(registry: Registry, fingerprint: BaseFingerprint) -> bool:
     name = fingerprint.name
     if not name:
         raise ConflictError("a base model needs a name", hint="pass --name")
-    new = BaseModel(
-        name=name,
-        revision=fingerprint.revision,
-        source=fingerprint.source,
-        architecture=fingerprint.architecture,
-        structural_fingerprint=fingerprint.structural,
-        structural_dtype_fingerprint=fingerprint.structural_dtypes,
-        content_digest=fingerprint.content,
-        details=fingerprint.to_dict(),
-        added_at=datetime.now(UTC),
-    )
-    check_row(new, name)  # before the database sees it: PostgreSQL refuses an overlong value mid-way
-    with registry.session() as session:
-        row = session.scalar(select(BaseModel).where(BaseModel.name == name))
+    new = {
+        "name": name,
+        "revision": fingerprint.revision,
+        "source": fingerprint.source,
+        "architecture": fingerprint.architecture,
+        "structural_fingerprint": fingerprint.structural,
+        "structural_dtype_fingerprint": fingerprint.structural_dtypes,
+        "content_digest": fingerprint.content,
+        "details": fingerprint.to_dict(),
+        "added_at": datetime.now(UTC),
+    }
+    check_row("base_models", new, name)  # before the database sees it: PostgreSQL refuses an overlong value mid-way
+    with registry.transaction() as tx:
+        row = tx.first("SELECT id, structural_fingerprint, content_digest FROM base_models WHERE name = :name",
+                       name=name)
         if row is not None:
-            if row.structural_fingerprint != fingerprint.structural:
+            row_id, structural, content = row
+            if structural != fingerprint.structural:
                 raise ConflictError(
-                    f"base model {name!r} is already registered with another structure "
-                    f"({row.structural_fingerprint[:19]})",
+                    f"base model {name!r} is already registered with another structure ({structural[:19]})",
                     hint="register this one under another --name",
                 )
-            if fingerprint.content and row.content_digest != fingerprint.content:
-                row.content_digest = fingerprint.content
-                row.details = fingerprint.to_dict()
+            if fingerprint.content and content != fingerprint.content:
+                tx.execute("UPDATE base_models SET content_digest = :content, details = :details WHERE id = :id",
+                           content=fingerprint.content, details=Json(fingerprint.to_dict()), id=row_id)
             return False
-        session.add(new)
+        tx.execute(f"INSERT INTO base_models ({', '.join(new)}) VALUES ({', '.join(':' + k for k in new)})",
+                   **{**new, "details": Json(new["details"])})
         return True
 
 
 def list_bases(registry: Registry) -> list[BaseFingerprint]:
     from ..compat.basemodel import BaseFingerprint
 
-    with registry.session() as session:
-        rows = session.scalars(select(BaseModel).order_by(BaseModel.name)).all()
-        return [BaseFingerprint.from_dict(row.details) for row in rows]
+    with registry.transaction() as tx:
+        rows = tx.rows("SELECT name, details FROM base_models")
+    return [BaseFingerprint.from_dict(load_json(details)) for _, details in sorted(rows, key=lambda r: r[0])]
 
 
 def find_base(registry: Registry, name: str) -> tuple[int, BaseFingerprint] | None:
     from ..compat.basemodel import BaseFingerprint
 
-    if "\x00" in name or len(name) > (column_limit(BaseModel, "name") or len(name)):
+    if "\x00" in name or len(name) > (column_limit("base_models", "name") or len(name)):
         return None  # no registered base has such a name (and PostgreSQL refuses a NUL even in a query)
-    with registry.session() as session:
-        row = session.scalar(select(BaseModel).where(BaseModel.name == name))
-        return (row.id, BaseFingerprint.from_dict(row.details)) if row is not None else None
+    with registry.transaction() as tx:
+        row = tx.first("SELECT id, details FROM base_models WHERE name = :name", name=name)
+    return (row[0], BaseFingerprint.from_dict(load_json(row[1]))) if row is not None else None
 
 
 def get_base(registry: Registry, name: str) -> BaseFingerprint:
@@ -86,12 +85,12 @@ def base_of(registry: Registry, reference: str) -> BaseFingerprint | None:
     """The base model a version was linked to at install, if any."""
     from ..compat.basemodel import BaseFingerprint
 
-    with registry.session() as session:
-        version = registry.resolve(reference, session)
+    with registry.transaction() as tx:
+        version = registry.resolve(reference, tx)
         if version.base_model_id is None:
             return None
-        row = session.get(BaseModel, version.base_model_id)
-        return BaseFingerprint.from_dict(row.details) if row is not None else None
+        details = tx.value("SELECT details FROM base_models WHERE id = :id", id=version.base_model_id)
+    return BaseFingerprint.from_dict(load_json(details)) if details is not None else None
 
 
 def remove_base(registry: Registry, name: str, *, unlink: bool = False) -> list[str]:
@@ -100,23 +99,19 @@ def remove_base(registry: Registry, name: str, *, unlink: bool = False) -> list[
     Refused while installed versions are linked to it (as ``docker rmi`` refuses an image a container
     uses), unless ``unlink``: those versions then lose the link and keep the base name they declare.
     """
-    from sqlalchemy import update
-
-    from registry_schema.models import Adapter, AdapterVersion
-
     get_base(registry, name)  # the not-found error with its hint
-    with registry.session() as session:
-        row = session.scalar(select(BaseModel).where(BaseModel.name == name))
-        if row is None:  # removed meanwhile by another process
+    with registry.transaction() as tx:
+        base_id = tx.value("SELECT id FROM base_models WHERE name = :name", name=name)
+        if base_id is None:  # removed meanwhile by another process
             return []
-        linked = [f"{n}=={v}" for n, v in session.execute(
-            select(Adapter.display_name, AdapterVersion.version).join(AdapterVersion.adapter)
-            .where(AdapterVersion.base_model_id == row.id).order_by(Adapter.display_name, AdapterVersion.id))]
+        linked = [f"{n}=={v}" for n, v in tx.rows(
+            "SELECT adapters.display_name, versions.version FROM versions "
+            "JOIN adapters ON adapters.id = versions.adapter_id WHERE versions.base_model_id = :id "
+            "ORDER BY adapters.display_name, versions.id", id=base_id)]
         if linked and not unlink:
             shown = ", ".join(linked[:3]) + (f" and {len(linked) - 3} more" if len(linked) > 3 else "")
             raise ConflictError(f"base model {name!r} is linked to {len(linked)} installed version(s): {shown}",
                                 hint="remove those versions first, or pass --force to unlink them")
-        session.execute(update(AdapterVersion).where(AdapterVersion.base_model_id == row.id)
-                        .values(base_model_id=None))
-        session.delete(row)
+        tx.execute("UPDATE versions SET base_model_id = NULL WHERE base_model_id = :id", id=base_id)
+        tx.execute("DELETE FROM base_models WHERE id = :id", id=base_id)
         return linked

@@ -7,19 +7,16 @@ leaves ``list`` unchanged and at most orphan blobs or temporary files, which ``g
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
-from sqlalchemy import delete, select
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, selectinload
 
-from registry_schema.models import Adapter, AdapterVersion, File, Lineage, Module, Tag
+from registry_schema.version_key import version_key
 
 from .. import paths
 from ..adapter import AdapterInfo, LoraAdapter
@@ -33,7 +30,17 @@ from ..errors import (
 )
 from ..store import BlobStore, sha256_file
 from . import refs
-from .database import database_error, describe_url, home_is_writable, lock_names, open_database
+from .database import (
+    Json,
+    Transaction,
+    describe_url,
+    home_is_writable,
+    load_json,
+    load_time,
+    lock_names,
+    open_database,
+    time_to_seconds,
+)
 from .limits import check_row
 from .manifests import write_manifest
 from .records import (
@@ -42,6 +49,7 @@ from .records import (
     Parent,
     SourceDetails,
     StoredModule,
+    StoredVersion,
     VersionDetails,
     VersionRow,
     manifest_digest,
@@ -52,11 +60,12 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str, int, int], None]
 
-
-@functools.lru_cache(maxsize=4096)
-def _parsed_version(text: str) -> Version:
-    # list sorts every version; most registries repeat the same few strings (0.1.0, 1.0.0, ...)
-    return Version(text)
+#: what a reference resolves to; the rest of a version is read only for the one version asked about
+SELECT_VERSION = """
+SELECT v.id, v.adapter_id, a.name, v.version, v.digest, v.size, v.base_model_id
+FROM versions v JOIN adapters a ON a.id = v.adapter_id
+"""
+_NEWEST_PAGE = 32  # versions read at a time, newest first, looking for the newest final release
 
 
 def _now() -> datetime:
@@ -66,21 +75,35 @@ def _now() -> datetime:
 _RETRIES = 5  # a commit that lost a serialisation conflict is run again this many times at most
 
 
-def check_version_rows(row: AdapterVersion, adapter: Adapter, *, label: str) -> None:
-    """Refuse, before anything is stored, a version whose rows one of the databases would not keep."""
-    for item in (adapter, row, *row.files, *row.modules, *row.parents):
-        check_row(item, label)
+@dataclass
+class NewVersion:
+    """The rows one stored version adds, column -> value, checked against the columns before storing."""
+
+    version: dict[str, Any]
+    files: list[dict[str, Any]] = field(default_factory=list)
+    modules: list[dict[str, Any]] = field(default_factory=list)
+    parents: list[dict[str, Any]] = field(default_factory=list)
+
+    def check(self, adapter: dict[str, Any], *, label: str) -> None:
+        """Refuse, before anything is stored, a version whose rows one of the databases would not keep."""
+        check_row("adapters", adapter, label)
+        check_row("versions", self.version, label)
+        for table, rows in (("files", self.files), ("modules", self.modules), ("lineage", self.parents)):
+            for row in rows:
+                check_row(table, row, label)
 
 
-def manifest_record(row: AdapterVersion, *, canonical: str, display: str) -> dict[str, Any]:
+def manifest_record(new: NewVersion, *, canonical: str, display: str) -> dict[str, Any]:
     """What ``<home>/manifests/<name>/<version>.json`` keeps of a version: all its rows but the tags."""
+    row = new.version
     return {
-        "name": canonical, "display_name": display, "version": row.version, "digest": row.digest,
-        "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in row.files],
-        "info": row.info, "source": row.source, "source_details": row.source_details, "recipe": row.recipe,
-        "parents": [{"name": p.parent_name, "version": p.parent_version, "digest": p.parent_digest,
-                     "weight": p.weight} for p in row.parents],
-        "base_model_id": row.base_model_id, "installed_at": row.installed_at.isoformat(),
+        "name": canonical, "display_name": display, "version": row["version"], "digest": row["digest"],
+        "files": [{"path": f["path"], "digest": f["digest"], "size": f["size"]} for f in new.files],
+        "info": row["info"], "source": row["source"], "source_details": row["source_details"],
+        "recipe": row["recipe"],
+        "parents": [{"name": p["parent_name"], "version": p["parent_version"], "digest": p["parent_digest"],
+                     "weight": p["weight"]} for p in new.parents],
+        "base_model_id": row["base_model_id"], "installed_at": row["installed_at"].isoformat(),
     }
 
 
@@ -97,7 +120,7 @@ class Registry:
         self.read_only = not home_is_writable(root, url)
         self.store = BlobStore(root, read_only=self.read_only)
         self.database = describe_url(url)
-        self.engine = open_database(url, read_only=self.read_only)
+        self.db = open_database(url, read_only=self.read_only)
         if check_store:
             from .manifests import check_identity
 
@@ -111,16 +134,13 @@ class Registry:
         return cls(home, url or paths.database_url(home), check_store=check_store)
 
     def close(self) -> None:
-        self.engine.dispose()
+        self.db.close()
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def transaction(self) -> Iterator[Transaction]:
         """A transaction; any database failure inside it becomes one RegistryError line naming the database."""
-        try:
-            with Session(self.engine, expire_on_commit=False) as session, session.begin():
-                yield session
-        except SQLAlchemyError as exc:
-            raise database_error(exc, self.database) from exc
+        with self.db.transaction() as tx:
+            yield tx
 
     # -- storing a version -----------------------------------------------------------------------
 
@@ -169,11 +189,11 @@ class Registry:
                                      ["already installed"])
         # every column limit is checked before the first blob is written (PostgreSQL would refuse mid-way)
         placeholder = [ManifestEntry(rel, "sha256:" + "0" * 64, 0) for rel in sorted(files)]
-        check_version_rows(self._version_row(
+        self._new_version(
             info=info, entries=placeholder, digest=placeholder[0].digest if placeholder else "", adapter_id=0,
-            version=str(wanted or "0.1.0"), source=source, source_details=source_details or SourceDetails(),
+            version=wanted or Version("0.1.0"), source=source, source_details=source_details or SourceDetails(),
             parents=parents or [], recipe=recipe, base_model_id=base_model_id, installed_at=_now(),
-        ), Adapter(name=canonical, display_name=display, created_at=_now()), label=display)
+        ).check({"name": canonical, "display_name": display}, label=display)
         with self.store.lock(exclusive=False):
             ordered = sorted(files.items())
             def check(staged: list[tuple[str, int]]) -> None:
@@ -190,9 +210,9 @@ class Registry:
             digest = manifest_digest(entries)
             for attempt in range(_RETRIES):
                 try:
-                    with self.session() as session:
+                    with self.transaction() as tx:
                         return self._commit_version(
-                            session,
+                            tx,
                             info=info,
                             entries=entries,
                             digest=digest,
@@ -211,17 +231,16 @@ class Registry:
             raise AssertionError("unreachable")
 
     def _existing_digest(self, canonical: str, version: Version) -> str | None:
-        with self.session() as session:
-            rows = session.execute(
-                select(AdapterVersion.version, AdapterVersion.digest)
-                .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
-                .where(Adapter.name == canonical)
-            ).all()
-        return next((digest for v, digest in rows if Version(v) == version), None)
+        with self.transaction() as tx:
+            digest: str | None = tx.value(
+                "SELECT v.digest FROM versions v JOIN adapters a ON a.id = v.adapter_id "
+                "WHERE a.name = :name AND v.version_key = :key", name=canonical, key=version_key(version),
+            )
+        return digest
 
     def _commit_version(
         self,
-        session: Session,
+        tx: Transaction,
         *,
         info: AdapterInfo,
         entries: list[ManifestEntry],
@@ -237,225 +256,253 @@ class Registry:
         installed_at: datetime | None = None,
     ) -> InstallResult:
         size = sum(e.size for e in entries)
-        lock_names(session, [canonical])  # PostgreSQL: installs of one name queue here, as on SQLite
-        adapter = session.scalar(select(Adapter).where(Adapter.name == canonical))
+        lock_names(tx, [canonical])  # PostgreSQL: installs of one name queue here, as on SQLite
+        adapter = tx.first("SELECT id, display_name FROM adapters WHERE name = :name", name=canonical)
         if adapter is None:
-            adapter = Adapter(name=canonical, display_name=display, created_at=_now())
-            session.add(adapter)
-            session.flush()
-        existing = {Version(v.version): v for v in adapter.versions}
-        if wanted is not None and wanted in existing:
-            row = existing[wanted]
-            if row.digest == digest:
-                return InstallResult(canonical, row.version, digest, False, size, ["already installed"])
-            raise ConflictError(
-                f"{canonical}=={wanted} is already installed with other bytes ({row.digest[:19]})",
-                hint="a version is immutable: install these files under a new --version",
-            )
-        if wanted is None:
-            same = [v for v in existing.values() if v.digest == digest]
-            if same:
-                return InstallResult(canonical, same[0].version, digest, False, size, ["already installed"])
-            wanted = refs.next_minor(existing)
-        row = self._version_row(
-            info=info, entries=entries, digest=digest, adapter_id=adapter.id, version=str(wanted), source=source,
+            adapter = (tx.value("INSERT INTO adapters (name, display_name, created_at) "
+                                "VALUES (:name, :display, :now) RETURNING id",
+                                name=canonical, display=display, now=_now()), display)
+        adapter_id, display_name = adapter
+        if wanted is not None:
+            existing = tx.first("SELECT version, digest FROM versions WHERE adapter_id = :adapter "
+                                "AND version_key = :key", adapter=adapter_id, key=version_key(wanted))
+            if existing is not None:
+                if existing[1] == digest:
+                    return InstallResult(canonical, existing[0], digest, False, size, ["already installed"])
+                raise ConflictError(
+                    f"{canonical}=={wanted} is already installed with other bytes ({existing[1][:19]})",
+                    hint="a version is immutable: install these files under a new --version",
+                )
+        else:
+            # by digest, whose index finds the few versions with these bytes; by name first would scan them all
+            same = next((version for adapter, version in tx.rows(
+                "SELECT adapter_id, version FROM versions WHERE digest = :digest ORDER BY id", digest=digest,
+            ) if adapter == adapter_id), None)
+            if same is not None:
+                return InstallResult(canonical, same, digest, False, size, ["already installed"])
+            top = tx.value("SELECT version FROM versions WHERE adapter_id = :adapter ORDER BY version_key DESC LIMIT 1",
+                           adapter=adapter_id)
+            wanted = refs.next_minor([Version(top)] if top is not None else [])
+        new = self._new_version(
+            info=info, entries=entries, digest=digest, adapter_id=adapter_id, version=wanted, source=source,
             source_details=source_details, parents=parents, recipe=recipe, base_model_id=base_model_id,
             installed_at=installed_at or _now(),
         )
-        session.add(row)
-        session.flush()
+        columns = new.version
+        values = {k: Json(v) if k in ("source_details", "info", "recipe") else v for k, v in columns.items()}
+        names, placeholders = ", ".join(columns), ", ".join(f":{k}" for k in columns)
+        version_id = tx.value(f"INSERT INTO versions ({names}) VALUES ({placeholders}) RETURNING id", **values)
+        tx.execute_many(
+            "INSERT INTO files (version_id, path, digest, size) VALUES (:version_id, :path, :digest, :size)",
+            [{"version_id": version_id, **f} for f in new.files],
+        )
+        tx.execute_many(
+            "INSERT INTO modules (version_id, name, kind, rank, alpha, in_features, out_features, dtype) "
+            "VALUES (:version_id, :name, :kind, :rank, :alpha, :in_features, :out_features, :dtype)",
+            [{"version_id": version_id, **m} for m in new.modules],
+        )
+        tx.execute_many(
+            "INSERT INTO lineage (child_id, position, parent_digest, parent_name, parent_version, weight) "
+            "VALUES (:child_id, :position, :parent_digest, :parent_name, :parent_version, :weight)",
+            [{"child_id": version_id, **p} for p in new.parents],
+        )
         if not self.read_only:
-            write_manifest(self.root, manifest_record(row, canonical=canonical, display=adapter.display_name))
-        return InstallResult(canonical, row.version, digest, True, size, list(info.notes))
+            write_manifest(self.root, manifest_record(new, canonical=canonical, display=display_name))
+        return InstallResult(canonical, columns["version"], digest, True, size, list(info.notes))
 
     @staticmethod
-    def _version_row(
+    def _new_version(
         *,
         info: AdapterInfo,
         entries: list[ManifestEntry],
         digest: str,
         adapter_id: int,
-        version: str,
+        version: Version,
         source: str | None,
         source_details: SourceDetails,
         parents: list[Parent],
         recipe: dict[str, Any] | None,
         base_model_id: int | None,
         installed_at: datetime,
-    ) -> AdapterVersion:
-        row = AdapterVersion(
-            adapter_id=adapter_id,
-            version=version,
-            digest=digest,
-            format=info.format,
-            adapter_type=info.adapter_type,
-            rank=info.rank,
-            alpha=info.alpha,
-            use_rslora=info.use_rslora,
-            use_dora=info.use_dora,
-            base_model_name=info.base_model,
-            base_model_revision=info.base_model_revision,
-            base_model_id=base_model_id,
-            task_type=info.task_type,
-            n_modules=len(info.modules),
-            n_params=info.n_params,
-            size=sum(e.size for e in entries),
-            source=source,
-            source_details=source_details.to_dict(),
-            info=info.to_record(),
-            recipe=recipe,
-            installed_at=installed_at,
+    ) -> NewVersion:
+        row = {
+            "adapter_id": adapter_id,
+            "version": str(version),
+            "version_key": version_key(version),
+            "digest": digest,
+            "format": info.format,
+            "adapter_type": info.adapter_type,
+            "rank": info.rank,
+            "alpha": info.alpha,
+            "use_rslora": info.use_rslora,
+            "use_dora": info.use_dora,
+            "base_model_name": info.base_model,
+            "base_model_revision": info.base_model_revision,
+            "base_model_id": base_model_id,
+            "task_type": info.task_type,
+            "n_modules": len(info.modules),
+            "n_params": info.n_params,
+            "size": sum(e.size for e in entries),
+            "source": source,
+            "source_details": source_details.to_dict(),
+            "info": info.to_record(),
+            "recipe": recipe,
+            "installed_at": installed_at,
+        }
+        return NewVersion(
+            version=row,
+            files=[{"path": e.path, "digest": e.digest, "size": e.size} for e in entries],
+            modules=[{"name": m.name, "kind": m.kind, "rank": m.rank, "alpha": m.alpha, "in_features": m.in_features,
+                      "out_features": m.out_features, "dtype": m.dtype} for m in info.modules],
+            parents=[{"position": i, "parent_digest": p.digest, "parent_name": p.name, "parent_version": p.version,
+                      "weight": p.weight} for i, p in enumerate(parents)],
         )
-        row.files = [File(path=e.path, digest=e.digest, size=e.size) for e in entries]
-        row.modules = [
-            Module(
-                name=m.name,
-                kind=m.kind,
-                rank=m.rank,
-                alpha=m.alpha,
-                in_features=m.in_features,
-                out_features=m.out_features,
-                dtype=m.dtype,
-            )
-            for m in info.modules
-        ]
-        row.parents = [
-            Lineage(position=i, parent_digest=p.digest, parent_name=p.name, parent_version=p.version, weight=p.weight)
-            for i, p in enumerate(parents)
-        ]
-        return row
 
     # -- lookups ---------------------------------------------------------------------------------
 
-    def resolve(self, reference: str, session: Session | None = None) -> AdapterVersion:
-        """The version a reference names; NotFoundError / AmbiguousReferenceError otherwise."""
-        if session is None:
-            with self.session() as own:
+    def resolve(self, reference: str, tx: Transaction | None = None) -> StoredVersion:
+        """The version a reference names; NotFoundError / AmbiguousReferenceError otherwise.
+
+        Reads the rows of that one version: the newest (``NAME``) or ``NAME==VERSION`` is one indexed
+        lookup on ``version_key``; only a specifier (``NAME>=1,<2``) reads the version strings of its name."""
+        if tx is None:
+            with self.transaction() as own:
                 return self.resolve(reference, own)
         ref = refs.parse_reference(reference)
         if ref.kind in ("digest", "hash"):
-            prefix = ref.digest_prefix or ""
-            if ref.kind == "hash":
-                from ..formats.hashes import version_matches
-
-                rows: Sequence[AdapterVersion] = [
-                    r for r in session.scalars(select(AdapterVersion).options(*_eager())).all()
-                    if version_matches(r.info, str(ref.tag), prefix)
-                ]
-            else:
-                rows = session.scalars(
-                    select(AdapterVersion).where(AdapterVersion.digest.startswith(prefix)).options(*_eager())
-                ).all()
-            if not rows:
-                raise NotFoundError(f"no adapter version with digest {prefix}…", reference=reference,
-                                    hint="run 'loramgr list --digests' to see stored digests")
-            if len({r.digest for r in rows}) > 1 or len(rows) > 1:
-                names = sorted(f"{r.adapter.name}=={r.version}" for r in rows)
-                raise AmbiguousReferenceError(
-                    f"{reference} matches {len(rows)} versions: {', '.join(names)}", reference=reference,
-                    candidates=names,
-                )
-            return rows[0]
-        adapter = session.scalar(select(Adapter).where(Adapter.name == ref.name))
+            return self._resolve_digest(tx, ref, reference)
+        adapter = tx.first("SELECT id, name FROM adapters WHERE name = :name", name=ref.name)
         if adapter is None:
-            known = session.scalars(select(Adapter.name)).all()
+            known = [r[0] for r in tx.rows("SELECT name FROM adapters")]
             raise NotFoundError(f"no adapter named {ref.name!r}", reference=reference,
                                 hint=refs.did_you_mean(str(ref.name), known)
                                 or "run 'loramgr list' to see installed adapters")
+        adapter_id, name = adapter
         if ref.kind == "tag":
-            tag = session.scalar(select(Tag).where(Tag.adapter_id == adapter.id, Tag.tag == ref.tag))
-            if tag is None:
-                known = sorted(t.tag for t in adapter.tags)
+            version_id = tx.value("SELECT version_id FROM tags WHERE adapter_id = :adapter AND tag = :tag",
+                                  adapter=adapter_id, tag=ref.tag)
+            if version_id is None:
+                known = sorted(r[0] for r in tx.rows("SELECT tag FROM tags WHERE adapter_id = :adapter",
+                                                     adapter=adapter_id))
                 raise NotFoundError(
-                    f"{adapter.name} has no tag {ref.tag!r}", reference=reference,
+                    f"{name} has no tag {ref.tag!r}", reference=reference,
                     hint=f"its tags: {', '.join(known)}" if known else "tag a version with 'loramgr tag'",
                 )
-            return self._load(session, tag.version_id)
-        versions = {Version(v.version): v for v in adapter.versions}
-        chosen = ref.select(versions)
-        if chosen is None:
-            listed = ", ".join(str(v) for v in sorted(versions))
-            raise NotFoundError(f"no version of {adapter.name} matches {reference!r}", reference=reference,
+        elif ref.kind == "exact":
+            assert ref.version is not None  # parse_reference sets it for an exact reference
+            version_id = tx.value("SELECT id FROM versions WHERE adapter_id = :adapter AND version_key = :key",
+                                  adapter=adapter_id, key=version_key(ref.version))
+        elif ref.kind == "name":
+            version_id = _newest(tx, adapter_id)
+        else:
+            ids = {Version(v): i for i, v in tx.rows("SELECT id, version FROM versions WHERE adapter_id = :adapter",
+                                                      adapter=adapter_id)}
+            chosen = ref.select(ids)
+            version_id = ids[chosen] if chosen is not None else None
+        if version_id is None:
+            listed = ", ".join(str(v) for v in sorted(Version(r[0]) for r in tx.rows(
+                "SELECT version FROM versions WHERE adapter_id = :adapter", adapter=adapter_id)))
+            raise NotFoundError(f"no version of {name} matches {reference!r}", reference=reference,
                                 hint=f"installed versions: {listed}")
-        return self._load(session, versions[chosen].id)
+        return self._stored(tx, version_id)
 
-    def _load(self, session: Session, version_id: int) -> AdapterVersion:
-        row = session.scalar(select(AdapterVersion).where(AdapterVersion.id == version_id).options(*_eager()))
-        assert row is not None  # the id comes from a row we just read in this session
-        return row
+    @staticmethod
+    def _stored(tx: Transaction, version_id: int) -> StoredVersion:
+        row = tx.first(SELECT_VERSION + " WHERE v.id = :id", id=version_id)
+        assert row is not None  # the id comes from a row read in this transaction
+        return StoredVersion(*row)
+
+    @staticmethod
+    def _resolve_digest(tx: Transaction, ref: refs.Reference, reference: str) -> StoredVersion:
+        prefix = ref.digest_prefix or ""
+        if ref.kind == "hash":
+            from ..formats.hashes import version_matches
+
+            query = SELECT_VERSION.replace("v.base_model_id", "v.base_model_id, v.info")  # every record: rare
+            rows = [StoredVersion(*r[:7]) for r in tx.rows(query) if version_matches(load_json(r[7]), str(ref.tag),
+                                                                                     prefix)]
+        else:  # a prefix of hex digits, so LIKE needs no escaping
+            rows = [StoredVersion(*r) for r in tx.rows(SELECT_VERSION + " WHERE v.digest LIKE :prefix",
+                                                       prefix=f"{prefix}%")]
+        if not rows:
+            raise NotFoundError(f"no adapter version with digest {prefix}…", reference=reference,
+                                hint="run 'loramgr list --digests' to see stored digests")
+        if len(rows) > 1:
+            names = sorted(r.ref for r in rows)
+            raise AmbiguousReferenceError(
+                f"{reference} matches {len(rows)} versions: {', '.join(names)}", reference=reference,
+                candidates=names,
+            )
+        return rows[0]
 
     def list_versions(self, name: str | None = None) -> list[VersionRow]:
         """Every version (or every version of one adapter), by name then PEP 440 order."""
-        from sqlalchemy import func
-
-        with self.session() as session:
-            query = (
-                select(
-                    Adapter.name, AdapterVersion.id, AdapterVersion.version, AdapterVersion.digest,
-                    AdapterVersion.format, AdapterVersion.adapter_type, AdapterVersion.rank, AdapterVersion.alpha,
-                    AdapterVersion.n_modules, AdapterVersion.size, AdapterVersion.base_model_name,
-                    AdapterVersion.installed_at,
-                )
-                .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
-            )
+        query = """
+        SELECT a.name, v.id, v.version, v.digest, v.format, v.adapter_type, v.rank, v.alpha, v.n_modules, v.size,
+               v.base_model_name, v.installed_at
+        FROM versions v JOIN adapters a ON a.id = v.adapter_id
+        """
+        with self.transaction() as tx:
             if name is not None:
-                query = query.where(Adapter.name == refs.check_name(name))
-            rows = session.execute(query).all()
+                rows = tx.rows(query + " WHERE a.name = :name ORDER BY v.version_key", name=refs.check_name(name))
+            else:
+                rows = tx.rows(query + " ORDER BY a.name, v.version_key")
             tags: dict[int, list[str]] = {}
-            for version_id, tag in session.execute(select(Tag.version_id, Tag.tag).order_by(func.lower(Tag.tag))):
+            for version_id, tag in tx.rows("SELECT version_id, tag FROM tags ORDER BY lower(tag)"):
                 tags.setdefault(version_id, []).append(tag)
         result = [
             VersionRow(
-                name=r.name, version=r.version, digest=r.digest, format=r.format, adapter_type=r.adapter_type,
-                rank=r.rank, alpha=r.alpha, n_modules=r.n_modules, size=r.size, base_model=r.base_model_name,
-                tags=tags.get(r.id, []), installed_at=r.installed_at.isoformat(timespec="seconds"),
+                name=r[0], version=r[2], digest=r[3], format=r[4], adapter_type=r[5], rank=r[6], alpha=r[7],
+                n_modules=r[8], size=r[9], base_model=r[10], tags=tags.get(r[1], []),
+                installed_at=time_to_seconds(r[11]),
             )
             for r in rows
         ]
-        result.sort(key=lambda v: (v.name, _parsed_version(v.version)))
+        result.sort(key=lambda v: v.name)  # stable: versions stay in PEP 440 order; names by code point everywhere
         return result
 
     def show(self, reference: str) -> VersionDetails:
         """Everything known about one version (``to_dict()`` is JSON-able)."""
-        with self.session() as session:
-            row = self.resolve(reference, session)
-            return describe_version(row)
+        with self.transaction() as tx:
+            return describe_version(tx, self.resolve(reference, tx).id)
 
     def open_adapter(self, reference: str) -> LoraAdapter:
         """A version as a LoraAdapter reading its tensors straight from the blob store."""
-        with self.session() as session:
-            row = self.resolve(reference, session)
-            info = AdapterInfo.from_record(row.info)
-            label = f"{row.adapter.name}=={row.version}"
-            # every read of stored bytes is verified: a blob altered or collected meanwhile is refused here
-            files = {f.path: self.store.read_path(f.digest, used_by=label) for f in row.files}
-            if info.weights_file not in files:
-                raise InvalidAdapterError(f"{label}: its weights file is not in the store manifest")
-            return LoraAdapter(info, self.root, label=label, weights_path=files[info.weights_file],
-                               digest=row.digest)
+        with self.transaction() as tx:
+            row = self.resolve(reference, tx)
+            info = AdapterInfo.from_record(load_json(tx.value("SELECT info FROM versions WHERE id = :id", id=row.id)))
+            stored = tx.rows("SELECT path, digest FROM files WHERE version_id = :id", id=row.id)
+        label = row.ref
+        # every read of stored bytes is verified: a blob altered or collected meanwhile is refused here
+        files = {path: self.store.read_path(digest, used_by=label) for path, digest in stored}
+        if info.weights_file not in files:
+            raise InvalidAdapterError(f"{label}: its weights file is not in the store manifest")
+        return LoraAdapter(info, self.root, label=label, weights_path=files[info.weights_file], digest=row.digest)
 
     # -- tags ------------------------------------------------------------------------------------
 
     def tag(self, reference: str, tag: str) -> tuple[str, str | None]:
         """Point ``tag`` at a version; returns (version, the version it pointed at before, if any)."""
         refs.check_tag(tag)
-        check_row(Tag(tag=tag), reference)
-        with self.session() as session:
-            lock_names(session, [n for n in [refs.parse_reference(reference).name] if n])
-            row = self.resolve(reference, session)
-            existing = session.scalar(select(Tag).where(Tag.adapter_id == row.adapter_id, Tag.tag == tag))
-            previous = None
+        check_row("tags", {"tag": tag}, reference)
+        with self.transaction() as tx:
+            lock_names(tx, [n for n in [refs.parse_reference(reference).name] if n])
+            row = self.resolve(reference, tx)
+            existing = tx.first(
+                "SELECT t.id, v.version FROM tags t JOIN versions v ON v.id = t.version_id "
+                "WHERE t.adapter_id = :adapter AND t.tag = :tag", adapter=row.adapter_id, tag=tag,
+            )
             if existing is None:
-                session.add(Tag(adapter_id=row.adapter_id, tag=tag, version_id=row.id))
-            else:
-                previous = existing.version.version
-                existing.version_id = row.id
-            return row.version, previous
+                tx.execute("INSERT INTO tags (adapter_id, tag, version_id) VALUES (:adapter, :tag, :version)",
+                           adapter=row.adapter_id, tag=tag, version=row.id)
+                return row.version, None
+            tx.execute("UPDATE tags SET version_id = :version WHERE id = :id", version=row.id, id=existing[0])
+            return row.version, existing[1]
 
     def untag(self, name: str, tag: str) -> str:
-        with self.session() as session:
-            row = self.resolve(f"{name}@{tag}", session)
-            session.execute(delete(Tag).where(Tag.adapter_id == row.adapter_id, Tag.tag == tag))
+        with self.transaction() as tx:
+            row = self.resolve(f"{name}@{tag}", tx)
+            tx.execute("DELETE FROM tags WHERE adapter_id = :adapter AND tag = :tag", adapter=row.adapter_id, tag=tag)
             return row.version
 
     # -- base models (see registry/bases.py) -----------------------------------------------------
@@ -481,28 +528,49 @@ class Registry:
         return base_of(self, reference)
 
 
-def _eager() -> Any:
-    return (
-        selectinload(AdapterVersion.files),
-        selectinload(AdapterVersion.modules),
-        selectinload(AdapterVersion.parents),
-        selectinload(AdapterVersion.adapter).selectinload(Adapter.tags),
+def _newest(tx: Transaction, adapter_id: int) -> int | None:
+    """The newest final release of an adapter (the newest version if all are pre-releases), newest first
+    through the ``version_key`` index: usually one row read, however many versions there are."""
+    offset, first = 0, None
+    version_id: int
+    while True:
+        page = tx.rows("SELECT id, version FROM versions WHERE adapter_id = :adapter "
+                       "ORDER BY version_key DESC LIMIT :limit OFFSET :offset",
+                       adapter=adapter_id, limit=_NEWEST_PAGE, offset=offset)
+        for version_id, text in page:
+            first = first if first is not None else version_id
+            if not Version(text).is_prerelease:
+                return version_id
+        if len(page) < _NEWEST_PAGE:
+            return first
+        offset += _NEWEST_PAGE
+
+
+def describe_version(tx: Transaction, version_id: int) -> VersionDetails:
+    """Everything stored about one version: its row, files, modules, lineage and tags."""
+    row = tx.first(
+        "SELECT a.name, a.display_name, v.version, v.digest, v.size, v.installed_at, v.source, v.source_details, "
+        "v.info, v.recipe FROM versions v JOIN adapters a ON a.id = v.adapter_id WHERE v.id = :id", id=version_id,
     )
-
-
-def describe_version(row: AdapterVersion) -> VersionDetails:
-    info = row.info
-    tags = sorted(t.tag for t in row.adapter.tags if t.version_id == row.id)
+    assert row is not None  # the id comes from a row read in this transaction
+    name, display_name, version, digest, size, installed_at, source, source_details, info, recipe = row
+    info = load_json(info)
+    files = sorted(tx.rows("SELECT path, digest, size FROM files WHERE version_id = :id", id=version_id))
+    modules = sorted(tx.rows("SELECT name, kind, rank, alpha, in_features, out_features, dtype FROM modules "
+                             "WHERE version_id = :id", id=version_id))
+    parents = tx.rows("SELECT parent_name, parent_version, parent_digest, weight FROM lineage "
+                      "WHERE child_id = :id ORDER BY position", id=version_id)
+    tags = sorted(r[0] for r in tx.rows("SELECT tag FROM tags WHERE version_id = :id", id=version_id))
     return VersionDetails(
-        name=row.adapter.name,
-        display_name=row.adapter.display_name,
-        version=row.version,
-        digest=row.digest,
+        name=name,
+        display_name=display_name,
+        version=version,
+        digest=digest,
         tags=tags,
-        size=row.size,
-        installed_at=row.installed_at.isoformat(timespec="seconds"),
-        source=row.source,
-        source_details=SourceDetails.from_dict(row.source_details),
+        size=size,
+        installed_at=load_time(installed_at).isoformat(timespec="seconds"),
+        source=source,
+        source_details=SourceDetails.from_dict(load_json(source_details)),
         format=info["format"],
         adapter_type=info["adapter_type"],
         rank=info.get("rank"),
@@ -525,9 +593,8 @@ def describe_version(row: AdapterVersion) -> VersionDetails:
         notes=list(info.get("notes") or []),
         weights_file=info["weights_file"],
         config=dict(info.get("config") or {}),
-        files=[ManifestEntry(f.path, f.digest, f.size) for f in row.files],
-        modules=[StoredModule(m.name, m.kind, m.rank, m.alpha, m.in_features, m.out_features, m.dtype)
-                 for m in row.modules],
-        parents=[Parent(p.parent_name, p.parent_version, p.parent_digest, p.weight) for p in row.parents],
-        recipe=row.recipe,
+        files=[ManifestEntry(*f) for f in files],
+        modules=[StoredModule(*m) for m in modules],
+        parents=[Parent(*p) for p in parents],
+        recipe=load_json(recipe),
     )

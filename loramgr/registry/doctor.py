@@ -20,15 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from packaging.version import Version
-from sqlalchemy import select
-
-from registry_schema.models import Adapter, AdapterVersion, File
 
 from ..adapter import AdapterInfo
 from ..errors import LoramgrError, RegistryError
 from ..store import sha256_file
 from .core import Registry
-from .database import sqlite_path
+from .database import load_json, sqlite_path
 from .manifests import adopt, iter_manifests, read_marker
 from .records import ManifestEntry, Parent, SourceDetails, VerifyReport, manifest_digest
 
@@ -93,9 +90,9 @@ def _restore(registry: Registry, record: dict[str, Any] | None) -> tuple[str, bo
     for entry in entries:
         if not registry.store.verify(entry.digest):
             raise ValueError(f"blob {entry.digest[:19]} ({entry.path}) is missing or corrupt")
-    with registry.session() as session:
+    with registry.transaction() as tx:
         result = registry._commit_version(
-            session,
+            tx,
             info=AdapterInfo.from_record(record["info"]),
             entries=entries,
             digest=record["digest"],
@@ -144,16 +141,12 @@ def repair(registry: Registry, report: VerifyReport, *, hub_cache: Path | None =
 
 def _candidates(registry: Registry, digest: str, hub_cache: Path | None) -> list[Path]:
     """Files that held these bytes at install: the folder or file installed from, the Hub cache."""
-    with registry.session() as session:
-        rows = session.execute(
-            select(File.path, AdapterVersion.source, AdapterVersion.source_details)
-            .join(AdapterVersion, AdapterVersion.id == File.version_id)
-            .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
-            .where(File.digest == digest)
-        ).all()
+    with registry.transaction() as tx:
+        rows = tx.rows("SELECT f.path, v.source, v.source_details FROM files f JOIN versions v ON v.id = f.version_id "
+                       "WHERE f.digest = :digest", digest=digest)
     found: list[Path] = []
     for rel, source, details in rows:
-        hub = SourceDetails.from_dict(details).hub
+        hub = SourceDetails.from_dict(load_json(details)).hub
         if hub is not None:
             if hub_cache is not None:
                 snapshot = hub_cache / f"models--{hub.repo.replace('/', '--')}" / "snapshots" / hub.commit

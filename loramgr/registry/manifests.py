@@ -19,10 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
-
-from registry_schema.models import AdapterVersion, RegistryMeta
-
 from ..errors import RegistryError
 from ..fileio import write_atomic
 
@@ -80,25 +76,28 @@ def write_marker(root: Path, registry_id: str) -> None:
     write_atomic(root / MARKER, json.dumps({"registry_id": registry_id}, indent=1).encode() + b"\n")
 
 
+_REGISTRY_ID = """SELECT value FROM registry_meta WHERE "key" = 'registry_id'"""
+
+
 def database_id(registry: Registry) -> str | None:
-    with registry.session() as session:
-        return session.scalar(select(RegistryMeta.value).where(RegistryMeta.key == "registry_id"))
+    with registry.transaction() as tx:
+        value: str | None = tx.value(_REGISTRY_ID)
+    return value
 
 
 def adopt(registry: Registry, registry_id: str | None = None) -> str:
     """Record ``registry_id`` (or the database's own, or a new one) in the database and the marker."""
-    from .database import _advisory_lock
+    from .database import advisory_lock
 
-    with registry.session() as session:
-        if session.get_bind().dialect.name == "postgresql":
-            _advisory_lock(session, "loramgr:registry_meta")
-        row = session.get(RegistryMeta, "registry_id")
-        if row is None:
-            row = RegistryMeta(key="registry_id", value=registry_id or uuid.uuid4().hex)
-            session.add(row)
+    with registry.transaction() as tx:
+        advisory_lock(tx, "loramgr:registry_meta")
+        value: str | None = tx.value(_REGISTRY_ID)
+        if value is None:
+            value = registry_id or uuid.uuid4().hex
+            tx.execute("""INSERT INTO registry_meta ("key", value) VALUES ('registry_id', :value)""", value=value)
         elif registry_id is not None:
-            row.value = registry_id
-        value = row.value
+            value = registry_id
+            tx.execute("""UPDATE registry_meta SET value = :value WHERE "key" = 'registry_id'""", value=value)
     write_marker(registry.root, value)
     return value
 
@@ -118,8 +117,8 @@ def check_identity(registry: Registry) -> None:
         if marker is None and not registry.read_only:
             write_marker(registry.root, in_database)
         return
-    with registry.session() as session:
-        has_versions = session.scalar(select(AdapterVersion.id).limit(1)) is not None
+    with registry.transaction() as tx:
+        has_versions = tx.value("SELECT id FROM versions LIMIT 1") is not None
     if not has_versions:
         blobs = sum(1 for _ in registry.store.iter_blobs())
         manifests = sum(1 for _ in iter_manifests(registry.root))

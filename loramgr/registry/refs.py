@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from ..errors import InvalidReferenceError
@@ -60,6 +59,12 @@ def newest(versions: Iterable[Version]) -> Version | None:
     if finals:
         return finals[-1]
     return ordered[-1] if ordered else None
+
+
+def canonicalize_name(name: str) -> str:
+    """PEP 503's normal form, as ``packaging.utils.canonicalize_name`` (whose module imports ``packaging.tags``
+    and ``sysconfig``, a cost every command would pay)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def check_name(name: str) -> str:
