@@ -233,6 +233,15 @@ class AdapterInfo:
         }
 
 
+
+def with_largest_rank(info: AdapterInfo) -> AdapterInfo:
+    """``info`` with ``rank`` the largest module rank, the number a server's rank limit (vLLM's
+    ``--max-lora-rank``) is compared with; PEFT's declared ``r`` stays in ``info.config``."""
+    import dataclasses
+
+    largest = max((m.rank for m in info.modules), default=None)
+    return info if largest is None or largest == info.rank else dataclasses.replace(info, rank=largest)
+
 class LoraAdapter:
     """An adapter's description plus lazy access to its factors, one module at a time.
 

@@ -10,7 +10,6 @@ the Hub half (:mod:`loramgr.hub.install`) fetches into huggingface_hub's cache a
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Callable
@@ -112,7 +111,6 @@ def install_path(
                     info, base_id = fit_to_base(info, implicit[1], label=str(path)), implicit[0]
                 except LoramgrError as exc:
                     info.notes.append(f"declares base {declared}, which is registered, but does not fit it ({exc})")
-        info = with_largest_rank(info)
         result = registry.add(
             info,
             local.files,
@@ -131,13 +129,6 @@ def install_path(
         result.notes.append(f"{path} also holds training checkpoints ({_names(checkpoints)}): install one with "
                             f"'loramgr install {checkpoints[-1]}'")
     return result
-
-
-def with_largest_rank(info: AdapterInfo) -> AdapterInfo:
-    """``info`` with ``rank`` the largest module rank, the number a server's rank limit (vLLM's
-    ``--max-lora-rank``) is compared with; PEFT's declared ``r`` stays in ``info.config``."""
-    largest = max((m.rank for m in info.modules), default=None)
-    return info if largest is None or largest == info.rank else dataclasses.replace(info, rank=largest)
 
 
 #: files that make a folder a whole model (transformers, diffusers) rather than an adapter

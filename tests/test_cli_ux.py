@@ -358,6 +358,18 @@ def test_oci_push_and_pull_report_monotone_progress_to_the_artifact_size(tmp_pat
 
 # -- rank -------------------------------------------------------------------------------------------------
 
+def test_a_combination_is_listed_with_its_largest_module_rank(tmp_path):
+    """The rule holds for what combine registers too, not only for installs."""
+    modules = {f"model.layers.0.self_attn.{leaf}": (16, 16, rank) for leaf, rank in
+               (("q_proj", 2), ("k_proj", 4), ("v_proj", 2))}  # combined: 4, 8, 4 (PEFT r 4)
+    run("install", str(write_peft_adapter(tmp_path / "a", modules, rank=4, seed=1)), "--name", "a")
+    run("install", str(write_peft_adapter(tmp_path / "b", modules, rank=4, seed=2)), "--name", "b")
+    run("combine", "a", "b", "--method", "linear", "--name", "ab")
+    shown = json.loads(run("show", "ab", "--json"))
+    assert shown["ranks_found"] == [4, 8] and shown["rank"] == 8 and shown["config"]["r"] == 4
+    assert {row["name"]: row["rank"] for row in json.loads(run("list", "--json"))}["ab"] == 8
+
+
 def test_list_and_show_give_the_largest_module_rank(tmp_path):
     """vLLM's --max-lora-rank must be at least the largest module rank, not PEFT's r (4 here)."""
     from safetensors import safe_open

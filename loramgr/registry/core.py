@@ -19,7 +19,7 @@ from packaging.version import Version
 from registry_schema.version_key import version_key
 
 from .. import paths
-from ..adapter import AdapterInfo, LoraAdapter
+from ..adapter import AdapterInfo, LoraAdapter, with_largest_rank
 from ..errors import (
     AmbiguousReferenceError,
     ConflictError,
@@ -171,6 +171,7 @@ class Registry:
 
         ``expected_digest``: the version's digest must be this one, checked before any blob is stored.
         """
+        info = with_largest_rank(info)  # installs and combinations alike: RANK is what a server's limit sees
         display = name
         canonical = refs.check_name(name)
         wanted = refs.parse_version(version) if version is not None else None
