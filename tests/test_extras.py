@@ -10,6 +10,7 @@ value, installed through the CLI; apply and fuse are compared with PEFT's own lo
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,10 @@ def test_show_reports_the_extras(tmp_path: Path) -> None:
     assert "trainable tokens of model.embed_tokens: 2 row(s) (1, 5)" in run_cli("show", "tok").output
     saved = loramgr.get("cls").info.extras or []
     assert {(e.module, e.param) for e in saved} == {("classifier", "weight"), ("classifier", "bias")}
+    shown = json.loads(run_cli("show", "tok", "--json").output)
+    assert [(e["feature"], e["module"], e["indices"]) for e in shown["extras"]] == [
+        ("trainable_tokens", "model.embed_tokens", [1, 5])]
+    assert {e["module"] for e in json.loads(run_cli("show", "cls", "--json").output)["extras"]} == {"classifier"}
 
 
 def test_a_record_without_extras_still_reads() -> None:

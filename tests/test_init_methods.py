@@ -91,6 +91,7 @@ def test_install_records_the_method_and_show_names_it(trained):
     assert "initialised with" in shown and "convert-init" in shown
     details = json.loads(run_cli("show", "tuned", "--json").output)
     assert details["config"]["init_lora_weights"] == trained["method"]
+    assert details["init_method"] == trained["method"]
 
 
 def test_apply_fuse_and_combine_refuse_it_unconverted(trained, base):

@@ -598,4 +598,6 @@ def describe_version(tx: Transaction, version_id: int) -> VersionDetails:
         modules=[StoredModule(*m) for m in modules],
         parents=[Parent(*p) for p in parents],
         recipe=load_json(recipe),
+        init_method=info.get("init_method"),
+        extras=list(info["extras"]) if info.get("extras") is not None else None,
     )

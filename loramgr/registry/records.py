@@ -195,6 +195,11 @@ class VersionDetails:
     modules: list[StoredModule]
     parents: list[Parent]
     recipe: dict[str, Any] | None  # how a combined version was made (see loramgr.merge.recipes)
+    #: PEFT's init_lora_weights when it names a method (pissa, olora, corda, loftq, eva...)
+    init_method: str | None = None
+    #: saved modules, trained biases, lora_bias and token rows (loramgr.adapter.ExtraTensor.to_dict);
+    #: None for a version stored before loramgr read them
+    extras: list[dict[str, Any]] | None = None
 
     @property
     def ref(self) -> str:
