@@ -8,7 +8,8 @@ fills the page cache), with the peak RSS of the process (``wait4``'s ``ru_maxrss
 - ``install`` of a small PEFT adapter (two tiny modules, about 16 KB), a new name each run;
 - ``combine --method svd --rank 16`` of two rank-16 adapters on 2 and on all 32 Llama-2-7B-shaped decoder layers
   (q, k, v, o, gate, up, down; float32), registered under a new name each run;
-- ``export --format peft`` and ``--format kohya`` of the small adapter to a new folder or file each run.
+- ``export --format peft`` of the small adapter, and ``--format kohya`` of a small UNet adapter (kohya files
+  are for diffusion models), to a new folder or file each run.
 
 Targets (issue "A CLI that answers at once"): ``show``, ``list``, ``tag`` under 0.3 s; the whole
 ``combine --method svd`` of two 7B layers under 1 s. The report goes to docs/benchmarks/cli.md (``--out``).
@@ -67,17 +68,21 @@ def measure(make_cmd: Callable[[int], list[str]], env: dict[str, str], repeat: i
     return statistics.median(times), min(times), max(rss for _, rss in runs)
 
 
-def write_small_adapter(folder: Path) -> Path:
-    """A PEFT LoRA folder with two 64 x 64 modules at rank 8 (about 16 KB of float32)."""
+def write_small_adapter(folder: Path, *, unet: bool = False) -> Path:
+    """A PEFT LoRA folder with two 64 x 64 modules at rank 8 (about 16 KB of float32): attention of a Llama
+    layer, or with ``unet`` of a diffusers UNet block (kohya files are for diffusion models)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
+    parent, leaves = (("down_blocks.0.attentions.0.transformer_blocks.0.attn1", ("to_q", "to_v")) if unet
+                      else ("model.layers.0.self_attn", ("q_proj", "v_proj")))
     tensors = {}
-    for leaf in ("q_proj", "v_proj"):
-        key = f"base_model.model.model.layers.0.self_attn.{leaf}"
+    for leaf in leaves:
+        key = f"base_model.model.{parent}.{leaf}"
         tensors[f"{key}.lora_A.weight"] = rng.standard_normal((8, 64), dtype=np.float32)
         tensors[f"{key}.lora_B.weight"] = rng.standard_normal((64, 8), dtype=np.float32)
-    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
-              "base_model_name_or_path": "bench-tiny-llama", "task_type": "CAUSAL_LM", "bias": "none"}
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": list(leaves),
+              "base_model_name_or_path": "bench-tiny-unet" if unet else "bench-tiny-llama",
+              "task_type": None if unet else "CAUSAL_LM", "bias": "none"}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     return folder
@@ -112,6 +117,7 @@ def bench(work: Path, repeat: int, layers: int) -> list[tuple[str, float, float,
         env.pop(variable, None)
     small = write_small_adapter(work / "small")
     cli(env, "install", str(small), "--name", "small")
+    cli(env, "install", str(write_small_adapter(work / "small-unet", unet=True)), "--name", "small-unet")
     sources = {}
     for count in sorted({2, layers}):
         for seed in (1, 2):
@@ -138,8 +144,9 @@ def bench(work: Path, repeat: int, layers: int) -> list[tuple[str, float, float,
                                               "--rank", "16", "--name", f"svd{count}-{i + 1}"])
     add("loramgr export --format peft (16 KB adapter)",
         lambda i: [*LORAMGR, "export", "small", str(work / f"out-peft-{i + 1}")])
-    add("loramgr export --format kohya (16 KB adapter)",
-        lambda i: [*LORAMGR, "export", "small", str(work / f"out-kohya-{i + 1}.safetensors"), "--format", "kohya"])
+    add("loramgr export --format kohya (16 KB UNet adapter)",
+        lambda i: [*LORAMGR, "export", "small-unet", str(work / f"out-kohya-{i + 1}.safetensors"), "--format",
+                   "kohya"])
     return rows
 
 

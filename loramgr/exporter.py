@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 from .errors import UnknownFormatError
 from .fileio import atomic_folder, require_new_file, require_new_folder
-from .formats.extras import refuse_extras
 
 if TYPE_CHECKING:
     from .compat.basemodel import BaseFingerprint
@@ -64,6 +63,8 @@ def export_version(
     if fmt in DIFFUSION_ONLY:
         require_diffusion_adapter(details, fmt)
     if fmt != "peft":  # the other formats hold LoRA factors only
+        from .formats.extras import refuse_extras
+
         refuse_extras([registry.open_adapter(reference)], f"export to {fmt}")
     if fmt in ("gguf", "ollama"):
         return _export_gguf(registry, details, destination, fmt=fmt, base=base)
