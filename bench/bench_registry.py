@@ -415,6 +415,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="loramgr-bench-", dir=args.dir))
     env = dict(os.environ, LORAMGR_HOME=str(work / "home"))
     env.pop("LORAMGR_DATABASE_URL", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # users run from .pyc files, not a fresh compile of every module
     try:
         startup = bench_startup(env, max(args.repeat, 5))
         print(f"imports: {startup}", flush=True)
