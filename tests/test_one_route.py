@@ -240,7 +240,7 @@ def test_show_is_typed_and_show_json_prints_it(stored: Path) -> None:
         "format", "adapter_type", "rank", "ranks_found", "alpha", "use_rslora", "use_dora", "rank_pattern",
         "alpha_pattern", "target_modules", "target_modules_found", "base_model", "base_model_revision",
         "task_type", "n_modules", "n_params", "dtypes", "file_metadata", "card", "notes", "weights_file", "config",
-        "files", "modules", "parents", "recipe",
+        "files", "modules", "parents", "recipe", "init_method", "extras",
     ])
     assert printed["source_details"] == {} and printed["files"][0] == {
         "path": "README.md", "digest": sha256(stored / "README.md"), "size": len(CARD)}
