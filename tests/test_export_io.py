@@ -93,6 +93,24 @@ def test_kohya_export_matches_the_torch_computation(tmp_path: Path, dtype: torch
     assert all(got[k].dtype == t.dtype and torch.equal(got[k], t) for k, t in expected.items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int32,
+                                   torch.uint8, torch.bool])
+def test_stored_tensor_value_tests_agree_with_torch(dtype: torch.dtype) -> None:
+    """non_finite and any_nonzero (the check --values findings) against torch.isnan / isinf / any."""
+    cases = [[0.0, -0.0], [0.0, 1.0], [-0.0, float("nan")], [1.0, float("inf")], [float("-inf"), float("nan")],
+             [float("-inf"), 2.0], [0.0, 0.0]]
+    for case in cases:
+        if not dtype.is_floating_point and any(not np.isfinite(v) for v in case):
+            continue
+        tensor = torch.tensor(case, dtype=torch.float64).to(dtype)
+        stored = stored_from_torch(tensor)
+        if dtype.is_floating_point:
+            expected = "NaN" if tensor.isnan().any() else "Inf" if tensor.isinf().any() else None
+        else:
+            expected = None
+        assert (stored.non_finite(), stored.any_nonzero()) == (expected, bool(tensor.any())), case
+
+
 NO_TORCH = textwrap.dedent("""
     import sys
     from loramgr.cli.main import cli
@@ -104,8 +122,9 @@ NO_TORCH = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_kohya_export_does_not_import_torch(tmp_path: Path) -> None:
-    """The whole command in a fresh process, from a bfloat16 UNet adapter with differing alphas."""
+def test_kohya_export_and_check_values_do_not_import_torch(tmp_path: Path) -> None:
+    """Whole commands in a fresh process: a kohya export of a bfloat16 UNet adapter with differing alphas,
+    and check --values of an adapter with a NaN and one whose lora_B are all zero."""
     src = write_peft_adapter(tmp_path / "unet", UNET_MODULES, alpha=8, alpha_pattern={BLOCK + "to_v": 3.0},
                              dtype=torch.bfloat16, extra_config={"task_type": None})
     run_cli("install", str(src), "--name", "unet")
@@ -115,3 +134,17 @@ def test_kohya_export_does_not_import_torch(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "NO TORCH"
     assert load_file(str(out))[f"lora_unet_{BLOCK.replace('.', '_')}to_q.lora_down.weight"].dtype == torch.bfloat16
+    bad = {f"base_model.model.{BLOCK}to_q.lora_A.weight": torch.tensor([[float("nan")] * 16] * 4)}
+    zero = {f"base_model.model.{m}.lora_B.weight": torch.zeros(d_out, r) for m, (_, d_out, r) in UNET_MODULES.items()}
+    for name, override in (("nan", bad), ("zero", zero)):
+        folder = write_peft_adapter(tmp_path / name, UNET_MODULES, tensors_override=override,
+                                    extra_config={"task_type": None})
+        done = subprocess.run([sys.executable, "-c", NO_TORCH, "check", str(folder), "--values", "--json"],
+                              capture_output=True, text=True)
+        assert done.stdout.strip().splitlines()[-1] == "NO TORCH", done.stderr
+        report = json.loads("\n".join(done.stdout.strip().splitlines()[:-1]))
+        codes = {f["code"]: f["message"] for f in report}
+        if name == "nan":
+            assert codes["non-finite"] == f"tensor base_model.model.{BLOCK}to_q.lora_A.weight contains NaN"
+        else:
+            assert "zero-delta" in codes and "non-finite" not in codes

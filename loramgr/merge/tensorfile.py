@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import InvalidAdapterError
-from ..safetensors_io import DTYPE_SIZES, read_header
+from ..safetensors_io import DTYPE_SIZES, float_view, non_finite_bits, read_header
 
 #: the dtypes a merge reads (as float32 arrays) and writes, by safetensors name
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -55,6 +55,21 @@ class StoredTensor(NamedTuple):
         raw = np.frombuffer(self.data, dtype=view)
         values = bfloat16_to_float32(raw) if self.dtype == "BF16" else raw
         return values.astype(np.float64).reshape(self.shape)
+
+    def non_finite(self) -> str | None:
+        """"NaN" when the tensor holds a NaN, else "Inf" when it holds an infinity, else None (and None
+        for a tensor that is not a float)."""
+        view = float_view(self.dtype)
+        return non_finite_bits(np.frombuffer(self.data, dtype=view), self.dtype) if view else None
+
+    def any_nonzero(self) -> bool:
+        """Whether some element is not zero (a NaN is not zero, -0.0 is)."""
+        view = float_view(self.dtype)
+        if view is None:
+            return any(self.data)
+        bits = np.frombuffer(self.data, dtype=view)
+        magnitude = ~np.array(1 << (8 * bits.itemsize - 1), dtype=bits.dtype)  # every bit but the sign
+        return bool((bits & magnitude).any())
 
 
 def stored_tensor(values: Array, dtype: str) -> StoredTensor:
