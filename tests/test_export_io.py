@@ -148,3 +148,30 @@ def test_kohya_export_and_check_values_do_not_import_torch(tmp_path: Path) -> No
             assert codes["non-finite"] == f"tensor base_model.model.{BLOCK}to_q.lora_A.weight contains NaN"
         else:
             assert "zero-delta" in codes and "non-finite" not in codes
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_gguf_factors_are_torchs_float32_bit_for_bit(tmp_path: Path, dtype: torch.dtype) -> None:
+    """GGUF export on numpy: A as float32, B times its folded scale in float32 and rows permuted for
+    rotary, exactly as torch computes them from the source file."""
+    from test_serve_gguf import _base, _gguf_name, _llama_cpp_permute, _modules, _read_gguf
+
+    _, model = _base(tmp_path, "llama")
+    modules = _modules(model, ("q_proj", "k_proj", "v_proj", "o_proj"), {"q_proj": 2})
+    folder = write_peft_adapter(tmp_path / "chat", modules, rank=4, alpha=8.0, dtype=dtype,
+                                alpha_pattern={"o_proj": 32.0, "k_proj": 3.0})
+    run_cli("install", str(folder), "--name", "chat", "--base", "tiny-llama")
+    run_cli("export", "chat", str(tmp_path / "out.gguf"), "--format", "gguf")
+    fields, tensors = _read_gguf(tmp_path / "out.gguf")
+    source = load_file(str(folder / "adapter_model.safetensors"))
+    scales = {m: (32.0 if m.endswith("o_proj") else 3.0 if m.endswith("k_proj") else 8.0) / r
+              for m, (_, _, r) in modules.items()}
+    alpha = fields["alpha"]  # the first module's alpha, whichever the reader lists first
+    assert alpha in (3.0, 8.0, 32.0)
+    for module, (_, _, rank) in modules.items():
+        a = source[f"base_model.model.{module}.lora_A.weight"].to(torch.float32)
+        b = source[f"base_model.model.{module}.lora_B.weight"].to(torch.float32) * (scales[module] / (alpha / rank))
+        if module.endswith(("q_proj", "k_proj")):
+            b = _llama_cpp_permute(b, 4 if module.endswith("q_proj") else 2)
+        name = _gguf_name(module)
+        assert torch.equal(tensors[f"{name}.lora_a"], a) and torch.equal(tensors[f"{name}.lora_b"], b), module
