@@ -175,3 +175,39 @@ def test_gguf_factors_are_torchs_float32_bit_for_bit(tmp_path: Path, dtype: torc
             b = _llama_cpp_permute(b, 4 if module.endswith("q_proj") else 2)
         name = _gguf_name(module)
         assert torch.equal(tensors[f"{name}.lora_a"], a) and torch.equal(tensors[f"{name}.lora_b"], b), module
+
+
+@pytest.mark.slow
+def test_diffusion_transformer_export_keeps_bfloat16_bits(tmp_path: Path) -> None:
+    """A bfloat16 Flux kohya file to diffusers: each part's A is the fused module's A and its B the
+    module's rows, bit for bit, in bfloat16; kohya again from that file fuses them back block-diagonally
+    with zeros elsewhere."""
+    from diffusion_files import flux_model, flux_original_shapes, flux_to_diffusers_rows, random_factors, write_kohya
+
+    model = flux_model()
+    factors = {name: (a.to(torch.bfloat16), b.to(torch.bfloat16), alpha)
+               for name, (a, b, alpha) in random_factors(flux_original_shapes(model)).items()}
+    write_kohya(tmp_path / "flux.safetensors", factors)
+    run_cli("install", str(tmp_path / "flux.safetensors"), "--name", "flux")
+    run_cli("export", "flux", str(tmp_path / "d.safetensors"), "--format", "diffusers")
+    written = load_file(str(tmp_path / "d.safetensors"))
+    d = model.config.num_attention_heads * model.config.attention_head_dim
+    checked = 0
+    for name, (a, b, _) in factors.items():
+        if name == "final_layer.adaLN_modulation.1":  # (shift, scale) -> (scale, shift)
+            assert torch.equal(written["transformer.norm_out.linear.lora_B.weight"], torch.cat([b[d:], b[:d]]))
+            continue
+        for target, rows in flux_to_diffusers_rows(name, d):
+            got_a, got_b = (written[f"transformer.{target}.lora_{x}.weight"] for x in "AB")
+            assert got_a.dtype == got_b.dtype == torch.bfloat16
+            assert torch.equal(got_a, a) and torch.equal(got_b, b[rows]), target
+            checked += 1
+    assert checked > len(factors)  # fused modules were split
+    run_cli("install", str(tmp_path / "d.safetensors"), "--name", "flux-d")
+    run_cli("export", "flux-d", str(tmp_path / "k.safetensors"), "--format", "kohya")
+    back = load_file(str(tmp_path / "k.safetensors"))
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"
+    a, b, _ = factors["double_blocks.0.img_attn.qkv"]
+    assert torch.equal(back[f"{qkv}.lora_down.weight"], torch.cat([a, a, a]))
+    blocks = [b[i * d : (i + 1) * d] for i in range(3)]
+    assert torch.equal(back[f"{qkv}.lora_up.weight"], torch.block_diag(*blocks))

@@ -81,18 +81,12 @@ def _with_paths(info: AdapterInfo, module_paths: Iterable[str] | None, target: s
     return resolve_kohya_info(info, module_paths, strict=True)
 
 
-def _atomic_save(tensors: Mapping[str, Any], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file so that a reader never sees half of it: :class:`StoredTensor` values
-    without torch, torch tensors (diffusion-transformer exports) through safetensors.torch."""
+def _atomic_save(tensors: Mapping[str, StoredTensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file so that a reader never sees half of it."""
     from ..fileio import write_atomic
-    from ..merge.tensorfile import StoredTensor, safetensors_bytes
+    from ..merge.tensorfile import safetensors_bytes
 
-    if all(isinstance(t, StoredTensor) for t in tensors.values()):
-        write_atomic(path, safetensors_bytes({k: tensors[k] for k in sorted(tensors)}, metadata))
-        return
-    from safetensors.torch import save
-
-    write_atomic(path, save({k: tensors[k].contiguous() for k in sorted(tensors)}, metadata=metadata))
+    write_atomic(path, safetensors_bytes({k: tensors[k] for k in sorted(tensors)}, metadata))
 
 
 def kohya_hashes(tensors: Mapping[str, StoredTensor], metadata: dict[str, str]) -> tuple[str, str]:

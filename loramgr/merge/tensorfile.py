@@ -49,12 +49,21 @@ class StoredTensor(NamedTuple):
 
     def values(self) -> NDArray[np.float64]:
         """The values of a float tensor as float64, exactly."""
+        return raw_values(self.raw())
+
+    def raw(self) -> Array:
+        """A float tensor as an array of its stored values: float16/32/64, bfloat16 as its uint16 bits."""
         view = _NUMPY_VIEWS.get(self.dtype)
         if view is None:
             raise InvalidAdapterError(f"a {self.dtype} tensor is not a float tensor")
-        raw = np.frombuffer(self.data, dtype=view)
-        values = bfloat16_to_float32(raw) if self.dtype == "BF16" else raw
-        return values.astype(np.float64).reshape(self.shape)
+        return np.frombuffer(self.data, dtype=view).reshape(self.shape)
+
+    @classmethod
+    def from_raw(cls, raw: Array) -> StoredTensor:
+        """The tensor of a :meth:`raw` array (rows cut, joined or zero-filled keep their bits)."""
+        dtype = _RAW_DTYPES[raw.dtype.str[1:]]
+        data = np.ascontiguousarray(raw, dtype=_NUMPY_VIEWS[dtype]).tobytes()
+        return cls(dtype, tuple(raw.shape), data)
 
     def non_finite(self) -> str | None:
         """"NaN" when the tensor holds a NaN, else "Inf" when it holds an infinity, else None (and None
@@ -70,6 +79,22 @@ class StoredTensor(NamedTuple):
         bits = np.frombuffer(self.data, dtype=view)
         magnitude = ~np.array(1 << (8 * bits.itemsize - 1), dtype=bits.dtype)  # every bit but the sign
         return bool((bits & magnitude).any())
+
+
+#: the numpy dtype of a raw array (byte order left out) -> safetensors dtype: factors are floats, so uint16
+#: can only be bfloat16's bits
+_RAW_DTYPES = {"f4": "F32", "f2": "F16", "f8": "F64", "u2": "BF16"}
+
+
+def raw_values(raw: Array) -> NDArray[np.float64]:
+    """The values of a :meth:`StoredTensor.raw` array as float64, exactly."""
+    values = bfloat16_to_float32(raw) if _RAW_DTYPES[raw.dtype.str[1:]] == "BF16" else raw
+    return np.asarray(values, dtype=np.float64)
+
+
+def raw_dtype(raw: Array) -> str:
+    """The safetensors dtype of a :meth:`StoredTensor.raw` array."""
+    return _RAW_DTYPES[raw.dtype.str[1:]]
 
 
 def stored_tensor(values: Array, dtype: str) -> StoredTensor:
