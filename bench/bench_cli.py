@@ -180,8 +180,9 @@ def render(rows: list[tuple[str, float, float, float]], repeat: int, layers: int
         "",
         "Targets: `show`, `list`, `tag` under 0.3 s; the whole `combine --method svd` of two 7B layers under 1 s.",
         "Merges run on numpy and the registry's commands on SQLite use the standard library's sqlite3: neither",
-        "imports torch or SQLAlchemy. torch is imported where a torch model is involved (apply, fuse, hot-swap, a",
-        "pickle conversion), by full-space DARE's masks, and by format conversions on export (the kohya row).",
+        "imports torch or SQLAlchemy, and neither do format conversions on export (the kohya row) or `check",
+        "--values`. torch is imported where a torch model is involved (apply, fuse, hot-swap, a pickle",
+        "conversion) and by full-space DARE's masks.",
         "",
     ]
     return "\n".join(lines)

@@ -247,11 +247,26 @@ def _scan(data: object, data_offset: int, entry: TensorEntry) -> str | None:
     bits = _FLOAT_BITS.get(entry.dtype)
     if bits is None or not entry.numel:
         return None
-    view, exponent, mantissa = bits
-    values = np.frombuffer(data, dtype=view, count=entry.numel, offset=data_offset + entry.offsets[0])  # type: ignore[call-overload]
+    values = np.frombuffer(data, dtype=bits[0], count=entry.numel, offset=data_offset + entry.offsets[0])  # type: ignore[call-overload]
     for start in range(0, entry.numel, _SCAN_ELEMENTS):
-        chunk = values[start : start + _SCAN_ELEMENTS]
-        bad = chunk[(chunk & exponent) == exponent]
-        if bad.size:
-            return "NaN" if bool((bad & mantissa).any()) else "Inf"
+        verdict = non_finite_bits(values[start : start + _SCAN_ELEMENTS], entry.dtype)
+        if verdict is not None:
+            return verdict
     return None
+
+
+def float_view(dtype: str) -> str | None:
+    """The numpy unsigned-integer dtype whose values are the bit patterns of safetensors float ``dtype``
+    (None for a dtype that is not a float)."""
+    bits = _FLOAT_BITS.get(dtype)
+    return bits[0] if bits else None
+
+
+def non_finite_bits(bits: Any, dtype: str) -> str | None:
+    """"NaN" when the ``dtype`` values whose bit patterns are ``bits`` (an array of :func:`float_view`)
+    hold a NaN, else "Inf" when they hold an infinity, else None."""
+    _, exponent, mantissa = _FLOAT_BITS[dtype]
+    bad = bits[(bits & exponent) == exponent]
+    if not bad.size:
+        return None
+    return "NaN" if bool((bad & mantissa).any()) else "Inf"

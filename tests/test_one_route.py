@@ -193,7 +193,7 @@ def test_a_converted_peft_export_that_fails_midway_leaves_no_folder(stored: Path
 
     destination = tmp_path / "exports" / "diff"
     with monkeypatch.context() as patch:
-        patch.setattr("safetensors.torch.save_file", disk_full)
+        patch.setattr("loramgr.merge.tensorfile.safetensors_bytes", disk_full)
         with pytest.raises(OSError, match="No space left"):
             loramgr.export("diff", destination)
     assert not destination.exists() and list(destination.parent.iterdir()) == []

@@ -17,7 +17,8 @@ What is checked (docs/check.md):
 - the engine's rules (:mod:`loramgr.compat.engines`);
 - with a tensor reader: NaN / Inf, and adapters whose ΔW is zero.
 
-Imports no torch at module level: tensors only come through the caller's reader.
+Imports no torch: tensors come through the caller's reader as their stored bytes
+(:class:`loramgr.merge.tensorfile.StoredTensor`).
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ from .identify import identify_adapter, identify_base_shapes, mismatch
 from .names import ModuleIndex
 
 if TYPE_CHECKING:
-    import torch
-
+    from ..merge.tensorfile import StoredTensor
     from ..registry import Registry
 
 __all__ = [
@@ -49,7 +49,7 @@ __all__ = [
 ]  # fmt: skip
 
 #: (adapter index, info) -> (tensor key, tensor) pairs; lets checks read values without knowing storage
-TensorReader = Callable[[int, AdapterInfo], Iterable[tuple[str, "torch.Tensor"]]]
+TensorReader = Callable[[int, AdapterInfo], Iterable[tuple[str, "StoredTensor"]]]
 #: an adapter to check: a registry reference, a path (a path-like, or a string naming a file or folder
 #: that exists), or an adapter already open
 Source = str | os.PathLike[str] | LoraAdapter
@@ -163,18 +163,16 @@ def _check_shared_base(
     return findings
 
 
-def _check_values(info: AdapterInfo, label: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> list[Finding]:
-    import torch
-
+def _check_values(info: AdapterInfo, label: str, tensors: Iterable[tuple[str, StoredTensor]]) -> list[Finding]:
     findings: list[Finding] = []
     owner = {k: m.name for m in info.modules for k in (m.key_a, m.key_b, *m.extra_keys) if k}
     b_keys = {m.key_b for m in info.modules}
     nonzero_b = False
     for key, tensor in tensors:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+        bad = tensor.non_finite()
+        if bad is not None:
             findings.append(Finding("error", "non-finite", label, owner.get(key, key), f"tensor {key} contains {bad}"))
-        if key in b_keys and bool(tensor.any()):
+        if key in b_keys and tensor.any_nonzero():
             nonzero_b = True
     if info.adapter_type == "lora" and not nonzero_b:
         findings.append(Finding("warning", "zero-delta", label, None, "every lora_B is zero: ΔW = 0 (an untrained "
@@ -224,12 +222,12 @@ def check_adapters(
 def safetensors_reader(paths: list[str]) -> TensorReader:
     """A TensorReader over each adapter's weights file (one path per adapter, in order)."""
 
-    def read(index: int, info: AdapterInfo) -> Iterable[tuple[str, torch.Tensor]]:
-        from safetensors import safe_open
+    def read(index: int, info: AdapterInfo) -> Iterable[tuple[str, StoredTensor]]:
+        from ..merge.tensorfile import TensorFile
 
-        with safe_open(paths[index], framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118
-                yield key, handle.get_tensor(key)
+        with TensorFile(paths[index]) as source:
+            for key in source.header.tensors:
+                yield key, source.stored(key)
 
     return read
 

@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,20 +33,19 @@ from .peft import PEFT_PREFIX, write_peft_folder
 from .peftconfig import alpha_for, lora_config, module_scales
 
 if TYPE_CHECKING:
-    import torch
-
     from ..compat.basemodel import BaseFingerprint
+    from ..merge.tensorfile import StoredTensor
 
 #: the LoraConfig fields written per component into diffusers' lora_adapter_metadata
 _DIFFUSERS_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_dropout",
                    "target_modules")
 
 
-def _load(adapter: LoraAdapter, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+def _load(adapter: LoraAdapter, keys: Iterable[str]) -> dict[str, StoredTensor]:
+    from ..merge.tensorfile import TensorFile
 
-    with safe_open(str(adapter.weights_path), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in keys}
+    with TensorFile(adapter.weights_path) as source:
+        return {key: source.stored(key) for key in keys}
 
 
 def _check_convertible(info: AdapterInfo, target: str) -> None:
@@ -82,30 +81,45 @@ def _with_paths(info: AdapterInfo, module_paths: Iterable[str] | None, target: s
     return resolve_kohya_info(info, module_paths, strict=True)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def _atomic_save(tensors: Mapping[str, StoredTensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file so that a reader never sees half of it."""
-    from safetensors.torch import save
-
     from ..fileio import write_atomic
+    from ..merge.tensorfile import safetensors_bytes
 
-    write_atomic(path, save({k: tensors[k].contiguous() for k in sorted(tensors)}, metadata=metadata))
+    write_atomic(path, safetensors_bytes({k: tensors[k] for k in sorted(tensors)}, metadata))
 
 
-def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+def kohya_hashes(tensors: Mapping[str, StoredTensor], metadata: dict[str, str]) -> tuple[str, str]:
     """(sshs_model_hash, sshs_legacy_hash) as sd-scripts computes them before saving.
 
     Both are taken over the file as serialized with only the ``ss_*`` metadata (so that adding user
     metadata later does not change them): the model hash is the sha256 of the tensor-data section, the
     legacy hash the first 8 hex digits of the sha256 of bytes [1 MiB, 1 MiB + 64 KiB).
     """
-    from safetensors.torch import save
+    from ..merge.tensorfile import safetensors_bytes
 
     training = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    data = save({k: tensors[k].contiguous() for k in sorted(tensors)}, metadata=training)
+    data = safetensors_bytes({k: tensors[k] for k in sorted(tensors)}, training)
     header_len = int.from_bytes(data[:8], "little")
     model_hash = hashlib.sha256(data[8 + header_len :]).hexdigest()
     legacy = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     return model_hash, legacy
+
+
+def _scalar(value: float) -> StoredTensor:
+    """A float32 scalar tensor (kohya's ``.alpha``)."""
+    import numpy as np
+
+    from ..merge.tensorfile import stored_tensor
+
+    return stored_tensor(np.array(value, dtype=np.float32), "F32")
+
+
+def _scaled(tensor: StoredTensor, factor: float) -> StoredTensor:
+    """``tensor`` times ``factor``, computed in float64 and rounded back to the tensor's dtype."""
+    from ..merge.tensorfile import stored_tensor
+
+    return stored_tensor(tensor.values() * factor, tensor.dtype)
 
 
 def _kohya_names(info: AdapterInfo) -> dict[str, str]:
@@ -161,16 +175,14 @@ def to_kohya_file(
     if not same_format:
         _check_convertible(info, "kohya")
     names = _kohya_names(info)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, StoredTensor] = {}
     if same_format and (info.adapter_type != "lora" or info.config.get("other_keys")):
         # LyCORIS types: a verbatim copy is the only faithful kohya export
-        from safetensors import safe_open
+        from ..merge.tensorfile import TensorFile
 
-        with safe_open(str(adapter.weights_path), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        with TensorFile(adapter.weights_path) as source:
+            tensors = {key: source.stored(key) for key in source.header.tensors}
     else:
-        import torch
-
         common = _common_alpha(info) if not same_format else None
         for spec in info.modules:
             name = names[spec.name]
@@ -183,11 +195,10 @@ def to_kohya_file(
             elif common is not None:
                 alpha = alpha_for(spec, False)
                 if alpha != common:  # fold the module's own scale into lora_up (see _common_alpha)
-                    up = loaded[spec.key_b]
-                    tensors[f"{name}.lora_up.weight"] = (up.double() * (alpha / common)).to(up.dtype)
-                tensors[f"{name}.alpha"] = torch.tensor(common, dtype=torch.float32)
+                    tensors[f"{name}.lora_up.weight"] = _scaled(loaded[spec.key_b], alpha / common)
+                tensors[f"{name}.alpha"] = _scalar(common)
             elif not (same_format and spec.alpha == spec.rank):
-                tensors[f"{name}.alpha"] = torch.tensor(alpha_for(spec, False), dtype=torch.float32)
+                tensors[f"{name}.alpha"] = _scalar(alpha_for(spec, False))
     metadata = dict(info.file_metadata) if same_format else {"ss_network_module": "networks.lora"}
     metadata.pop("format", None)
     if not same_format:
@@ -235,7 +246,7 @@ def to_peft_folder(
         )
     all_in_component = components and all(m.name.partition(".")[0] in components for m in info.modules)
     strip = f"{next(iter(components))}." if all_in_component else ""
-    tensors: dict[str, Any] = {}
+    tensors: dict[str, StoredTensor] = {}
     for spec in info.modules:
         loaded = _load(adapter, [spec.key_a, spec.key_b])
         name = spec.name.removeprefix(strip)
@@ -276,7 +287,7 @@ def to_diffusers_file(
     if component not in COMPONENTS:
         raise InvalidAdapterError(f"unknown diffusers component {component!r}", hint=f"use one of {COMPONENTS}")
     by_component: dict[str, list[ModuleSpec]] = {}
-    tensors: dict[str, Any] = {}
+    tensors: dict[str, StoredTensor] = {}
     for spec in info.modules:
         first = spec.name.partition(".")[0]
         name = spec.name if first in COMPONENTS else f"{component}.{spec.name}"
@@ -284,7 +295,7 @@ def to_diffusers_file(
         loaded = _load(adapter, [spec.key_a, spec.key_b])
         b = loaded[spec.key_b]
         if fold_scale:
-            b = (b.double() * spec.scale).to(b.dtype)
+            b = _scaled(b, spec.scale)
             spec = dataclasses.replace(spec, alpha=float(spec.rank), use_rslora=False)
         tensors[f"{name}.lora_A.weight"] = loaded[spec.key_a]
         tensors[f"{name}.lora_B.weight"] = b

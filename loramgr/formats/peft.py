@@ -499,13 +499,18 @@ def write_peft_folder(
     The folder is written whole (:func:`loramgr.fileio.atomic_folder`): ``folder`` must not exist or be
     empty, and an error half-way leaves it as it was.
     """
-    from safetensors.torch import save_file
-
     from ..fileio import atomic_folder
+    from ..merge.tensorfile import StoredTensor, safetensors_bytes
 
     folder = Path(folder)
     with atomic_folder(folder) as staging:
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        ordered = {k: tensors[k].contiguous() for k in sorted(tensors)}
-        save_file(ordered, str(staging / WEIGHTS_NAME), metadata=metadata or {"format": "pt"})
+        metadata = metadata or {"format": "pt"}
+        if all(isinstance(t, StoredTensor) for t in tensors.values()):  # tensors copied from a file, no torch
+            (staging / WEIGHTS_NAME).write_bytes(safetensors_bytes({k: tensors[k] for k in sorted(tensors)}, metadata))
+        else:
+            from safetensors.torch import save_file
+
+            ordered = {k: tensors[k].contiguous() for k in sorted(tensors)}
+            save_file(ordered, str(staging / WEIGHTS_NAME), metadata=metadata)
     return folder

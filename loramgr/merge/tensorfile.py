@@ -13,14 +13,15 @@ import json
 import math
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import InvalidAdapterError
-from ..safetensors_io import DTYPE_SIZES, read_header
+from ..safetensors_io import DTYPE_SIZES, float_view, non_finite_bits, read_header
 
 #: the dtypes a merge reads (as float32 arrays) and writes, by safetensors name
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -29,8 +30,82 @@ _NUMPY_VIEWS = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
 #: what torch's (vectorised CPU) conversion writes for a NaN in bfloat16, whatever the NaN's sign
 BF16_NAN = 0xFFFF
 
+#: safetensors' dtypes in the order of its ``Dtype`` enum: a file's tensor data is laid out from the last
+#: dtype of this list to the first, then by key
+_DTYPE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
+                "I64", "U64")
+
 Array = NDArray[Any]
-Entry = tuple[str, str, tuple[int, ...]]  # key, dtype name ("float32", "bfloat16", ...), shape
+Entry = tuple[str, str, tuple[int, ...]]  # key, dtype ("float32", "bfloat16", ... or a safetensors name), shape
+
+
+class StoredTensor(NamedTuple):
+    """A tensor as a safetensors file stores it: its dtype (safetensors name), shape and raw bytes.
+    Copying one from file to file keeps every bit, whatever its dtype."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    def values(self) -> NDArray[np.float64]:
+        """The values of a float tensor as float64, exactly."""
+        return raw_values(self.raw())
+
+    def raw(self) -> Array:
+        """A float tensor as an array of its stored values: float16/32/64, bfloat16 as its uint16 bits."""
+        view = _NUMPY_VIEWS.get(self.dtype)
+        if view is None:
+            raise InvalidAdapterError(f"a {self.dtype} tensor is not a float tensor")
+        return np.frombuffer(self.data, dtype=view).reshape(self.shape)
+
+    @classmethod
+    def from_raw(cls, raw: Array) -> StoredTensor:
+        """The tensor of a :meth:`raw` array (rows cut, joined or zero-filled keep their bits)."""
+        dtype = _RAW_DTYPES[raw.dtype.str[1:]]
+        data = np.ascontiguousarray(raw, dtype=_NUMPY_VIEWS[dtype]).tobytes()
+        return cls(dtype, tuple(raw.shape), data)
+
+    def non_finite(self) -> str | None:
+        """"NaN" when the tensor holds a NaN, else "Inf" when it holds an infinity, else None (and None
+        for a tensor that is not a float)."""
+        view = float_view(self.dtype)
+        return non_finite_bits(np.frombuffer(self.data, dtype=view), self.dtype) if view else None
+
+    def any_nonzero(self) -> bool:
+        """Whether some element is not zero (a NaN is not zero, -0.0 is)."""
+        view = float_view(self.dtype)
+        if view is None:
+            return any(self.data)
+        bits = np.frombuffer(self.data, dtype=view)
+        magnitude = ~np.array(1 << (8 * bits.itemsize - 1), dtype=bits.dtype)  # every bit but the sign
+        return bool((bits & magnitude).any())
+
+
+#: the numpy dtype of a raw array (byte order left out) -> safetensors dtype: factors are floats, so uint16
+#: can only be bfloat16's bits
+_RAW_DTYPES = {"f4": "F32", "f2": "F16", "f8": "F64", "u2": "BF16"}
+
+
+def raw_values(raw: Array) -> NDArray[np.float64]:
+    """The values of a :meth:`StoredTensor.raw` array as float64, exactly."""
+    values = bfloat16_to_float32(raw) if _RAW_DTYPES[raw.dtype.str[1:]] == "BF16" else raw
+    return np.asarray(values, dtype=np.float64)
+
+
+def raw_dtype(raw: Array) -> str:
+    """The safetensors dtype of a :meth:`StoredTensor.raw` array."""
+    return _RAW_DTYPES[raw.dtype.str[1:]]
+
+
+def stored_tensor(values: Array, dtype: str) -> StoredTensor:
+    """``values`` rounded to ``dtype`` (a safetensors float name) as torch's ``.to(dtype)`` rounds: float64
+    goes through float32 first, as torch converts a double to float16 and bfloat16."""
+    values = np.asarray(values)
+    name = FLOAT_DTYPES[dtype]
+    with np.errstate(over="ignore"):  # past the dtype's range is ±Inf, as in torch
+        if dtype in ("F16", "BF16"):
+            values = values.astype(np.float32)
+        return StoredTensor(dtype, tuple(values.shape), bytes(stored_bytes(values, name)))
 
 
 def bfloat16_to_float32(bits: NDArray[np.uint16]) -> NDArray[np.float32]:
@@ -90,6 +165,16 @@ class TensorFile:
     def close(self) -> None:
         self._handle.close()
 
+    def stored(self, key: str) -> StoredTensor:
+        """Tensor ``key`` as its file stores it, any dtype."""
+        entry = self.header.tensors[key]
+        data = os.pread(self._handle.fileno(), entry.offsets[1] - entry.offsets[0],
+                        self.header.data_offset + entry.offsets[0])
+        if len(data) != entry.offsets[1] - entry.offsets[0]:
+            raise InvalidAdapterError(f"{self.header.path}: tensor {key!r} is cut short",
+                                      path=str(self.header.path), module=key)
+        return StoredTensor(entry.dtype, entry.shape, data)
+
     def array(self, key: str) -> NDArray[np.float32]:
         """Tensor ``key`` as a float32 array of its shape (bfloat16 and float16 exactly, float64 rounded
         to nearest)."""
@@ -115,9 +200,13 @@ class TensorFile:
         return values.reshape(entry.shape)
 
 
+def _st_name(dtype: str) -> str:
+    return _ST_NAMES.get(dtype, dtype)
+
+
 def ordered(entries: list[Entry]) -> list[Entry]:
-    """The order of the tensors' data in a safetensors file: dtype alignment (largest first), then key."""
-    return sorted(entries, key=lambda e: (-DTYPE_SIZES[_ST_NAMES[e[1]]], e[0]))
+    """The order of the tensors' data in a safetensors file: dtype (see :data:`_DTYPE_ORDER`), then key."""
+    return sorted(entries, key=lambda e: (-_DTYPE_ORDER.index(_st_name(e[1])), e[0]))
 
 
 def safetensors_header(entries: list[Entry], metadata: dict[str, str]) -> bytes:
@@ -127,8 +216,8 @@ def safetensors_header(entries: list[Entry], metadata: dict[str, str]) -> bytes:
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for key, dtype, shape in ordered(entries):
-        size = DTYPE_SIZES[_ST_NAMES[dtype]] * math.prod(shape)
-        header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        size = DTYPE_SIZES[_st_name(dtype)] * math.prod(shape)
+        header[key] = {"dtype": _st_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
@@ -143,6 +232,15 @@ def write_safetensors(path: str | Path, arrays: dict[str, Array], dtype: str, me
         handle.write(safetensors_header(entries, metadata))
         for key, _, _ in ordered(entries):
             handle.write(stored_bytes(arrays[key], dtype))
+
+
+def safetensors_bytes(tensors: Mapping[str, StoredTensor], metadata: dict[str, str]) -> bytes:
+    """A whole safetensors file of ``tensors``, each in its own dtype, byte for byte as the safetensors
+    library's ``save`` writes it."""
+    entries = [(key, tensor.dtype, tensor.shape) for key, tensor in tensors.items()]
+    parts = [safetensors_header(entries, metadata)]
+    parts += [tensors[key].data for key, _, _ in ordered(entries)]
+    return b"".join(parts)
 
 
 class SpillWriter:

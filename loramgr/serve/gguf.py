@@ -25,7 +25,7 @@ from ..fileio import write_atomic
 from ..formats.lycoris import require_plain_lora
 
 if TYPE_CHECKING:
-    import torch
+    from numpy.typing import NDArray
 
     from ..adapter import LoraAdapter
     from ..compat.basemodel import BaseFingerprint
@@ -65,14 +65,15 @@ def gguf_architecture(base: BaseFingerprint) -> str:
     return name
 
 
-def permute_rotary(b: torch.Tensor, n_head: int) -> torch.Tensor:
+def permute_rotary(b: NDArray[Any], n_head: int) -> NDArray[Any]:
     """The row order llama.cpp's converter gives q_proj / k_proj weights (and so their B factors)."""
     return b.reshape(n_head, 2, b.shape[0] // n_head // 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape)
 
 
-def gguf_tensors(adapter: LoraAdapter, base: BaseFingerprint) -> tuple[float, dict[str, torch.Tensor]]:
-    """(alpha, {gguf tensor name: factor}) with every module's scale folded so alpha / rank gives it exactly."""
-    import torch
+def gguf_tensors(adapter: LoraAdapter, base: BaseFingerprint) -> tuple[float, dict[str, NDArray[Any]]]:
+    """(alpha, {gguf tensor name: float32 factor}) with every module's scale folded so alpha / rank gives
+    it exactly."""
+    import numpy as np
 
     gguf = _gguf()
     info = adapter.info
@@ -90,29 +91,30 @@ def gguf_tensors(adapter: LoraAdapter, base: BaseFingerprint) -> tuple[float, di
         raise UnsupportedAdapterError("the adapter has no modules", path=adapter.label)
     first = info.modules[0]
     alpha = first.scale * first.rank  # llama.cpp's alpha / rank then needs no folding for the first module
-    tensors: dict[str, torch.Tensor] = {}
-    for spec in info.modules:
-        if spec.kind != "linear":
-            raise UnsupportedAdapterError(
-                f"module {spec.name} is {spec.kind} LoRA, which GGUF export does not write",
-                adapter_type="lora", module=spec.name, path=adapter.label, hint="export --format peft",
-            )
-        target = name_map.get_name(spec.name)
-        if target is None:
-            raise UnsupportedAdapterError(
-                f"module {spec.name} has no GGUF tensor name for architecture {base.architecture}",
-                adapter_type="lora", module=spec.name, path=adapter.label,
-                hint="llama.cpp has no such tensor in this architecture (tied or unknown weight)",
-            )
-        a, b = adapter.factors(spec.name, torch.float32)
-        b = b * (spec.scale / (alpha / spec.rank))
-        if arch in _ROTARY_PERMUTED and spec.name.endswith(("q_proj", "k_proj")):
-            heads = int(base.sizes["num_attention_heads"])
-            if spec.name.endswith("k_proj"):
-                heads = int(base.sizes.get("num_key_value_heads") or heads)
-            b = permute_rotary(b, heads)
-        tensors[f"{target}.weight.lora_a"] = a.contiguous()
-        tensors[f"{target}.weight.lora_b"] = b.contiguous()
+    tensors: dict[str, NDArray[Any]] = {}
+    with adapter.open_weights() as weights:
+        for spec in info.modules:
+            if spec.kind != "linear":
+                raise UnsupportedAdapterError(
+                    f"module {spec.name} is {spec.kind} LoRA, which GGUF export does not write",
+                    adapter_type="lora", module=spec.name, path=adapter.label, hint="export --format peft",
+                )
+            target = name_map.get_name(spec.name)
+            if target is None:
+                raise UnsupportedAdapterError(
+                    f"module {spec.name} has no GGUF tensor name for architecture {base.architecture}",
+                    adapter_type="lora", module=spec.name, path=adapter.label,
+                    hint="llama.cpp has no such tensor in this architecture (tied or unknown weight)",
+                )
+            a, b = adapter.array_factors(spec.name, weights)
+            b = b * np.float32(spec.scale / (alpha / spec.rank))
+            if arch in _ROTARY_PERMUTED and spec.name.endswith(("q_proj", "k_proj")):
+                heads = int(base.sizes["num_attention_heads"])
+                if spec.name.endswith("k_proj"):
+                    heads = int(base.sizes.get("num_key_value_heads") or heads)
+                b = permute_rotary(b, heads)
+            tensors[f"{target}.weight.lora_a"] = np.ascontiguousarray(a)
+            tensors[f"{target}.weight.lora_b"] = np.ascontiguousarray(b)
     return alpha, tensors
 
 
@@ -131,7 +133,7 @@ def write_lora_gguf(adapter: LoraAdapter, base: BaseFingerprint, destination: st
         if adapter.label:
             writer.add_name(adapter.label)
         for name, tensor in tensors.items():
-            writer.add_tensor(name, tensor.numpy())
+            writer.add_tensor(name, tensor)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ...adapter import AdapterInfo, LoraAdapter
 from ...errors import ConflictError, InvalidAdapterError, UnsupportedAdapterError
@@ -22,6 +24,9 @@ from .read import COMFY_PREFIX, KOHYA_PREFIX
 
 if TYPE_CHECKING:
     import torch
+    from numpy.typing import NDArray
+
+    from ...merge.tensorfile import StoredTensor
 
 #: export format -> the namespace its module names are in
 TARGETS = {"kohya": "original", "comfyui": "original", "xlabs": "original", "diffusers": "diffusers",
@@ -30,18 +35,51 @@ TARGETS = {"kohya": "original", "comfyui": "original", "xlabs": "original", "dif
 
 @dataclass
 class Factors:
-    """One module's LoRA factors: ΔW = scale · B · A."""
+    """One module's LoRA factors: ΔW = scale · B · A. A and B are 2-D arrays of their stored values
+    (:meth:`~loramgr.merge.tensorfile.StoredTensor.raw`: bfloat16 as its bits), so that rows cut, joined
+    and zero-filled keep every bit; only a scale folded into B rounds, as torch rounds."""
 
-    a: torch.Tensor
-    b: torch.Tensor
+    a: NDArray[Any]
+    b: NDArray[Any]
     scale: float
 
     @property
     def rank(self) -> int:
         return int(self.a.shape[0])
 
-    def delta(self) -> torch.Tensor:
-        return self.scale * (self.b.double() @ self.a.double())
+    def delta(self) -> NDArray[np.float64]:
+        from ...merge.tensorfile import raw_values
+
+        return self.scale * (raw_values(self.b) @ raw_values(self.a))
+
+
+def _scaled(raw: NDArray[Any], factor: float, dtype: str | None = None) -> NDArray[Any]:
+    """``raw`` times ``factor`` in float64, rounded to ``dtype`` (default its own) as torch rounds."""
+    from ...merge.tensorfile import raw_dtype, raw_values, stored_tensor
+
+    return stored_tensor(raw_values(raw) * factor, dtype or raw_dtype(raw)).raw()
+
+
+def _as_dtype(raw: NDArray[Any], dtype: str) -> NDArray[Any]:
+    from ...merge.tensorfile import raw_dtype
+
+    return raw if raw_dtype(raw) == dtype else _scaled(raw, 1.0, dtype)
+
+
+def _common_dtype(parts: list[NDArray[Any]]) -> str:
+    """torch's type promotion for the float dtypes of ``parts`` (float16 with bfloat16 gives float32)."""
+    from ...merge.tensorfile import raw_dtype
+
+    dtypes = {raw_dtype(p) for p in parts}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return "F64" if "F64" in dtypes else "F32"
+
+
+def _stored(raw: NDArray[Any]) -> StoredTensor:
+    from ...merge.tensorfile import StoredTensor
+
+    return StoredTensor.from_raw(raw)
 
 
 def is_diffusion(info: AdapterInfo) -> bool:
@@ -64,15 +102,13 @@ def family_of(info: AdapterInfo) -> Family:
 
 def load_factors(adapter: LoraAdapter) -> dict[str, Factors]:
     """Every module's factors under its name in the adapter's own namespace (no component prefix)."""
-    from safetensors import safe_open
-
     info = adapter.info
     require_plain_lora(info, "reading the factors of a diffusion LoRA")
     result: dict[str, Factors] = {}
-    with safe_open(str(adapter.weights_path), framework="pt") as handle:
+    with adapter.open_weights() as handle:
         for spec in info.modules:
-            a = handle.get_tensor(spec.key_a)
-            b = handle.get_tensor(spec.key_b)
+            a = handle.stored(spec.key_a).raw()
+            b = handle.stored(spec.key_b).raw()
             name = spec.name.removeprefix(COMPONENT + ".") if info.config.get("namespace") == "diffusers" else spec.name
             result[name] = Factors(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), spec.scale)
     return result
@@ -82,13 +118,9 @@ def _split(rule: Rule, index: str, f: Factors) -> dict[str, Factors]:
     names = rule.part_paths(index)
     if rule.layout == "swap" or (rule.layout == "swap_last" and f.b.shape[0] == 2 * f.a.shape[1]):
         half = f.b.shape[0] // 2
-        import torch
-
-        return {names[0]: Factors(f.a, torch.cat([f.b[half:], f.b[:half]]), f.scale)}
+        return {names[0]: Factors(f.a, np.concatenate([f.b[half:], f.b[:half]]), f.scale)}
     if rule.layout in ("rename", "swap_last"):
         return {names[0]: f}
-    import torch
-
     out = f.b.shape[0]
     if rule.layout == "split":
         sizes = [out // len(names)] * len(names)
@@ -102,7 +134,7 @@ def _split(rule: Rule, index: str, f: Factors) -> dict[str, Factors]:
             f"module {rule.original_path(index)}: {out} output rows do not split into {len(names)} parts",
             module=rule.original_path(index),
         )
-    rows = torch.split(f.b, sizes)
+    rows = np.split(f.b, np.cumsum(sizes)[:-1])
     return {name: Factors(f.a, part, f.scale) for name, part in zip(names, rows, strict=True)}
 
 
@@ -119,8 +151,6 @@ def to_diffusers(family: Family, factors: dict[str, Factors]) -> dict[str, Facto
 
 
 def _fuse(rule: Rule, index: str, parts: dict[int, Factors]) -> Factors:
-    import torch
-
     present = list(parts.values())
     sizes: list[int] = []
     for number in range(len(rule.parts)):
@@ -134,14 +164,17 @@ def _fuse(rule: Rule, index: str, parts: dict[int, Factors]) -> Factors:
     scales = {f.scale for f in present}
     fold = len(scales) > 1
     scale = 1.0 if fold else present[0].scale
-    dtype = present[0].b.dtype
-    a = torch.cat([parts[n].a for n in sorted(parts)])
-    b = torch.zeros(sum(sizes), a.shape[0], dtype=dtype)
+    from ...merge.tensorfile import raw_dtype
+
+    dtype = raw_dtype(present[0].b)
+    a_dtype = _common_dtype([parts[n].a for n in sorted(parts)])
+    a = np.concatenate([_as_dtype(parts[n].a, a_dtype) for n in sorted(parts)])
+    b = np.zeros((sum(sizes), a.shape[0]), dtype=present[0].b.dtype)  # all bits zero: +0.0 in every dtype
     row = col = 0
     for number, size in enumerate(sizes):
         if number in parts:
             part = parts[number]
-            block = (part.b.double() * part.scale).to(dtype) if fold else part.b
+            block = _scaled(part.b, part.scale, dtype) if fold else _as_dtype(part.b, dtype)
             b[row : row + size, col : col + part.rank] = block
             col += part.rank
         row += size
@@ -154,14 +187,13 @@ def full_rows(family: Family, factors: dict[str, Factors]) -> dict[str, Factors]
     An XLabs single block adapts only the q, k, v rows of ``linear1``; the checkpoint's ``linear1`` also
     has the MLP rows (4 x dim, as :func:`_fuse` assumes), which such a LoRA leaves unchanged: zero rows.
     """
-    import torch
-
     result = dict(factors)
     for name, f in factors.items():
         found = family.rule_for_original(name)
         dim = f.a.shape[1]
         if found and found[0].layout == "split_mlp" and f.b.shape[0] == 3 * dim:
-            result[name] = Factors(f.a, torch.cat([f.b, f.b.new_zeros(4 * dim, f.rank)]), f.scale)
+            zeros = np.zeros((4 * dim, f.rank), dtype=f.b.dtype)
+            result[name] = Factors(f.a, np.concatenate([f.b, zeros]), f.scale)
     return result
 
 
@@ -199,15 +231,16 @@ def factors_in(adapter: LoraAdapter, namespace: str) -> dict[str, Factors]:
 
 
 def deltas(adapter: LoraAdapter, namespace: str = "diffusers") -> dict[str, torch.Tensor]:
-    """ΔW (float64) of every module, named in ``namespace``: the normalised view every comparison uses."""
-    return {name: f.delta() for name, f in factors_in(adapter, namespace).items()}
+    """ΔW (float64 torch tensors) of every module, named in ``namespace``: the normalised view every
+    comparison uses."""
+    import torch
+
+    return {name: torch.from_numpy(f.delta()) for name, f in factors_in(adapter, namespace).items()}
 
 
 def export_diffusion(adapter: LoraAdapter, destination: str | Path, fmt: str, *, overwrite: bool = False) -> Path:
     """Write the adapter in convention ``fmt`` (kohya, comfyui, xlabs, diffusers or a PEFT folder)."""
-    import torch
-
-    from ..convert import _atomic_save
+    from ..convert import _atomic_save, _scalar
     from ..peft import PEFT_PREFIX, write_peft_folder
     from ..peftconfig import lora_config
 
@@ -224,7 +257,7 @@ def export_diffusion(adapter: LoraAdapter, destination: str | Path, fmt: str, *,
             adapter_type=info.adapter_type, hint="keep the file in its own convention",
         )
     factors = factors_in(adapter, TARGETS[fmt])
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, StoredTensor] = {}
     metadata: dict[str, str] = {"format": "pt"}
     if fmt in ("kohya", "comfyui"):
         if info.config.get("family"):
@@ -233,18 +266,16 @@ def export_diffusion(adapter: LoraAdapter, destination: str | Path, fmt: str, *,
             base = KOHYA_PREFIX + name.replace(".", "_") if fmt == "kohya" else COMFY_PREFIX + name
             kohya = fmt == "kohya"
             down, up = (".lora_down.weight", ".lora_up.weight") if kohya else (".lora_A.weight", ".lora_B.weight")
-            tensors[base + down], tensors[base + up] = f.a, f.b
-            tensors[base + ".alpha"] = torch.tensor(f.scale * f.rank, dtype=torch.float32)
+            tensors[base + down], tensors[base + up] = _stored(f.a), _stored(f.b)
+            tensors[base + ".alpha"] = _scalar(f.scale * f.rank)
         if fmt == "kohya":
             metadata.update({"ss_network_module": "networks.lora", "ss_base_model_version": family_of(info).name})
         elif info.config.get("family"):  # the family, for modules that exist in several (Flux.1 and Flux.2)
             metadata["modelspec.architecture"] = f"{info.config['family']}/lora"
         if carried:
-            from safetensors import safe_open
-
-            with safe_open(str(adapter.weights_path), framework="pt") as handle:
+            with adapter.open_weights() as handle:
                 for key in carried:
-                    tensors[COMFY_PREFIX + key.removeprefix(COMFY_PREFIX)] = handle.get_tensor(key)
+                    tensors[COMFY_PREFIX + key.removeprefix(COMFY_PREFIX)] = handle.stored(key)
     elif fmt == "xlabs":
         tensors = _xlabs_tensors(info, factors)
     else:
@@ -253,22 +284,22 @@ def export_diffusion(adapter: LoraAdapter, destination: str | Path, fmt: str, *,
         if fmt == "peft":
             peft_tensors = {}
             for name, f in factors.items():
-                peft_tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = f.a
-                peft_tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = f.b
-            return write_peft_folder(destination, config, {k: v.clone() for k, v in peft_tensors.items()})
+                peft_tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = _stored(f.a)
+                peft_tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = _stored(f.b)
+            return write_peft_folder(destination, config, peft_tensors)
         for name, f in factors.items():
-            tensors[f"{COMPONENT}.{name}.lora_A.weight"], tensors[f"{COMPONENT}.{name}.lora_B.weight"] = f.a, f.b
+            tensors[f"{COMPONENT}.{name}.lora_A.weight"] = _stored(f.a)
+            tensors[f"{COMPONENT}.{name}.lora_B.weight"] = _stored(f.b)
         from ..convert import _DIFFUSERS_KEYS
         from ..diffusers import METADATA_KEY
 
         packed = {f"{COMPONENT}.{k}": config[k] for k in _DIFFUSERS_KEYS}
         metadata[METADATA_KEY] = json.dumps(packed, sort_keys=True)
-    # split parts share A and views of B: safetensors stores each tensor on its own
-    _atomic_save({k: v.clone() for k, v in tensors.items()}, destination, metadata)
+    _atomic_save(tensors, destination, metadata)
     return destination
 
 
-def _xlabs_tensors(info: AdapterInfo, factors: dict[str, Factors]) -> dict[str, torch.Tensor]:
+def _xlabs_tensors(info: AdapterInfo, factors: dict[str, Factors]) -> dict[str, StoredTensor]:
     """XLabs processor keys: the attention of Flux.1 double blocks, q, k, v of linear1 and linear2 of single
     blocks; XLabs has no alpha, so the scale goes into B."""
     from .read import XLABS_MODULES
@@ -282,7 +313,7 @@ def _xlabs_tensors(info: AdapterInfo, factors: dict[str, Factors]) -> dict[str, 
         b = f.b
         if leaf == "qkv_lora":  # linear1: only its q, k, v rows, when the MLP rows are unchanged
             dim = f.a.shape[1]
-            leaf = leaf if b.shape[0] == 3 * dim or not b[3 * dim :].any() else None
+            leaf = leaf if b.shape[0] == 3 * dim or not _stored(b[3 * dim :]).any_nonzero() else None
             b = b[: 3 * dim]
         if leaf is None or family_of(info).name != "flux1":
             raise UnsupportedAdapterError(
@@ -291,6 +322,6 @@ def _xlabs_tensors(info: AdapterInfo, factors: dict[str, Factors]) -> dict[str, 
                 adapter_type=info.adapter_type, hint="export with --format comfyui or kohya",
             )
         base = f"{kind}_blocks.{block}.processor.{leaf}"
-        tensors[base + ".down.weight"] = f.a
-        tensors[base + ".up.weight"] = b if f.scale == 1.0 else (b.double() * f.scale).to(b.dtype)
+        tensors[base + ".down.weight"] = _stored(f.a)
+        tensors[base + ".up.weight"] = _stored(b if f.scale == 1.0 else _scaled(b, f.scale))
     return tensors
