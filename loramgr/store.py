@@ -204,26 +204,37 @@ class BlobStore:
         (``fstatat``), as ``find`` does: no query, path walk or Path object per blob. The path is given
         only for a file that is not where its name says (a stray file): :meth:`delete_blobs` finds the
         others from their digest."""
-        found: list[tuple[str, int, Path | None]] = []
         try:
             folders = sorted(entry.name for entry in os.scandir(self.blob_dir) if entry.is_dir(follow_symlinks=False))
         except FileNotFoundError:
             return []
-        for folder in folders:
-            fd = os.open(self.blob_dir / folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                for name in os.listdir(fd):
-                    digest = "sha256:" + name
-                    if digest not in referenced:
-                        try:
-                            size = os.stat(name, dir_fd=fd, follow_symlinks=False).st_size
-                        except FileNotFoundError:
-                            continue
-                        stray = len(name) != 64 or name[:2] != folder
-                        found.append((digest, size, self.blob_dir / folder / name if stray else None))
-            finally:
-                os.close(fd)
+        from concurrent.futures import ThreadPoolExecutor
+
+        # folders in parallel, as delete_blobs does: the listing and the stats wait in the kernel
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            found = [orphan for orphans in pool.map(lambda f: self._orphans_in(f, referenced), folders)
+                     for orphan in orphans]
         found.sort()
+        return found
+
+    def _orphans_in(self, folder: str, referenced: set[str]) -> list[tuple[str, int, Path | None]]:
+        found: list[tuple[str, int, Path | None]] = []
+        try:
+            fd = os.open(self.blob_dir / folder, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return found
+        try:
+            for name in os.listdir(fd):
+                digest = "sha256:" + name
+                if digest not in referenced:
+                    try:
+                        size = os.stat(name, dir_fd=fd, follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        continue
+                    stray = len(name) != 64 or name[:2] != folder
+                    found.append((digest, size, self.blob_dir / folder / name if stray else None))
+        finally:
+            os.close(fd)
         return found
 
     def delete_blobs(self, digests: list[str]) -> None:
