@@ -168,3 +168,23 @@ def one_line_error(*args: str) -> str:
 def sample_input(seed: int = 0, vocab: int = 128, length: int = 8) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (1, length), generator=gen)
+
+
+#: a loramgr command in a fresh interpreter that prints, last, whether torch was imported
+NO_TORCH = """
+import sys
+from loramgr.cli.main import cli
+try:
+    cli(sys.argv[1:], standalone_mode=False)
+finally:
+    print("TORCH" if "torch" in sys.modules else "NO TORCH")
+"""
+
+
+def run_without_torch(*args: str) -> Any:
+    """Run ``loramgr ARGS`` in a fresh interpreter; returns the CompletedProcess, whose last stdout line
+    says whether torch was imported ("NO TORCH" / "TORCH")."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True)

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from factories import run_cli, write_peft_adapter
+from factories import run_cli, run_without_torch, write_peft_adapter
 from safetensors.torch import load_file, save, save_file
 from test_merge_io import awkward_float32
 
@@ -111,14 +108,6 @@ def test_stored_tensor_value_tests_agree_with_torch(dtype: torch.dtype) -> None:
         assert (stored.non_finite(), stored.any_nonzero()) == (expected, bool(tensor.any())), case
 
 
-NO_TORCH = textwrap.dedent("""
-    import sys
-    from loramgr.cli.main import cli
-    try:
-        cli(sys.argv[1:], standalone_mode=False)
-    finally:
-        print("TORCH" if "torch" in sys.modules else "NO TORCH")
-""")
 
 
 @pytest.mark.slow
@@ -129,8 +118,7 @@ def test_kohya_export_and_check_values_do_not_import_torch(tmp_path: Path) -> No
                              dtype=torch.bfloat16, extra_config={"task_type": None})
     run_cli("install", str(src), "--name", "unet")
     out = tmp_path / "unet-kohya.safetensors"
-    done = subprocess.run([sys.executable, "-c", NO_TORCH, "export", "unet", str(out), "--format", "kohya"],
-                          capture_output=True, text=True)
+    done = run_without_torch("export", "unet", str(out), "--format", "kohya")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "NO TORCH"
     assert load_file(str(out))[f"lora_unet_{BLOCK.replace('.', '_')}to_q.lora_down.weight"].dtype == torch.bfloat16
@@ -139,8 +127,7 @@ def test_kohya_export_and_check_values_do_not_import_torch(tmp_path: Path) -> No
     for name, override in (("nan", bad), ("zero", zero)):
         folder = write_peft_adapter(tmp_path / name, UNET_MODULES, tensors_override=override,
                                     extra_config={"task_type": None})
-        done = subprocess.run([sys.executable, "-c", NO_TORCH, "check", str(folder), "--values", "--json"],
-                              capture_output=True, text=True)
+        done = run_without_torch("check", str(folder), "--values", "--json")
         assert done.stdout.strip().splitlines()[-1] == "NO TORCH", done.stderr
         report = json.loads("\n".join(done.stdout.strip().splitlines()[:-1]))
         codes = {f["code"]: f["message"] for f in report}

@@ -5,15 +5,12 @@ opened and resolved once, the output is written module by module, and --energy i
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from factories import run_cli, write_peft_adapter
+from factories import run_cli, run_without_torch, write_peft_adapter
 from safetensors.torch import load_file, save_file
 
 import loramgr
@@ -83,14 +80,6 @@ def test_the_written_file_is_the_safetensors_librarys_bytes(tmp_path: Path, dtyp
             assert np.array_equal(opened.array(key), tensor.to(torch_dtype).float().numpy())
 
 
-NO_TORCH = textwrap.dedent("""
-    import sys
-    from loramgr.cli.main import cli
-    try:
-        cli(sys.argv[1:], standalone_mode=False)
-    finally:
-        print("TORCH" if "torch" in sys.modules else "NO TORCH")
-""")
 
 
 @pytest.mark.slow
@@ -110,7 +99,7 @@ def test_combine_and_compress_do_not_import_torch(tmp_path: Path) -> None:
         ["compress", "a", "--energy", "0.9", "--dtype", "bfloat16", "--name", "small"],
     ]
     for command in commands:
-        done = subprocess.run([sys.executable, "-c", NO_TORCH, *command], capture_output=True, text=True)
+        done = run_without_torch(*command)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip().splitlines()[-1] == "NO TORCH", command
     # the bfloat16 result is what torch would have rounded: its factors re-read by torch match ours
