@@ -1,8 +1,8 @@
 """What ``loramgr env`` reports: the registry in use and the optional packages installed.
 
 Reads, never writes: a home that does not exist is not created, and a database is only looked at.
-The default SQLite database is read with the standard library's sqlite3 (read-only), so the report
-needs neither SQLAlchemy nor torch; another database URL is asked through the registry's own helpers.
+The default SQLite database is read through the registry's own sqlite3 layer (read-only), so the report
+needs neither SQLAlchemy nor torch; another database URL is asked through its SQLAlchemy helpers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .store import BlobStore
 
 #: optional packages and what each one enables (distribution name -> use)
 PACKAGES = {
-    "torch": "merges, fuse, apply (required)",
+    "torch": "apply, fuse, hot-swap (required)",
     "peft": "apply, hotswap, PEFT checks (loramgr[peft])",
     "transformers": "apply to transformers models (loramgr[peft])",
     "diffusers": "diffusion pipelines' LoRA loading",
@@ -66,7 +66,7 @@ def _installed(distribution: str) -> str | None:
 
 
 def _schema(url: str) -> tuple[str | None, str]:
-    from registry_schema import HEAD_REVISION
+    from registry_schema import HEAD_REVISION, KNOWN_REVISIONS
 
     revision = _sqlite_revision(url) if url.startswith("sqlite:///") else _revision_of(url)
     if isinstance(revision, tuple):  # (None, why)
@@ -75,22 +75,28 @@ def _schema(url: str) -> tuple[str | None, str]:
         return None, "no database yet"
     if revision == HEAD_REVISION:
         return revision, "current"
-    return revision, "needs upgrade" if revision in _known_revisions() else "newer loramgr"
+    return revision, "needs upgrade" if revision in KNOWN_REVISIONS else "newer loramgr"
 
 
 def _sqlite_revision(url: str) -> str | None | tuple[None, str]:
+    from .errors import LoramgrError
+    from .registry.database import SqliteDatabase, sqlite_revisions
+
     path = Path(url.removeprefix("sqlite:///"))
     if not path.is_file():
         return None
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        database = SqliteDatabase(path, str(path), read_only=True)
         try:
-            row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+            with database.transaction() as tx:
+                revisions = sqlite_revisions(tx)
         finally:
-            connection.close()
+            database.close()
     except sqlite3.Error as exc:
         return None, f"unreadable: {exc}"
-    return row[0] if row else None
+    except LoramgrError as exc:  # the registry's one-line database error
+        return None, f"unreadable: {exc.message}"
+    return revisions[0] if revisions else None
 
 
 def _revision_of(url: str) -> str | None | tuple[None, str]:
@@ -109,10 +115,3 @@ def _revision_of(url: str) -> str | None | tuple[None, str]:
         return None, f"unreadable: {database_error(exc, paths.display_url(url)).message}"
     except ImportError as exc:  # the database's driver is not installed
         return None, f"unreadable: {exc}"
-
-
-def _known_revisions() -> set[str]:
-    from .registry.database import known_revisions
-
-    known: set[str] = known_revisions()
-    return known
