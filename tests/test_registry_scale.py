@@ -61,6 +61,7 @@ class Reads:
 
         monkeypatch.setattr(database_module.Transaction, "rows", counted_rows)
         monkeypatch.setattr("loramgr.registry.core.load_json", counted_json)
+        monkeypatch.setattr("loramgr.registry.details.load_json", counted_json)
 
     def reset(self) -> None:
         self.rows = self.records = 0
