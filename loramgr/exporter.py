@@ -29,6 +29,7 @@ from .errors import UnknownFormatError
 from .fileio import atomic_folder, require_new_file, require_new_folder
 
 if TYPE_CHECKING:
+    from .adapter import LoraAdapter
     from .compat.basemodel import BaseFingerprint
     from .registry import Registry, VersionDetails
 
@@ -59,26 +60,28 @@ def export_version(
     if fmt not in EXPORT_FORMATS:
         raise UnknownFormatError(f"unknown export format {fmt!r}", format=fmt, known=EXPORT_FORMATS)
     details = registry.show(reference)
+    reference = details.ref  # the version shown, whatever is installed meanwhile: resolved once
     destination = export_destination(destination, fmt, details.name)
     if fmt in DIFFUSION_ONLY:
         require_diffusion_adapter(details, fmt)
-    if fmt != "peft":  # the other formats hold LoRA factors only
-        from .formats.extras import refuse_extras
-
-        refuse_extras([registry.open_adapter(reference)], f"export to {fmt}")
-    if fmt in ("gguf", "ollama"):
-        return _export_gguf(registry, details, destination, fmt=fmt, base=base)
     if fmt == "peft":
         require_new_folder(destination)
         if details.format == "peft":
             return _copy_stored(registry, details, destination)
-    else:
+    adapter = registry.open_adapter(reference)
+    if fmt != "peft":  # the other formats hold LoRA factors only
+        from .formats.extras import refuse_extras
+
+        refuse_extras([adapter], f"export to {fmt}")
+    if fmt in ("gguf", "ollama"):
+        return _export_gguf(registry, details, adapter, destination, fmt=fmt, base=base)
+    if fmt != "peft":
         require_new_file(destination)
     from .compat.check import open_base
     from .formats.convert import export_converted
 
     fingerprint = open_base(base, registry) if base is not None else registry.base_of(reference)
-    return export_converted(registry.open_adapter(reference), destination, fmt=fmt, base=fingerprint)
+    return export_converted(adapter, destination, fmt=fmt, base=fingerprint)
 
 
 def export_destination(destination: str | os.PathLike[str], fmt: str, name: str) -> Path:
@@ -122,6 +125,7 @@ def _copy_stored(registry: Registry, details: VersionDetails, destination: Path)
 def _export_gguf(
     registry: Registry,
     details: VersionDetails,
+    adapter: LoraAdapter,
     destination: Path,
     *,
     fmt: str,
@@ -134,8 +138,7 @@ def _export_gguf(
     from .serve.guard import require_engine_ok
 
     (require_new_folder if fmt == "ollama" else require_new_file)(destination)
-    reference = f"{details.name}=={details.version}"
-    adapter = registry.open_adapter(reference)
+    reference = details.ref
     require_plain_lora(adapter.info, f"export to {fmt}", label=reference)  # the guard runs before any other check
     fingerprint = open_base(base, registry) if base is not None else registry.base_of(reference)
     if fingerprint is None:
