@@ -178,10 +178,10 @@ def refuse_adapter_as_base(path: Path) -> None:
     from .safetensors_io import read_header
 
     install = path
+    checkpoints = training_checkpoints(path) if path.is_dir() else []
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         what = f"a LoRA adapter ({CONFIG_NAME})"
-    elif path.is_dir() and training_checkpoints(path):
-        checkpoints = training_checkpoints(path)
+    elif checkpoints:
         what = f"a training run whose checkpoints are adapters ({_names(checkpoints)})"
         install = checkpoints[-1]
     else:
